@@ -107,9 +107,24 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     folder = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        if (Path(folder) / "adapter_config.json").is_file():
+            model = _load_adapter(Path(folder), dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except OSError as err:
         raise ForgetlessError(f"cannot load model '{name}': {str(err).splitlines()[0]}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _load_adapter(folder: Path, dtype: torch.dtype):
+    """A saved LoRA run: its base model (resolved like any model name) with the adapter on top."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(base_name), dtype=dtype)
+    return PeftModel.from_pretrained(base, folder)
