@@ -14,7 +14,34 @@ app = typer.Typer(
     help="Fine-tune language models without catastrophic forgetting, and measure it.",
 )
 
-# Sub-commands register themselves here, one line each (their code lives in their own modules).
+
+@app.command("train")
+def train_command(
+    config: str = typer.Argument(None, help="YAML config file (optional)."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. method=attn."),
+) -> None:
+    """Fine-tune a model with one method (mofo, attn, lora, full, ...)."""
+    from forgetless.train import train
+
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides, config = [config, *(overrides or [])], None
+    result = train(config, **_overrides(overrides))
+    metrics = result.metrics
+    print(
+        f"[forgetless] loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f} "
+        f"in {metrics['steps']} steps ({metrics['train_seconds']:.0f} s)"
+    )
+    where = result.model_dir or result.run_dir
+    print(f"[forgetless] saved to {where}")
+
+
+def _overrides(pairs: list[str] | None) -> dict:
+    from forgetless.config import parse_overrides
+
+    return parse_overrides(pairs or [])
+
+
+# Further sub-commands register themselves here, one line each (code in their own modules).
 
 
 def main() -> None:

@@ -1,0 +1,119 @@
+"""Run configuration: YAML file + ``key=value`` overrides, validated by pydantic.
+
+Unknown keys and bad values are errors that list the valid choices, because a typo that silently
+falls back to a default would make a comparison between methods meaningless.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from forgetless.errors import ForgetlessError
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+class TrainConfig(BaseModel):
+    """Everything one fine-tuning run needs; saved resolved next to its results."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = "smollm2-135m"
+    data: str = "gsm8k"
+    method: str = "mofo"
+    # method options (see forgetless.methods)
+    fraction: float = Field(0.1, gt=0.0, le=1.0)
+    mofo_filter: Literal["momentum", "gradient", "random"] = "momentum"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    anchor_weight: float = Field(1e-2, ge=0.0)
+    merge_lora: bool = False
+    # optimisation
+    learning_rate: float = Field(2e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    # data
+    max_length: int = Field(512, ge=8)
+    limit: int | None = Field(None, ge=1)
+    packing: bool = False
+    seed: int = 0
+    # output
+    output_dir: str = "runs/train"
+    logging_steps: int = Field(5, ge=1)
+    save_steps: int | None = Field(None, ge=1)
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    resume: bool = False
+    save_model: bool = True
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from forgetless.methods import parse_method
+
+        parse_method(value)  # raises ForgetlessError listing the valid names
+        return value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "method=attn"]`` → dict, values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ForgetlessError(f"override '{pair}' is not key=value")
+        out[key.strip()] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, or a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ForgetlessError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ForgetlessError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from err
+    if not isinstance(data, dict):
+        raise ForgetlessError(f"{path}: the config must be a mapping of key: value")
+    return data
+
+
+def validate(cls: type[Config], data: dict[str, Any], where: str = "config") -> Config:
+    """Build ``cls`` from ``data``; the first problem becomes one line with the valid choices."""
+    try:
+        return cls(**data)
+    except ForgetlessError:
+        raise
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "?"
+        if first["type"] == "extra_forbidden":
+            valid = ", ".join(sorted(cls.model_fields))
+            raise ForgetlessError(f"{where}: unknown key '{key}' (valid keys: {valid})") from None
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, ForgetlessError):
+            raise cause from None
+        message = first["msg"]
+        raise ForgetlessError(
+            f"{where}: bad value for '{key}': {first.get('input')!r} ({message})"
+        ) from None
+
+
+def load_config(
+    cls: type[Config], path: str | Path | None = None, overrides: list[str] | dict | None = None
+) -> Config:
+    """File (optional) + overrides → validated config."""
+    data = load_yaml(path) if path else {}
+    extra = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    return validate(cls, {**data, **extra}, where=str(path) if path else "config")

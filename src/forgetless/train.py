@@ -1,0 +1,210 @@
+"""Fine-tuning on the transformers ``Trainer``, with the method's parameter choice and optimizer.
+
+The Trainer gives users what they already know (gradient accumulation, checkpoints, resume,
+logging, ``accelerate launch``); forgetless only supplies which parameters train, the optimizer
+(AdamW or MoFO), an optional anchor penalty, and a run folder whose ``metrics.json`` appears last,
+so a folder without it is an unfinished run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import (
+    DataCollatorForSeq2Seq,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from forgetless import __version__
+from forgetless.config import TrainConfig, load_config
+from forgetless.data import build_dataset
+from forgetless.errors import ForgetlessError
+from forgetless.io import atomic_dir, atomic_write_json, atomic_write_text
+from forgetless.methods import MethodOptions, merge_lora, prepare_model
+from forgetless.models import load_model
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; ``model`` is the tuned model still in memory (for evaluation)."""
+
+    config: TrainConfig
+    run_dir: Path
+    model_dir: Path | None
+    metrics: dict[str, Any]
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+    model: Any = None
+    tokenizer: Any = None
+
+
+class _AnchoredTrainer(Trainer):
+    """A Trainer that adds the method's regulariser (e.g. L2 pull to θ₀) to the loss."""
+
+    def __init__(self, *args: Any, regularizer: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.regularizer = regularizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.regularizer is None:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        loss = loss + self.regularizer(model)
+        return (loss, outputs) if return_outputs else loss
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Abort with a one-line error when the logged loss becomes NaN or infinite."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise ForgetlessError(
+                f"training loss became {loss} at step {state.global_step}: lower learning_rate "
+                "or check the data"
+            )
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in optimizer state tensors (moments etc.), for the cost column of reports."""
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if torch.is_tensor(value)
+    )
+
+
+def _method_options(config: TrainConfig) -> MethodOptions:
+    return MethodOptions(
+        fraction=config.fraction,
+        mofo_filter=config.mofo_filter,
+        lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        anchor_weight=config.anchor_weight,
+    )
+
+
+def _training_arguments(config: TrainConfig, trainer_dir: Path) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(trainer_dir),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        report_to=config.report_to,
+        seed=config.seed,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        dataloader_drop_last=False,
+    )
+
+
+def _has_checkpoint(trainer_dir: Path) -> bool:
+    return any(trainer_dir.glob("checkpoint-*"))
+
+
+def train(
+    config: TrainConfig | dict | str | Path | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Fine-tune per ``config`` (object, dict, or YAML path; keyword overrides win).
+
+    ``model``/``tokenizer`` may be passed in-memory (e.g. the previous stage of a continual run);
+    otherwise ``config.model`` is loaded.
+    """
+    if isinstance(config, TrainConfig):
+        config = config.model_copy(update=overrides) if overrides else config
+        config = TrainConfig(**config.model_dump())  # re-validate updated fields
+    elif isinstance(config, dict) or config is None:
+        config = load_config(TrainConfig, None, {**(config or {}), **overrides})
+    else:
+        config = load_config(TrainConfig, config, overrides)
+
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
+    (run_dir / "metrics.json").unlink(missing_ok=True)  # this run is not finished yet
+    set_seed(config.seed)
+
+    if model is None:
+        model, tokenizer = load_model(config.model)
+    elif tokenizer is None:
+        raise ForgetlessError("train(): pass the tokenizer together with an in-memory model")
+    prepared = prepare_model(model, config.method, _method_options(config))
+    print(f"[forgetless] {config.method}: {prepared.summary()}", flush=True)
+
+    dataset = build_dataset(
+        tokenizer, config.data, config.max_length, config.limit, config.seed, config.packing
+    )
+    optimizer = prepared.make_optimizer(
+        lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
+    )
+    trainer_dir = run_dir / "trainer"
+    trainer = _AnchoredTrainer(
+        model=prepared.model,
+        args=_training_arguments(config, trainer_dir),
+        train_dataset=dataset,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        processing_class=tokenizer,
+        optimizers=(optimizer, None),
+        callbacks=[StopOnNonFinite(), *(callbacks or [])],
+        regularizer=prepared.regularizer,
+    )
+    resume = config.resume and _has_checkpoint(trainer_dir)
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=True if resume else None)
+    seconds = time.perf_counter() - start
+
+    losses = [
+        {"step": log["step"], "loss": log["loss"]} for log in trainer.state.log_history
+        if "loss" in log
+    ]
+    tuned = prepared.model
+    model_dir = None
+    if config.save_model:
+        model_dir = run_dir / "model"
+        to_save = merge_lora(tuned) if config.merge_lora else tuned
+        with atomic_dir(model_dir) as tmp:
+            to_save.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        if config.merge_lora:
+            tuned = to_save
+    metrics = {
+        "method": config.method,
+        "trainable_params": prepared.trainable,
+        "total_params": prepared.total,
+        "trainable_share": prepared.share,
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "train_seconds": seconds,
+        "steps": trainer.state.global_step,
+        "train_loss": output.training_loss,
+        "first_loss": losses[0]["loss"] if losses else None,
+        "last_loss": losses[-1]["loss"] if losses else None,
+        "loss_history": losses,
+        "forgetless_version": __version__,
+        "resumed": bool(resume),
+    }
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    return TrainResult(config, run_dir, model_dir, metrics, losses, tuned, tokenizer)
