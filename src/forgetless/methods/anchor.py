@@ -1,0 +1,42 @@
+"""A penalty that pulls trained weights back towards their pre-trained values (L2-SP style).
+
+penalty = weight · Σ ‖θ − θ₀‖² (L2) or weight · Σ |θ − θ₀| (L1), summed over the *trainable*
+parameters only; θ₀ is a frozen copy of just those, so memory grows with what trains.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class AnchorPenalty:
+    """Callable regulariser: ``penalty(model) -> scalar tensor`` to add to the training loss.
+
+    It holds references to the trained parameters themselves, so it works unchanged when the
+    trainer hands it a wrapped model (DDP, PEFT); the ``model`` argument only satisfies the
+    uniform regulariser signature.
+    """
+
+    def __init__(self, params: list[nn.Parameter], weight: float, norm: int = 2) -> None:
+        if norm not in (1, 2):
+            raise ValueError(f"anchor norm must be 1 or 2, not {norm}")
+        self.params = params
+        self.anchors = [p.detach().clone() for p in params]
+        self.weight = weight
+        self.norm = norm
+
+    def __call__(self, model: nn.Module | None = None) -> torch.Tensor:
+        total = None
+        for i, (param, anchor) in enumerate(zip(self.params, self.anchors, strict=True)):
+            if anchor.device != param.device or anchor.dtype != param.dtype:
+                anchor = self.anchors[i] = anchor.to(param.device, param.dtype)
+            diff = param - anchor
+            term = diff.pow(2).sum() if self.norm == 2 else diff.abs().sum()
+            total = term if total is None else total + term
+        if total is None:
+            return torch.zeros(())
+        return self.weight * total
+
+    def __repr__(self) -> str:
+        return f"AnchorPenalty(L{self.norm}, weight={self.weight}, tensors={len(self.params)})"

@@ -1,0 +1,242 @@
+"""The uniform entry point: ``prepare_model(model, "attn+mofo", options)``.
+
+It sets ``requires_grad`` (or wraps the model with PEFT LoRA), counts what trains, builds the
+anchor penalty if the method has one, and knows which optimizer the method needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from forgetless.errors import ForgetlessError
+from forgetless.methods.anchor import AnchorPenalty
+from forgetless.methods.layout import (
+    ATTENTION_ROLES,
+    MLP_ROLES,
+    find_projections,
+    language_model_modules,
+    text_layout,
+)
+from forgetless.methods.registry import MethodChoice, parse_method
+
+# Structural presets a LoRA run may target by name, e.g. lora_targets="attn".
+_LORA_PRESETS = {
+    "attn": ATTENTION_ROLES,
+    "attn-qkv": frozenset("qkv"),
+    "mlp": MLP_ROLES,
+    "mlp-gate-up": frozenset({"gate", "up"}),
+}
+
+
+@dataclass
+class MethodOptions:
+    """Knobs of every method; each method reads only its own.
+
+    ``anchor_weight`` scales Σ‖θ−θ₀‖² (L2) or Σ|θ−θ₀| (L1) over the trainable parameters; the
+    default 0.01 makes the pull noticeable for a ~100M-parameter model at fine-tuning learning
+    rates without freezing it. The penalty's gradient per weight is 2·w·(θ−θ₀) for L2 but
+    w·sign(θ−θ₀) for L1, so L1 usually wants a weight 100x or more smaller.
+    ``lora_targets``: ``None`` = every attention + MLP projection of the language model, a
+    preset name (``"attn"``, ``"mlp-gate-up"``, ...) or module-name suffixes (``["q_proj"]``),
+    always looked up inside the language model only.
+    """
+
+    fraction: float = 0.1
+    mofo_filter: str = "momentum"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | str | None = None
+    anchor_weight: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ForgetlessError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.lora_r < 1:
+            raise ForgetlessError(f"lora_r must be >= 1, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ForgetlessError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.anchor_weight < 0:
+            raise ForgetlessError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+
+
+@dataclass
+class PreparedModel:
+    """A model ready to train with one method, plus what the training loop needs from it."""
+
+    model: nn.Module
+    method: MethodChoice
+    options: MethodOptions
+    trainable_names: list[str]
+    trainable: int
+    total: int
+    regularizer: AnchorPenalty | None = None
+    lora_targets: list[str] = field(default_factory=list)
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def summary(self) -> str:
+        optimizer = (
+            f"MoFO(fraction={self.options.fraction}, filter={self.options.mofo_filter})"
+            if self.method.mofo
+            else "AdamW"
+        )
+        extra = f", {self.regularizer!r}" if self.regularizer is not None else ""
+        return (
+            f"{self.method.name} on {_class_name(self.model)}: {self.trainable:,} of "
+            f"{self.total:,} parameters trainable ({100 * self.share:.2f}%), {optimizer}{extra}"
+        )
+
+    def make_optimizer(
+        self,
+        lr: float,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> torch.optim.Optimizer:
+        """AdamW, or MoFO for ``+mofo`` methods, over the trainable parameters.
+
+        Matrices get ``weight_decay``; vectors (biases, norm scales) get none, as usual.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        groups = [group for group in groups if group["params"]]
+        if not self.method.mofo:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        try:
+            from forgetless.optim import MoFO
+        except ImportError as err:
+            raise ForgetlessError(f"method '{self.method.name}' needs MoFO: {err}") from err
+        return MoFO(
+            groups,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            fraction=self.options.fraction,
+            filter=self.options.mofo_filter,
+        )
+
+
+def _class_name(model: nn.Module) -> str:
+    base = getattr(model, "get_base_model", None)
+    return type(base() if callable(base) else model).__name__
+
+
+def _lora_targets(model: nn.Module, options: MethodOptions, method: str) -> list[str]:
+    """Full module names for PEFT, all inside the language model (never a vision tower)."""
+    targets = options.lora_targets
+    if targets is None:
+        return find_projections(model, ATTENTION_ROLES | MLP_ROLES, method)
+    if isinstance(targets, str) and targets in _LORA_PRESETS:
+        return find_projections(model, _LORA_PRESETS[targets], method)
+    suffixes = [targets] if isinstance(targets, str) else list(targets)
+    modules = dict(model.named_modules())
+    roots = language_model_modules(model)
+    inside = [
+        name
+        for root in roots
+        for name, module in modules[root].named_modules(prefix=root)
+        if not list(module.children())
+    ]
+    names = [n for n in inside if any(n == s or n.endswith(f".{s}") for s in suffixes)]
+    if not names:
+        raise ForgetlessError(
+            f"method '{method}' on {type(model).__name__}: lora_targets {suffixes} match no "
+            f"module of the language model"
+        )
+    return names
+
+
+def _apply_lora(model: nn.Module, options: MethodOptions, method: str):
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    targets = _lora_targets(model, options, method)
+    modules = dict(model.named_modules())
+    config = LoraConfig(
+        r=options.lora_r,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
+        target_modules=targets,
+        # GPT-2's Conv1D stores weights transposed.
+        fan_in_fan_out=any(isinstance(modules[name], Conv1D) for name in targets),
+        bias="none",
+    )
+    try:
+        return get_peft_model(model, config), targets
+    except ValueError as err:
+        raise ForgetlessError(f"method '{method}': PEFT refused the LoRA targets: {err}") from err
+
+
+def _parameters_of(model: nn.Module, module_names: list[str]) -> list[nn.Parameter]:
+    modules = dict(model.named_modules())
+    seen: dict[int, nn.Parameter] = {}
+    for name in module_names:
+        for param in modules[name].parameters():
+            seen.setdefault(id(param), param)
+    return list(seen.values())
+
+
+def prepare_model(
+    model: nn.Module, method: str, options: MethodOptions | None = None
+) -> PreparedModel:
+    """Make only ``method``'s parameters trainable (or add LoRA adapters) and describe the result.
+
+    ``full`` trains the whole language model: embeddings, norms, every layer and the LM head.
+    On a vision-language model (LLaVA, Qwen2.5-VL) every method touches the language model
+    only; the vision tower and multimodal projector stay frozen, as in Zhu et al. (2025).
+    """
+    options = options or MethodOptions()
+    choice = parse_method(method)
+    base = choice.base
+    lora_targets: list[str] = []
+    text_layout(model)  # fail early and clearly on a model we cannot read
+    if base.lora:
+        model, lora_targets = _apply_lora(model, options, choice.name)
+    else:
+        modules = (
+            language_model_modules(model)
+            if base.roles is None
+            else find_projections(model, base.roles, choice.name)
+        )
+        selected = _parameters_of(model, modules)
+        model.requires_grad_(False)
+        for param in selected:
+            param.requires_grad_(True)
+    named = list(model.named_parameters())
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    if not trainable:
+        raise ForgetlessError(f"method '{choice.name}' on {_class_name(model)}: nothing trains")
+    regularizer = None
+    if base.anchor is not None:
+        regularizer = AnchorPenalty([p for _, p in trainable], options.anchor_weight, base.anchor)
+    return PreparedModel(
+        model=model,
+        method=choice,
+        options=options,
+        trainable_names=[n for n, _ in trainable],
+        trainable=sum(p.numel() for _, p in trainable),
+        total=sum(p.numel() for _, p in named),
+        regularizer=regularizer,
+        lora_targets=lora_targets,
+    )
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold LoRA adapters into the base weights (PEFT ``merge_and_unload``) for saving.
+
+    A model without adapters comes back unchanged, so callers need not check the method.
+    """
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
