@@ -21,8 +21,9 @@ def _set_grads(params, step: int) -> None:
         p.grad = torch.randn(p.shape, generator=generator)
 
 
-def _reference_step(params, state, step, lr, betas, eps, wd, fraction, decay_frozen=False,
-                    filter_name="momentum"):
+def _reference_step(
+    params, state, step, lr, betas, eps, wd, fraction, decay_frozen=False, filter_name="momentum"
+):
     """Dense Adam moments; top-k by |m| (or |g|) moves; decay only the moved coordinates."""
     beta1, beta2 = betas
     for i, p in enumerate(params):
@@ -48,15 +49,26 @@ def _reference_step(params, state, step, lr, betas, eps, wd, fraction, decay_fro
 @pytest.mark.parametrize("filter_name", ["momentum", "gradient"])
 def test_matches_reference(decay_frozen, filter_name):
     ours, ref = _params(), _params()
-    opt = MoFO(ours, lr=1e-2, weight_decay=0.1, fraction=0.2, decay_frozen=decay_frozen,
-               filter=filter_name)
+    opt = MoFO(
+        ours, lr=1e-2, weight_decay=0.1, fraction=0.2, decay_frozen=decay_frozen, filter=filter_name
+    )
     ref_state = {}
     for step in range(1, 6):
         _set_grads(ours, step)
         _set_grads(ref, step)
         opt.step()
-        _reference_step(ref, ref_state, step, 1e-2, (0.9, 0.999), 1e-8, 0.1, 0.2,
-                        decay_frozen=decay_frozen, filter_name=filter_name)
+        _reference_step(
+            ref,
+            ref_state,
+            step,
+            1e-2,
+            (0.9, 0.999),
+            1e-8,
+            0.1,
+            0.2,
+            decay_frozen=decay_frozen,
+            filter_name=filter_name,
+        )
         for a, b in zip(ours, ref, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
@@ -96,10 +108,12 @@ def test_random_filter_moves_k_and_is_seeded():
 
 def test_fraction_one_is_adamw_with_groups_and_decay():
     ours, theirs = _params(3), _params(3)
-    group = lambda ps: [  # noqa: E731
-        {"params": ps[:2], "weight_decay": 0.1},
-        {"params": ps[2:], "lr": 3e-3, "weight_decay": 0.0, "betas": (0.8, 0.99)},
-    ]
+    group = (
+        lambda ps: [  # noqa: E731
+            {"params": ps[:2], "weight_decay": 0.1},
+            {"params": ps[2:], "lr": 3e-3, "weight_decay": 0.0, "betas": (0.8, 0.99)},
+        ]
+    )
     opt = MoFO(group(ours), lr=1e-2, fraction=1.0)
     ref = torch.optim.AdamW(group(theirs), lr=1e-2, foreach=False)
     for step in range(8):

@@ -56,19 +56,26 @@ class MoFO(torch.optim.Optimizer):
         *,
         track_masks: bool = False,
     ) -> None:
-        if not 0.0 <= lr:
+        if lr < 0.0:
             raise ValueError(f"MoFO: invalid learning rate {lr} (must be >= 0)")
-        if not 0.0 <= eps:
+        if eps < 0.0:
             raise ValueError(f"MoFO: invalid eps {eps} (must be >= 0)")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"MoFO: invalid betas {betas} (each must be in [0, 1))")
-        if not 0.0 <= weight_decay:
+        if weight_decay < 0.0:
             raise ValueError(f"MoFO: invalid weight_decay {weight_decay} (must be >= 0)")
         _check_fraction(fraction)
         _check_filter(filter)
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fraction=fraction,
-            filter=filter, decay_frozen=decay_frozen, filter_1d=filter_1d, exact=exact,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            fraction=fraction,
+            filter=filter,
+            decay_frozen=decay_frozen,
+            filter_1d=filter_1d,
+            exact=exact,
             seed=seed,
         )
         super().__init__(params, defaults)
