@@ -110,19 +110,23 @@ class PreparedModel:
         ]
         groups = [group for group in groups if group["params"]]
         if not self.method.mofo:
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         try:
             from forgetless.optim import MoFO
-        except ImportError as err:
+        except ImportError as err:  # pragma: no cover - MoFO ships with forgetless
             raise ForgetlessError(f"method '{self.method.name}' needs MoFO: {err}") from err
-        return MoFO(
-            groups,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            fraction=self.options.fraction,
-            filter=self.options.mofo_filter,
-        )
+        try:
+            return MoFO(
+                groups,
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                fraction=self.options.fraction,
+                filter=self.options.mofo_filter,
+            )
+        except ValueError as err:
+            raise ForgetlessError(f"method '{self.method.name}': {err}") from err
 
 
 def _class_name(model: nn.Module) -> str:
