@@ -15,6 +15,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Keep sub-commands even while only one is registered (typer would otherwise flatten)."""
+
+
 @app.command("train")
 def train_command(
     config: str = typer.Argument(None, help="YAML config file (optional)."),

@@ -71,8 +71,19 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ForgetlessError(f"override '{pair}' is not key=value")
-        out[key.strip()] = yaml.safe_load(value) if value else ""
+        out[key.strip()] = _scalar(value)
     return out
+
+
+def _scalar(text: str) -> Any:
+    """YAML scalar, but ``1e-4`` is a float (YAML 1.1 would keep it a string)."""
+    value = yaml.safe_load(text) if text else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

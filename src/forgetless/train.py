@@ -8,7 +8,6 @@ so a folder without it is an unfinished run.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +45,9 @@ class TrainResult:
     tokenizer: Any = None
 
 
-class _AnchoredTrainer(Trainer):
-    """A Trainer that adds the method's regulariser (e.g. L2 pull to θ₀) to the loss."""
+class _ForgetlessTrainer(Trainer):
+    """A Trainer that adds the method's regulariser (e.g. L2 pull to θ₀) to the loss and stops
+    on a non-finite loss (the stock Trainer only hides such losses from its logs)."""
 
     def __init__(self, *args: Any, regularizer: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -55,23 +55,15 @@ class _AnchoredTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.regularizer is None:
-            return result
         loss, outputs = result if return_outputs else (result, None)
-        loss = loss + self.regularizer(model)
-        return (loss, outputs) if return_outputs else loss
-
-
-class StopOnNonFinite(TrainerCallback):
-    """Abort with a one-line error when the logged loss becomes NaN or infinite."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
+        if self.regularizer is not None:
+            loss = loss + self.regularizer(model)
+        if not torch.isfinite(loss.detach()).all():
             raise ForgetlessError(
-                f"training loss became {loss} at step {state.global_step}: lower learning_rate "
-                "or check the data"
+                f"training loss became {loss.item()} at step {self.state.global_step + 1}: "
+                "lower learning_rate or check the data"
             )
+        return (loss, outputs) if return_outputs else loss
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -131,9 +123,11 @@ def train(
 ) -> TrainResult:
     """Fine-tune per ``config`` (object, dict, or YAML path; keyword overrides win).
 
-    ``model``/``tokenizer`` may be passed in-memory (e.g. the previous stage of a continual run);
-    otherwise ``config.model`` is loaded.
+    ``model`` is either a name like the config key (alias, folder, .gguf, Hub id) or an
+    in-memory model passed with its ``tokenizer`` (e.g. the previous stage of a continual run).
     """
+    if isinstance(model, str | Path):
+        overrides["model"], model = str(model), None
     if isinstance(config, TrainConfig):
         config = config.model_copy(update=overrides) if overrides else config
         config = TrainConfig(**config.model_dump())  # re-validate updated fields
@@ -162,14 +156,14 @@ def train(
         lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
     )
     trainer_dir = run_dir / "trainer"
-    trainer = _AnchoredTrainer(
+    trainer = _ForgetlessTrainer(
         model=prepared.model,
         args=_training_arguments(config, trainer_dir),
         train_dataset=dataset,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         processing_class=tokenizer,
         optimizers=(optimizer, None),
-        callbacks=[StopOnNonFinite(), *(callbacks or [])],
+        callbacks=callbacks,
         regularizer=prepared.regularizer,
     )
     resume = config.resume and _has_checkpoint(trainer_dir)

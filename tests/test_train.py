@@ -1,0 +1,87 @@
+"""Training runs end to end on a tiny model; bad input exits non-zero with one line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from forgetless.errors import ForgetlessError
+from forgetless.models import resolve_model
+from forgetless.train import train
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+
+
+def tiny_llama(vocab: int = 49152) -> LlamaForCausalLM:
+    """A tiny Llama that speaks the embedded tokenizer's vocabulary."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         tie_word_embeddings=True, pad_token_id=2, eos_token_id=2)
+    return LlamaForCausalLM(config)
+
+
+def _train(tmp_path, tokenizer, **overrides):
+    settings = dict(data="count_letters", limit=8, batch_size=4, max_steps=6, max_length=64,
+                    learning_rate=1e-2, report_to=[], output_dir=str(tmp_path / "run"))
+    return train(model=tiny_llama(), tokenizer=tokenizer, **{**settings, **overrides})
+
+
+def test_run_folder_is_complete(tmp_path, tokenizer):
+    result = _train(tmp_path, tokenizer, method="attn+mofo")
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["method"] == "attn+mofo"
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert metrics["last_loss"] < metrics["first_loss"]
+    assert (run / "config.yaml").is_file() and (run / "model" / "config.json").is_file()
+    reloaded = LlamaForCausalLM.from_pretrained(run / "model")
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, result.model.state_dict()[name]), name
+
+
+def test_lora_adapter_and_merge(tmp_path, tokenizer):
+    result = _train(tmp_path, tokenizer, method="lora", merge_lora=True)
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert not any("lora" in name for name in result.model.state_dict())
+
+
+def test_nan_loss_stops_with_error_and_no_metrics(tmp_path, tokenizer):
+    with pytest.raises(ForgetlessError, match="training loss became nan"):
+        _train(tmp_path, tokenizer, method="full", learning_rate=1e12, logging_steps=1,
+               max_grad_norm=0.0, max_steps=20)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_resume_from_checkpoint(tmp_path, tokenizer):
+    _train(tmp_path, tokenizer, method="mofo", max_steps=2, save_steps=2)
+    result = _train(tmp_path, tokenizer, method="mofo", max_steps=4, save_steps=2, resume=True)
+    assert result.metrics["resumed"] and result.metrics["steps"] == 4
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "forgetless", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "method=sgd"], "unknown method 'sgd'"),
+        (["train", "lr=1"], "unknown key 'lr'"),
+        (["train", "missing.yaml"], "config file not found: missing.yaml"),
+        (["train", "data=/nonexistent/rows.jsonl", "model=/nonexistent/model"],
+         "model path not found"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_nonzero(args, message):
+    done = _cli(*args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
