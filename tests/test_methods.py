@@ -308,3 +308,10 @@ def test_summary_is_one_line():
     assert (
         "attn+mofo" in summary and "LlavaForConditionalGeneration" in summary and "MoFO" in summary
     )
+
+
+def test_vision_side_is_skipped_when_get_decoder_returns_the_multimodal_base(monkeypatch):
+    model = fresh("llava")
+    monkeypatch.setattr(model, "get_decoder", lambda: model.model)  # as some VLM classes do
+    prepared = prepare_model(model, "full")
+    assert prepared.trainable_names and not any(VISION.match(n) for n in prepared.trainable_names)
