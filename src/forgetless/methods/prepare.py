@@ -20,15 +20,7 @@ from forgetless.methods.layout import (
     language_model_modules,
     text_layout,
 )
-from forgetless.methods.registry import MethodChoice, parse_method
-
-# Structural presets a LoRA run may target by name, e.g. lora_targets="attn".
-_LORA_PRESETS = {
-    "attn": ATTENTION_ROLES,
-    "attn-qkv": frozenset("qkv"),
-    "mlp": MLP_ROLES,
-    "mlp-gate-up": frozenset({"gate", "up"}),
-}
+from forgetless.methods.registry import MethodChoice, get_method, parse_method
 
 
 @dataclass
@@ -39,8 +31,8 @@ class MethodOptions:
     default 0.01 is sized for L2 at fine-tuning learning rates: on SmolLM2-135M, 10 full AdamW
     steps at lr 2e-5 drifted Σ‖θ−θ₀‖² to 2.3, so by ~100 steps the penalty is on the scale of
     the LM loss, a pull that grows with drift without freezing anything. L1's gradient per
-    weight is w·sign(θ−θ₀) rather than 2·w·(θ−θ₀), which at 0.01 dominates typical loss
-    gradients (~1e-4 per weight), so l1-anchor wants a weight about 100x smaller.
+    weight is w·sign(θ−θ₀) rather than 2·w·(θ−θ₀); at 0.01 it would swamp SmolLM2's loss
+    gradients (median |g| 1e-4, RMS 1e-3 per weight), so l1-anchor wants ~1e-4 or less.
     ``lora_targets``: ``None`` = every attention + MLP projection of the language model, a
     preset name (``"attn"``, ``"mlp-gate-up"``, ...) or module-name suffixes (``["q_proj"]``),
     always looked up inside the language model only.
@@ -141,8 +133,9 @@ def _lora_targets(model: nn.Module, options: MethodOptions, method: str) -> list
     targets = options.lora_targets
     if targets is None:
         return find_projections(model, ATTENTION_ROLES | MLP_ROLES, method)
-    if isinstance(targets, str) and targets in _LORA_PRESETS:
-        return find_projections(model, _LORA_PRESETS[targets], method)
+    preset = get_method(targets) if isinstance(targets, str) else None
+    if preset is not None and preset.roles is not None:  # e.g. lora_targets="attn"
+        return find_projections(model, preset.roles, method)
     suffixes = [targets] if isinstance(targets, str) else list(targets)
     modules = dict(model.named_modules())
     roots = language_model_modules(model)

@@ -64,6 +64,11 @@ for _method in (
     register_method(_method)
 
 
+def get_method(name: str) -> Method | None:
+    """The registered base method called ``name``, if any."""
+    return _METHODS.get(name)
+
+
 def list_methods() -> list[str]:
     """Every accepted method name: each base, each ``base+mofo``, and ``mofo``."""
     return [*_METHODS, MOFO, *(f"{name}+{MOFO}" for name in _METHODS if name != "full")]
