@@ -189,6 +189,9 @@ def prepare_model(
 ) -> PreparedModel:
     """Make only ``method``'s parameters trainable (or add LoRA adapters) and describe the result.
 
+    ``model`` is changed in place (``requires_grad`` flags, or LoRA layers injected by PEFT);
+    use ``prepared.model``, which is the PEFT wrapper for ``lora`` methods.
+
     ``full`` trains the whole language model: embeddings, norms, every layer and the LM head.
     On a vision-language model (LLaVA, Qwen2.5-VL) every method touches the language model
     only; the vision tower and multimodal projector stay frozen, as in Zhu et al. (2025).
