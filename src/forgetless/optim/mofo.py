@@ -13,9 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from forgetless.optim.select import FILTERS, filter_scores, topk_mask
+from forgetless.optim import kernel, select
+from forgetless.optim.portable import TorchBatch
+from forgetless.optim.select import CountReduce
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+FILTERS = ("momentum", "gradient", "random")
+TOLERANCE = 0.002  # fast mode: moved count within 0.2 % of k (bin granularity), else refine
+SAMPLE_SIZE = 2048  # keys sampled per tensor to bracket its threshold
+SAMPLE_RUN = 8  # ... read in runs of 8 neighbours (one cache line)
 
 
 class MoFO(torch.optim.Optimizer):
@@ -35,9 +41,24 @@ class MoFO(torch.optim.Optimizer):
             AdamW step, as in the paper.
         exact: select exactly the top-k set (ties broken by lowest flat index) instead of the
             fast threshold whose count may differ from k by a small documented tolerance.
+        seed: seed of the ``"random"`` filter; the mask of step t is a function of (seed, t).
         track_masks: store the number of coordinates that moved at the last step as
             ``state[p]["moved"]`` (an int64 scalar tensor) for every parameter.
-        seed: seed of the ``"random"`` filter; the mask of step t is a function of (seed, t).
+        count_reduce: for tensors sharded over processes: sums a count tensor over all shards
+            (e.g. ``dist.all_reduce``); every process must then hold its shard of the same
+            tensors in the same order. See ``forgetless.optim.select``. Identity by default.
+            Ties at the threshold are broken by index within each shard (exact mode only
+            guarantees the exact count on unsharded tensors).
+        backend: ``"auto"`` (compiled kernel for contiguous float32 CPU tensors, else torch
+            ops), ``"kernel"`` (error if unavailable) or ``"torch"``.
+
+    How the top-k set is found: from counts only (``forgetless.optim.select``): a sampled
+    bracket, then exact histograms of the keys inside it, fused into the pass that updates the
+    moments. Fast mode stops when the count is within 0.2 % of k (``TOLERANCE``, typically
+    exact to a few coordinates); ``exact`` refines until the set is exactly the top k.
+
+    State per parameter is AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints
+    load with ``torch.load(weights_only=True)`` and a resumed run continues identically.
     """
 
     def __init__(
@@ -55,6 +76,8 @@ class MoFO(torch.optim.Optimizer):
         seed: int = 0,
         *,
         track_masks: bool = False,
+        count_reduce: CountReduce | None = None,
+        backend: str = "auto",
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"MoFO: invalid learning rate {lr} (must be >= 0)")
@@ -82,7 +105,11 @@ class MoFO(torch.optim.Optimizer):
         for group in self.param_groups:
             _check_fraction(group["fraction"])
             _check_filter(group["filter"])
+        if backend not in ("auto", "kernel", "torch"):
+            raise ValueError(f"MoFO: backend must be auto, kernel or torch, got {backend!r}")
         self.track_masks = track_masks
+        self.count_reduce = count_reduce or select.identity
+        self.backend = backend
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -92,54 +119,96 @@ class MoFO(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for index, param in enumerate(group["params"]):
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("MoFO does not support sparse gradients")
-                self._update(param, group, index)
+            positions = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            if positions:
+                self._group_step(group, positions)
         return loss
 
-    def _update(self, param: Tensor, group: dict[str, Any], index: int) -> None:
-        grad = param.grad
+    def _group_step(self, group: dict[str, Any], positions: list[int]) -> None:
+        params = [group["params"][i] for i in positions]
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("MoFO does not support sparse gradients")
+        states = [self._state(p) for p in params]
+        steps = []
+        for state in states:
+            state["step"] += 1
+            steps.append(state["step"].item())
+        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        mode = FILTERS.index(group["filter"])
+        seeds = [_seed(group["seed"], i, s) for i, s in zip(positions, steps, strict=True)]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        tensors = [*params, *grads, *exp_avgs, *exp_avg_sqs]
+        use_kernel = self.backend != "torch" and kernel.supports(tensors)
+        if use_kernel and kernel.library() is None:
+            if self.backend == "kernel":
+                raise RuntimeError(f"MoFO kernel unavailable: {kernel.why_unavailable()}")
+            use_kernel = False
+        batch_type = kernel.Batch if use_kernel else TorchBatch
+        batch = batch_type(params, grads, exp_avgs, exp_avg_sqs, mode, seeds)
+
+        numel = self.count_reduce(torch.tensor([p.numel() for p in params], dtype=torch.int64))
+        k = torch.round(group["fraction"] * numel.double()).long().clamp(min=1)
+        filtered = torch.tensor([p.dim() >= 2 or group["filter_1d"] for p in params])
+        rows = torch.nonzero(filtered & (k < numel)).squeeze(1)
+
+        los = torch.zeros(len(params), dtype=torch.int64)
+        shifts = torch.full((len(params),), -1, dtype=torch.int64)
+        if len(rows):
+            sample = batch.sample(beta1, SAMPLE_SIZE, SAMPLE_RUN)[rows]
+            lo, shift = select.bracket_from_sample(sample, k[rows], numel[rows], self.count_reduce)
+            los[rows], shifts[rows] = lo, shift
+        counts = batch.moments(beta1, beta2, los, shifts, select.BINS)
+
+        thresholds = torch.zeros(len(params), dtype=torch.int64)
+        chosen = None
+        if len(rows):
+            tolerance = torch.zeros_like(k) if group["exact"] else (k * TOLERANCE).long()
+            chosen = select.search(
+                counts[rows], los[rows], shifts[rows], k[rows],
+                lambda sub, lo, shift: batch.counter(rows[sub], lo, shift, select.BINS),
+                tolerance[rows], self.count_reduce,
+            )  # fmt: skip
+            thresholds[rows] = chosen.threshold
+        bias2_sqrts = torch.tensor([(1 - beta2**s) ** 0.5 for s in steps], dtype=torch.float64)
+        neg_steps = torch.tensor([-lr / (1 - beta1**s) for s in steps], dtype=torch.float64)
+        decays = torch.full((len(params),), 1 - lr * weight_decay, dtype=torch.float64)
+        moved = batch.update(thresholds, decays, neg_steps, bias2_sqrts, eps, group["decay_frozen"])
+        if chosen is not None:
+            for sub in torch.nonzero(chosen.tie_value >= 0).squeeze(1).tolist():
+                row = int(rows[sub])
+                moved[row] += _step_ties(
+                    batch, row, int(chosen.tie_value[sub]), int(chosen.tie_take[sub]),
+                    float(decays[row]), float(neg_steps[row]), float(bias2_sqrts[row]), eps,
+                    group["decay_frozen"],
+                )  # fmt: skip
+        if self.track_masks:
+            for state, count in zip(states, moved.tolist(), strict=True):
+                state["moved"] = torch.tensor(count, dtype=torch.int64)
+
+    def _state(self, param: Tensor) -> dict[str, Any]:
         state = self.state[param]
-        if not state:
+        if not state:  # lazily, named and typed as torch.optim.AdamW's state
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        beta1, beta2 = group["betas"]
-        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-        state["step"] += 1
-        step = state["step"].item()
+        return state
 
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = lr / (1 - beta1**step)
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
 
-        mask = None
-        if param.dim() >= 2 or group["filter_1d"]:
-            k = max(1, round(group["fraction"] * param.numel()))
-            if k < param.numel():
-                scores = filter_scores(
-                    group["filter"], exp_avg, grad, seed=(group["seed"], index, int(step))
-                )
-                mask = topk_mask(scores, k)
-        if self.track_masks:
-            moved = param.numel() if mask is None else int(mask.sum())
-            state["moved"] = torch.tensor(moved, dtype=torch.int64)
+def _seed(seed: int, position: int, step: float) -> int:
+    """A 32-bit seed per (group seed, tensor, step): the random filter and sampling use it."""
+    return (seed * 0x9E3779B1 + position * 0x85EBCA77 + int(step) * 0xC2B2AE3D) & 0xFFFF_FFFF
 
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        if mask is None:
-            param.mul_(1 - lr * weight_decay)
-            param.addcdiv_(exp_avg, denom, value=-step_size)
-            return
-        if group["decay_frozen"]:
-            param.mul_(1 - lr * weight_decay)
-        else:
-            param.sub_(param * mask, alpha=lr * weight_decay)
-        param.addcdiv_(exp_avg * mask, denom, value=-step_size)
+
+def _step_ties(batch, row, tie_value, take, decay, neg_step, bias2_sqrt, eps, decay_all) -> int:
+    """Move the first ``take`` coordinates (flat order) whose key equals the boundary value."""
+    index = batch.tie_indices(row, tie_value, take).to(batch.p[row].device)
+    p, m, v = (t.view(-1) for t in (batch.p[row], batch.m[row], batch.v[row]))
+    base = p[index] if decay_all else p[index] * decay
+    p[index] = base + neg_step * m[index] / (v[index].sqrt() / bias2_sqrt + eps)
+    return len(index)
 
 
 def _check_fraction(fraction: float) -> None:
