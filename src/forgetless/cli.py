@@ -7,6 +7,7 @@ import sys
 import typer
 
 from forgetless.errors import ForgetlessError
+from forgetless.eval.cli import eval_command
 
 app = typer.Typer(
     add_completion=False,
@@ -47,6 +48,7 @@ def _overrides(pairs: list[str] | None) -> dict:
 
 
 # Further sub-commands register themselves here, one line each (code in their own modules).
+app.command("eval")(eval_command)
 
 
 def main() -> None:

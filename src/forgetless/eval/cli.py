@@ -1,0 +1,53 @@
+"""``forgetless eval``: the command-line face of ``forgetless.eval.evaluate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from forgetless.errors import ForgetlessError
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+def eval_command(
+    model: str = typer.Option(
+        "smollm2-135m", "--model", "-m", help="Alias, folder, .gguf or Hub id."
+    ),
+    base: str | None = typer.Option(None, "--base", "-b", help="Base model for drift metrics."),
+    suite: list[str] | None = typer.Option(
+        None, "--suite", "-s",
+        help="Held-out tasks, comma-separated or repeated: built-in names or task .yaml files "
+        "(default arc_easy,piqa; 'none' for no suite).",
+    ),
+    limit: int | None = typer.Option(200, "--limit", "-n", help="Items per task (0 = all)."),
+    target: str | None = typer.Option(None, "--target", "-t", help="gsm8k, a registered target "
+                                      "or a .jsonl of prompt/response rows."),
+    target_limit: int = typer.Option(100, "--target-limit", help="Target items (0 = all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed choosing the items."),
+    num_fewshot: int | None = typer.Option(None, "--num-fewshot", help="Few-shot examples."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Contexts per forward pass."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write the result JSON."),
+) -> None:
+    """Measure held-out accuracy, target skill and drift from the base model."""
+    from forgetless.eval.evaluator import DEFAULT_SUITE, evaluate
+    from forgetless.models import load_model
+
+    tasks = _split(suite) or list(DEFAULT_SUITE)
+    if tasks == ["none"]:
+        tasks = []
+    if not tasks and target is None and base is None:
+        raise ForgetlessError("nothing to evaluate: give a --suite, a --target or a --base")
+    tuned, tokenizer = load_model(model)
+    base_model = load_model(base)[0] if base else None
+    result = evaluate(
+        tuned, tokenizer, suite=tasks, limit=limit or None, seed=seed, target=target,
+        target_limit=target_limit or None, base_model=base_model, batch_size=batch_size,
+        num_fewshot=num_fewshot, model_name=model, base_name=base,
+    )
+    typer.echo(result.table())
+    if output:
+        typer.echo(f"wrote {result.save(output)}")

@@ -1,0 +1,184 @@
+"""``evaluate``: held-out suite + target task + drift against the base, in one result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+
+from forgetless.errors import ForgetlessError
+from forgetless.eval.drift import kl_and_number_mass, param_drift
+from forgetless.eval.result import EvalResult
+from forgetless.eval.scoring import check_model_tokenizer, score_requests
+from forgetless.eval.stats import bootstrap_metric, combine_means, mean_metric
+from forgetless.eval.targets import Target, answer_nll, generate_greedy, get_target
+from forgetless.eval.tasks import LoadedTask, TaskSpec, load_spec, load_task
+
+DEFAULT_SUITE = ("arc_easy", "piqa")
+FULL_SUITE = ("arc_easy", "piqa", "mmlu", "winogrande")
+DEFAULT_LIMIT = 200
+DEFAULT_DRIFT_PROMPTS = 64
+
+
+def evaluate(
+    model,
+    tokenizer,
+    suite: Sequence[str | TaskSpec] = DEFAULT_SUITE,
+    limit: int | Mapping[str, int | None] | None = DEFAULT_LIMIT,
+    seed: int = 0,
+    target: str | Target | None = None,
+    target_limit: int | None = 100,
+    base_model=None,
+    drift_prompts: Sequence[str] | None = None,
+    batch_size: int = 16,
+    num_fewshot: int | None = None,
+    model_name: str | None = None,
+    base_name: str | None = None,
+) -> EvalResult:
+    """Score ``model`` on the held-out ``suite``, optionally a ``target`` task and drift from
+    ``base_model``. ``limit`` is items per task (an int, or task -> int; None = all), chosen
+    with ``seed``. See the package docstring for the metric names."""
+    check_model_tokenizer(model, tokenizer)
+    started = time.perf_counter()
+    result = EvalResult()
+    provenance = _provenance(model, model_name, base_model, base_name, seed, limit, num_fewshot)
+    provenance["tasks"] = {}
+    loaded_tasks = []
+    accuracies = []
+    for entry in suite:
+        spec = load_spec(entry)
+        task_limit = limit.get(spec.name, DEFAULT_LIMIT) if isinstance(limit, Mapping) else limit
+        loaded = load_task(spec, task_limit, seed, num_fewshot or 0)
+        loaded_tasks.append(loaded)
+        records, metrics = _score_task(model, tokenizer, loaded, batch_size)
+        result.per_item[spec.name] = records
+        result.metrics.update(metrics)
+        accuracies.append(metrics[f"{spec.name}/acc"])
+        provenance["tasks"][spec.name] = {
+            "split": spec.split, "available": loaded.total, "n": len(loaded.items),
+            "limit": task_limit, "num_fewshot": num_fewshot or 0, "files": loaded.files,
+        }
+    if accuracies:
+        result.metrics["heldout/acc"] = combine_means(accuracies)
+    if target is not None:
+        name, records, metrics, info = _score_target(
+            model, tokenizer, get_target(target), target_limit, seed, batch_size
+        )
+        result.per_item[name] = records
+        result.metrics.update(metrics)
+        provenance["target"] = info
+    if base_model is not None:
+        check_model_tokenizer(base_model, tokenizer)
+        prompts = list(drift_prompts) if drift_prompts else default_drift_prompts(loaded_tasks)
+        if prompts:
+            drift = kl_and_number_mass(model, base_model, tokenizer, prompts)
+            result.metrics.update({f"drift/{k}": m for k, m in drift.items()})
+            provenance["drift_prompts_sha256"] = _sha(prompts)
+            provenance["drift_prompts_n"] = len(prompts)
+        result.param_drift = param_drift(model, base_model).to_dict()
+    provenance["seconds"] = round(time.perf_counter() - started, 2)
+    result.provenance = provenance
+    return result
+
+
+def default_drift_prompts(
+    tasks: Sequence[LoadedTask], n: int = DEFAULT_DRIFT_PROMPTS
+) -> list[str]:
+    """Held-out contexts (first request of each item), dealt round-robin across tasks."""
+    pools = [[item.requests[0][0] for item in task.items] for task in tasks]
+    prompts: list[str] = []
+    for i in range(max((len(p) for p in pools), default=0)):
+        prompts += [pool[i] for pool in pools if i < len(pool)]
+    return prompts[:n]
+
+
+def _score_task(model, tokenizer, loaded: LoadedTask, batch_size: int):
+    name = loaded.spec.name
+    if not loaded.items:
+        raise ForgetlessError(f"task '{name}' has no items")
+    requests = [r for item in loaded.items for r in item.requests]
+    scores = score_requests(model, tokenizer, requests, batch_size=batch_size)
+    records, offset = [], 0
+    for item in loaded.items:
+        lls = np.array(scores[offset : offset + len(item.requests)])
+        offset += len(item.requests)
+        pred = int(np.argmax(lls))
+        pred_norm = int(np.argmax(lls / np.array(item.norm_lengths, dtype=np.float64)))
+        records.append({
+            "id": item.id, "pred": pred, "gold": item.gold, "correct": int(pred == item.gold),
+            "pred_norm": pred_norm, "correct_norm": int(pred_norm == item.gold),
+            "loglikelihoods": [round(float(x), 5) for x in lls],
+        })
+    metrics = {f"{name}/acc": mean_metric([r["correct"] for r in records])}
+    if "acc_norm" in loaded.spec.metrics:
+        metrics[f"{name}/acc_norm"] = mean_metric([r["correct_norm"] for r in records])
+    return records, metrics
+
+
+def _score_target(model, tokenizer, target: Target, limit, seed, batch_size):
+    rows = target.load()
+    available = len(rows)
+    if limit is not None and limit < len(rows):
+        chosen = sorted(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
+        rows = [rows[i] for i in chosen]
+    outputs = generate_greedy(model, tokenizer, rows, target.max_new_tokens, batch_size)
+    nll = answer_nll(model, tokenizer, rows, batch_size=max(1, batch_size // 2))
+    records = []
+    for row, output, (total, count) in zip(rows, outputs, nll):
+        pred = target.extract(output)
+        records.append({
+            "id": row.id, "pred": pred, "gold": row.answer, "correct": int(pred == row.answer),
+            "nll": total, "tokens": count, "output": output,
+        })
+    name = target.name
+    totals = [r["nll"] for r in records]
+    counts = [r["tokens"] for r in records]
+    metrics = {
+        f"{name}/exact_match": mean_metric([r["correct"] for r in records]),
+        f"{name}/answer_nll": bootstrap_metric([totals, counts], lambda t, c: t.sum() / c.sum()),
+        f"{name}/answer_ppl": bootstrap_metric(
+            [totals, counts], lambda t, c: float(np.exp(t.sum() / c.sum()))
+        ),
+    }
+    info = {"name": name, "available": available,
+            "n": len(rows), "rows_sha256": _sha([r.__dict__ for r in rows]),
+            "max_new_tokens": target.max_new_tokens}
+    return name, records, metrics, info
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _describe(model, name: str | None) -> dict:
+    config = getattr(model, "config", None)
+    return {
+        "name": name or getattr(config, "_name_or_path", None) or type(model).__name__,
+        "class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _provenance(model, model_name, base, base_name, seed, limit, num_fewshot) -> dict:
+    import transformers
+
+    import forgetless
+
+    return {
+        "forgetless_version": forgetless.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "python": platform.python_version(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": _describe(model, model_name),
+        "base": _describe(base, base_name) if base is not None else None,
+        "seed": seed,
+        "limit": dict(limit) if isinstance(limit, Mapping) else limit,
+        "num_fewshot": num_fewshot or 0,
+    }

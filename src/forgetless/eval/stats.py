@@ -1,0 +1,106 @@
+"""Uncertainty for every number we report: standard errors, bootstrap CIs, paired differences.
+
+A forgetting claim ("ARC dropped 2 points") is only meaningful next to its noise, so every
+metric is a ``Metric`` carrying its standard error and a 95% interval, never a bare float.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+Z95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A point estimate with its standard error, 95% interval and sample size."""
+
+    value: float
+    stderr: float
+    ci_low: float
+    ci_high: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Metric:
+        return cls(**{k: data[k] for k in ("value", "stderr", "ci_low", "ci_high", "n")})
+
+    def __str__(self) -> str:
+        return f"{self.value:.4f} ± {self.stderr:.4f} [{self.ci_low:.4f}, {self.ci_high:.4f}]"
+
+
+def mean_metric(values: Sequence[float]) -> Metric:
+    """Sample mean with its standard error (ddof=1, as lm-eval's ``mean_stderr``) and normal CI."""
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return Metric(math.nan, math.nan, math.nan, math.nan, 0)
+    value = float(x.mean())
+    stderr = float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return _normal(value, stderr, n)
+
+
+def _normal(value: float, stderr: float, n: int) -> Metric:
+    if math.isnan(stderr):
+        return Metric(value, stderr, math.nan, math.nan, n)
+    return Metric(value, stderr, value - Z95 * stderr, value + Z95 * stderr, n)
+
+
+def bootstrap_metric(
+    columns: Sequence[Sequence[float]],
+    statistic: Callable[..., float],
+    resamples: int = 2000,
+    seed: int = 0,
+) -> Metric:
+    """Resample items (rows across ``columns``) to get SE and percentile 95% CI of ``statistic``.
+
+    Used where the estimate is not a plain mean, e.g. token-weighted NLL (a ratio of sums).
+    """
+    arrays = [np.asarray(c, dtype=np.float64) for c in columns]
+    n = len(arrays[0])
+    if n == 0:
+        return Metric(math.nan, math.nan, math.nan, math.nan, 0)
+    value = float(statistic(*arrays))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(resamples, n))
+    stats = np.array([statistic(*(a[i] for a in arrays)) for i in idx], dtype=np.float64)
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return Metric(value, float(stats.std(ddof=1)), float(low), float(high), n)
+
+
+def combine_means(metrics: Sequence[Metric]) -> Metric:
+    """Unweighted mean of independent metrics; SEs add in quadrature (e.g. suite-mean accuracy)."""
+    if not metrics:
+        return Metric(math.nan, math.nan, math.nan, math.nan, 0)
+    k = len(metrics)
+    value = sum(m.value for m in metrics) / k
+    stderr = math.sqrt(sum(m.stderr**2 for m in metrics)) / k
+    return _normal(value, stderr, sum(m.n for m in metrics))
+
+
+def paired_bootstrap(
+    before: Sequence[float], after: Sequence[float], resamples: int = 2000, seed: int = 0
+) -> Metric:
+    """Mean of ``after - before`` over the same items: paired SE (McNemar-style for 0/1 scores)
+    and a paired-bootstrap percentile 95% CI.
+
+    Pairing removes item difficulty from the noise, so a few-point drop on 300 items can be
+    significant where two independent CIs would overlap.
+    """
+    d = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    n = len(d)
+    if n == 0:
+        return Metric(math.nan, math.nan, math.nan, math.nan, 0)
+    value = float(d.mean())
+    stderr = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return Metric(value, stderr, float(low), float(high), n)

@@ -1,0 +1,211 @@
+"""Target tasks (what a fine-tune should learn): greedy exact match and answer NLL.
+
+A target is data: a name, a loader of ``TargetRow`` (chat prompt, reference response, final
+answer) and an answer extractor. Registering one takes a few lines::
+
+    from forgetless.eval import Target, TargetRow, register_target
+
+    def _rows():
+        return [TargetRow(id="0", messages=[{"role": "user", "content": "2+2?"}],
+                          response="4", answer="4")]
+
+    register_target(Target("sums", load=_rows, max_new_tokens=8))
+
+A path to a ``.jsonl`` file also works as a target: rows with ``prompt``/``response`` or chat
+``messages`` (the last assistant message is the response). Prompts go through the tokenizer's
+chat template, matching how the training data module formats GSM8K (user = question,
+assistant = the full ``answer`` text).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import torch
+
+from forgetless.errors import ForgetlessError
+from forgetless.eval.scoring import score_token_pairs
+from forgetless.paths import shared_data_dir
+
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def normalize_number(text: str) -> str | None:
+    """'1,000' / '$1000.00' / '1000.' -> '1000'; None if ``text`` is not a number."""
+    cleaned = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        return None
+    if value == value.to_integral_value():
+        return str(value.quantize(Decimal(1)))
+    return format(value.normalize(), "f")
+
+
+def extract_answer(text: str) -> str:
+    """The final answer of a response: the number after the last ``####`` (GSM8K style), else
+    the last number in the text, else the whole text lower-cased with outer punctuation off."""
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1]
+        match = _NUMBER.search(tail)
+        if match and (number := normalize_number(match.group())) is not None:
+            return number
+    numbers = [n for n in (normalize_number(m) for m in _NUMBER.findall(text)) if n is not None]
+    if numbers:
+        return numbers[-1]
+    return " ".join(text.lower().split()).strip(" .!?\"'")
+
+
+@dataclass(frozen=True)
+class TargetRow:
+    """One target example: chat prompt, reference response (scored for NLL), final answer."""
+
+    id: str
+    messages: list[dict[str, str]]
+    response: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """A registered target task: ``load()`` gives its rows in a fixed order."""
+
+    name: str
+    load: Callable[[], list[TargetRow]]
+    extract: Callable[[str], str] = extract_answer
+    max_new_tokens: int = 256
+
+
+_REGISTRY: dict[str, Target] = {}
+
+
+def register_target(target: Target) -> Target:
+    """Make ``target`` available by name to ``evaluate(target=...)`` and ``--target``."""
+    _REGISTRY[target.name] = target
+    return target
+
+
+def registered_targets() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_target(name_or_path: str | Target) -> Target:
+    """A registered name, a ``.jsonl`` file of prompt/response rows, or a ``Target``."""
+    if isinstance(name_or_path, Target):
+        return name_or_path
+    if name_or_path in _REGISTRY:
+        return _REGISTRY[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".jsonl", ".json"):
+        if not path.is_file():
+            raise ForgetlessError(f"target file not found: {path}")
+        return Target(str(path), load=lambda: load_jsonl_rows(path))
+    raise ForgetlessError(
+        f"unknown target '{name_or_path}': registered are {', '.join(registered_targets())}, "
+        "or pass a .jsonl file of prompt/response rows"
+    )
+
+
+def load_jsonl_rows(path: Path, extract: Callable[[str], str] = extract_answer) -> list[TargetRow]:
+    """Rows with ``prompt``+``response`` or chat ``messages`` ending in an assistant turn."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ForgetlessError(f"{path}:{number}: not valid JSON: {err}") from err
+        if "messages" in data:
+            messages = data["messages"]
+            if not messages or messages[-1].get("role") != "assistant":
+                raise ForgetlessError(
+                    f"{path}:{number}: 'messages' must end with an assistant turn"
+                )
+            prompt, response = messages[:-1], messages[-1]["content"]
+        elif "prompt" in data and "response" in data:
+            prompt = [{"role": "user", "content": data["prompt"]}]
+            response = data["response"]
+        else:
+            raise ForgetlessError(f"{path}:{number}: need 'prompt' and 'response', or 'messages'")
+        answer = str(data["answer"]) if "answer" in data else extract(response)
+        rows.append(TargetRow(str(data.get("id", number)), prompt, response, answer))
+    if not rows:
+        raise ForgetlessError(f"target file {path} has no rows")
+    return rows
+
+
+def _gsm8k_rows() -> list[TargetRow]:
+    path = shared_data_dir() / "gsm8k" / "test.jsonl"
+    if not path.is_file():
+        raise ForgetlessError(f"benchmark gsm8k missing: {path} not found")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        data = json.loads(line)
+        gold = normalize_number(data["answer"].rsplit("####", 1)[1]) or ""
+        messages = [{"role": "user", "content": data["question"]}]
+        rows.append(TargetRow(f"test:{i}", messages, data["answer"], gold))
+    return rows
+
+
+register_target(Target("gsm8k", load=_gsm8k_rows, max_new_tokens=256))
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The chat-formatted prompt up to the assistant's turn (plain text if no template)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+
+def answer_nll(model, tokenizer, rows: list[TargetRow], batch_size: int = 8):
+    """Per row: (summed NLL of the response tokens after the chat prompt, number of tokens)."""
+    pairs = []
+    for row in rows:
+        prompt = render_prompt(tokenizer, row.messages)
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        whole = tokenizer.encode(prompt + row.response, add_special_tokens=False)
+        pairs.append((prompt_ids, whole[len(prompt_ids) :]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logprobs = score_token_pairs(model, pairs, pad_id=pad_id, batch_size=batch_size)
+    return [(-lp, len(cont)) for lp, (_, cont) in zip(logprobs, pairs)]
+
+
+def generate_greedy(
+    model, tokenizer, rows: list[TargetRow], max_new_tokens: int, batch_size: int = 16
+) -> list[str]:
+    """Batched greedy completions of the chat prompts (left padding, rows sorted by length)."""
+    prompts = [render_prompt(tokenizer, row.messages) for row in rows]
+    encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+            if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
+    outputs: list[str] = [""] * len(rows)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                width = max(len(encoded[i]) for i in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for r, i in enumerate(chunk):
+                    ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                    mask[r, width - len(encoded[i]) :] = 1
+                generated = model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                    do_sample=False, temperature=None, top_p=None, top_k=None,
+                    pad_token_id=pad_id, eos_token_id=stop or None,
+                )
+                for r, i in enumerate(chunk):
+                    outputs[i] = tokenizer.decode(generated[r, width:], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return outputs
