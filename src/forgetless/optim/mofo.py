@@ -179,7 +179,7 @@ class MoFO(torch.optim.Optimizer):
         if chosen is not None:
             for sub in torch.nonzero(chosen.tie_value >= 0).squeeze(1).tolist():
                 row = int(rows[sub])
-                moved[row] += _step_ties(
+                moved[row] += self._step_ties(
                     batch, row, int(chosen.tie_value[sub]), int(chosen.tie_take[sub]),
                     float(decays[row]), float(neg_steps[row]), float(bias2_sqrts[row]), eps,
                     group["decay_frozen"],
@@ -187,6 +187,13 @@ class MoFO(torch.optim.Optimizer):
         if self.track_masks:
             for state, count in zip(states, moved.tolist(), strict=True):
                 state["moved"] = torch.tensor(count, dtype=torch.int64)
+
+    def _step_ties(self, batch, row, tie_value, take, *step_args) -> int:
+        """Move ``take`` of the coordinates tied at the threshold (the first ones, flat order).
+
+        A hook: optimizers over sharded tensors override it to count ties on earlier shards.
+        """
+        return _step_ties(batch, row, tie_value, take, *step_args)
 
     def _state(self, param: Tensor) -> dict[str, Any]:
         state = self.state[param]
