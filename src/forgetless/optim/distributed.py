@@ -1,0 +1,167 @@
+"""MoFO on sharded parameters (FSDP2 / DTensor): the same per-tensor top fraction at any scale.
+
+MoFO moves, in every tensor, the coordinates whose |momentum| is in the top ``fraction`` of
+*that tensor*. The authors' code runs the selection on whatever slice an optimizer sees, so
+under ZeRO or FSDP what trains depends on the number of GPUs. Here each process keeps its
+shard and the selection is global anyway: the threshold search of ``forgetless.optim.select``
+only reads counts (sizes, histograms), so summing those small vectors over the shard's process
+group gives every rank the same global threshold, and the bytes sent depend on the number of
+tensors and bins, never on tensor size (see ``bench/threshold_comm.py``).
+
+- DDP: every rank holds whole replicated tensors with identical, all-reduced gradients, so plain
+  :class:`~forgetless.optim.MoFO` is already exact and no collective is added.
+- FSDP2 (``fully_shard``): parameters are DTensors sharded on dim 0. Counts are all-reduced
+  over the mesh dimension that shards them, and ties at the threshold are broken by global flat
+  index (shards are contiguous flat ranges in rank order). With ``exact=True`` the moved set
+  equals a single process's bit for bit; the fast mode keeps its 0.2 % count tolerance on the
+  whole tensor, but its boundary bin depends on where each shard sampled, so edge coordinates
+  may differ from a single process.
+- ``shard_local=True``: each shard selects its own top fraction with no communication, the
+  reference code's behaviour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from forgetless.errors import ForgetlessError
+from forgetless.optim import select
+from forgetless.optim.mofo import MoFO, ParamsT
+
+
+@dataclass(frozen=True, eq=False)
+class ShardGroup:
+    """The processes holding the shards of a tensor, and this process's place among them.
+
+    Shard ``rank`` must hold the flat index range right after shard ``rank - 1``'s, which is
+    how FSDP2 (``Shard(0)``) and ZeRO partitions lay tensors out.
+    """
+
+    group: Any  # a torch.distributed ProcessGroup (None = the default group)
+    rank: int
+    size: int
+
+    def sum(self, counts: Tensor) -> Tensor:
+        """Elementwise sum of a count tensor over the shards: MoFO's ``count_reduce``."""
+        counts = counts.clone()
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.group)
+        return counts
+
+    def earlier(self, count: int) -> int:
+        """Sum of ``count`` over the shards before this one (one small all-reduce)."""
+        slots = torch.zeros(self.size, dtype=torch.int64)
+        slots[self.rank] = count
+        return int(self.sum(slots)[: self.rank].sum())
+
+
+def shard_group_of(param: Tensor) -> ShardGroup | None:
+    """The shard group of a DTensor parameter, or ``None`` for a whole (replicated) tensor."""
+    if not isinstance(param, DTensor):
+        return None
+    placements = param.placements
+    sharded = [dim for dim, placement in enumerate(placements) if placement.is_shard()]
+    plain = all(type(p) in (Shard, Replicate) for p in placements)
+    if not sharded:
+        if not plain:
+            raise ForgetlessError(f"MoFO: unsupported DTensor placements {placements}")
+        return None
+    if not plain or len(sharded) > 1 or placements[sharded[0]].dim != 0:
+        raise ForgetlessError(
+            f"MoFO: global selection supports parameters sharded on dim 0 over one mesh "
+            f"dimension (FSDP2 fully_shard, HSDP); got placements {placements}. "
+            f"Use shard_local=True for a per-shard selection."
+        )
+    mesh, mesh_dim = param.device_mesh, sharded[0]
+    return ShardGroup(mesh.get_group(mesh_dim), mesh.get_local_rank(mesh_dim), mesh.size(mesh_dim))
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class ShardedMoFO(MoFO):
+    """:class:`~forgetless.optim.MoFO` that also takes FSDP2 (DTensor) parameters.
+
+    On whole tensors it is exactly ``MoFO``. On a DTensor sharded on dim 0 it steps the local
+    shard, in place, with the threshold of the whole tensor (or of the shard if ``shard_local``).
+    Optimizer state stays DTensors shaped like the parameters, so FSDP2's distributed
+    checkpointing (``get_optimizer_state_dict``) works as for AdamW. ``state[p]["moved"]``
+    (``track_masks``) counts this shard's moved coordinates.
+
+    Args:
+        params, **kwargs: as :class:`~forgetless.optim.MoFO` (``count_reduce`` is set here).
+        shard_local: select per shard without communication (the reference code's behaviour);
+            the moved set then depends on the number of shards.
+    """
+
+    def __init__(self, params: ParamsT, *args: Any, shard_local: bool = False, **kwargs: Any):
+        if "count_reduce" in kwargs:
+            raise TypeError("ShardedMoFO sets count_reduce itself from each parameter's mesh")
+        super().__init__(params, *args, **kwargs)
+        self.shard_local = shard_local
+        self._shards: ShardGroup | None = None  # the shard group of the tensors being stepped
+        self._owners: dict[Tensor, Tensor] = {}  # local shard -> its DTensor, during a step
+
+    def _group_step(self, group: dict[str, Any], positions: list[int]) -> None:
+        """Step the group's tensors in batches of one shard group each (usually one batch)."""
+        batches: dict[Any, tuple[ShardGroup | None, list[int]]] = {}
+        for i in positions:
+            shards = shard_group_of(group["params"][i])
+            key = None if shards is None else id(shards.group)
+            batches.setdefault(key, (shards, []))[1].append(i)
+        for shards, batch in batches.values():
+            self._step_sharded(group, batch, None if self.shard_local else shards)
+
+    def _step_sharded(self, group: dict[str, Any], positions: list[int],
+                      shards: ShardGroup | None) -> None:  # fmt: skip
+        if shards is not None and group["filter"] == "random":
+            raise ForgetlessError(
+                "MoFO: filter='random' hashes shard-local indices, so its mask would depend on "
+                "the sharding; use shard_local=True or an unsharded model for this ablation"
+            )
+        params = group["params"]
+        local = {i: _local(params[i]) for i in positions}
+        for i, shard in local.items():
+            if shard is not params[i]:
+                self._owners[shard] = params[i]
+                shard.grad = _local(params[i].grad)
+        views: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self._views = views
+        self._shards = shards
+        self.count_reduce = select.identity if shards is None else shards.sum
+        try:
+            local_params = [local.get(i, p) for i, p in enumerate(params)]
+            super()._group_step({**group, "params": local_params}, positions)
+        finally:
+            for state, view in views:
+                if "moved" in view:
+                    state["moved"] = view["moved"]
+            for i, shard in local.items():
+                if shard is not params[i]:
+                    shard.grad = None
+            self._owners.clear()
+            self._shards, self._views = None, []
+            self.count_reduce = select.identity
+
+    def _state(self, param: Tensor) -> dict[str, Any]:
+        owner = self._owners.get(param)
+        if owner is None:
+            return super()._state(param)
+        state = super()._state(owner)  # DTensor moments, like the parameter
+        view = {key: _local(value) for key, value in state.items()}
+        self._views.append((state, view))
+        return view
+
+    def _step_ties(self, batch, row, tie_value, take, *step_args) -> int:
+        """Of the ``take`` tied coordinates to move, earlier shards (lower flat indices) go first."""
+        if self._shards is None:
+            return super()._step_ties(batch, row, tie_value, take, *step_args)
+        found = len(batch.tie_indices(row, tie_value, take))
+        quota = min(found, max(0, take - self._shards.earlier(found)))
+        return super()._step_ties(batch, row, tie_value, quota, *step_args) if quota else 0

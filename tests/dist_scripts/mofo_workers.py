@@ -1,0 +1,225 @@
+"""Multi-process MoFO checks (gloo, CPU): ``python mofo_workers.py SCENARIO WORLD PORT OUT``.
+
+Each scenario runs on every rank next to a single-process reference that is fed the very same
+global gradients, so any difference is the optimizer's doing (not reduction order). Rank 0
+writes a JSON summary to OUT; any mismatch raises, and the launcher exits non-zero.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (tiny_models)
+
+from forgetless.optim import MoFO  # noqa: E402
+from forgetless.optim.distributed import ShardGroup, ShardedMoFO  # noqa: E402
+from forgetless.optim.partition import FlatLayout, PartitionedMoFO  # noqa: E402
+
+STEPS = 4
+OPTIONS = dict(lr=1e-2, weight_decay=0.1, fraction=0.1, exact=True, track_masks=True)
+
+
+def _same(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    if not torch.equal(got, want):
+        diff = (got != want).sum().item()
+        raise AssertionError(f"{name}: {diff} of {want.numel()} entries differ from 1 process")
+
+
+def _batch(rank: int, step: int) -> torch.Tensor:
+    """Token ids, different on every rank and step."""
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randint(3, 128, (2, 12), generator=generator)
+
+
+def ddp(rank: int, world: int) -> dict:
+    """DDP: plain MoFO on replicated tensors equals one process stepping the averaged gradient."""
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    reference = copy.deepcopy(model)
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    optimizer = MoFO(model.parameters(), **OPTIONS)
+    ref_optimizer = MoFO(reference.parameters(), **OPTIONS)
+    moved = 0
+    for step in range(STEPS):
+        ids = _batch(rank, step)
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            q.grad = p.grad.clone()
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.step()
+        ref_optimizer.step()
+        for (name, p), q, old in zip(model.named_parameters(), reference.parameters(), before,
+                                     strict=True):  # fmt: skip
+            _same(f"step {step} {name}", p.detach(), q.detach())
+            mask = (p.detach() != old).flatten()
+            masks = [torch.empty_like(mask) for _ in range(world)]
+            dist.all_gather(masks, mask)
+            for other in masks:
+                _same(f"step {step} {name} mask across ranks", other, mask)
+            moved += int(mask.sum())
+        optimizer.zero_grad()
+        ref_optimizer.zero_grad()
+    return {"steps": STEPS, "moved": moved}
+
+
+def fsdp2(rank: int, world: int) -> dict:
+    """FSDP2: ShardedMoFO on DTensor shards equals one process on the whole tensors."""
+    from tiny_models import tiny_model
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_model("llama")
+    reference = copy.deepcopy(model)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = ShardedMoFO(model.parameters(), **OPTIONS)
+    ref_optimizer = MoFO(reference.parameters(), **OPTIONS)
+    named = list(model.named_parameters())
+    moved = 0
+    for step in range(STEPS):
+        ids = _batch(rank, step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        for (_, p), q in zip(named, reference.parameters(), strict=True):
+            q.grad = p.grad.full_tensor()  # test only: the optimizer never gathers
+        optimizer.step()
+        ref_optimizer.step()
+        for (name, p), q in zip(named, reference.parameters(), strict=True):
+            _same(f"step {step} {name}", p.full_tensor(), q.detach())
+            local = optimizer.state[p]["moved"].reshape(1).clone()
+            dist.all_reduce(local)
+            _same(f"step {step} {name} moved", local[0], ref_optimizer.state[q]["moved"])
+            moved += int(local)
+        optimizer.zero_grad()
+        ref_optimizer.zero_grad()
+    return {"steps": STEPS, "moved": moved, "sharded": type(named[0][1]).__name__}
+
+
+def _crafted_grads(step: int) -> dict[str, torch.Tensor]:
+    """Uneven rows (7 over 2 ranks), all large values in rank 0's shard, and a tie block."""
+    generator = torch.Generator().manual_seed(step)
+    skewed = torch.rand(7, 10, generator=generator)
+    skewed[:4] += 10.0  # rank 0 holds rows 0-3: the global top 10 % all lie there
+    tied = torch.full((5, 8), 0.5)
+    tied[0, :2] = 2.0  # k = 4: two clear winners, then 38 ties for two places
+    return {"skewed": skewed, "tied": tied}
+
+
+def crafted(rank: int, world: int) -> dict:
+    """Ties, uneven shards and skew: global vs shard-local selection on FSDP2 DTensors."""
+    from torch.distributed.fsdp import fully_shard
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        module = nn.Module()
+        module.skewed = nn.Parameter(torch.randn(7, 10))
+        module.tied = nn.Parameter(torch.randn(5, 8))
+        return module
+
+    reference = build()
+    ref_optimizer = MoFO(reference.parameters(), **OPTIONS)
+    results = {}
+    for shard_local in (False, True):
+        module = build()
+        fully_shard(module)
+        optimizer = ShardedMoFO(module.parameters(), shard_local=shard_local, **OPTIONS)
+        for step in range(STEPS):
+            grads = _crafted_grads(step)
+            for name, p in module.named_parameters():
+                full = grads[name]
+                p.grad = torch.distributed.tensor.distribute_tensor(
+                    full, p.device_mesh, p.placements
+                )
+                if not shard_local:
+                    getattr(reference, name).grad = full.clone()
+            optimizer.step()
+            if not shard_local:
+                ref_optimizer.step()
+        rows = {}
+        for name, p in module.named_parameters():
+            local = optimizer.state[p]["moved"].reshape(1).clone()
+            dist.all_reduce(local)
+            full = p.full_tensor()
+            ref = getattr(reference, name)
+            if not shard_local:
+                _same(f"crafted {name}", full, ref.detach())
+                _same(f"crafted {name} moved", local[0], ref_optimizer.state[ref]["moved"])
+            rows[name] = {
+                "moved_last_step": int(local),
+                "equal_to_one_process": torch.equal(full, ref.detach()),
+            }
+        results["shard_local" if shard_local else "global"] = rows
+    return results
+
+
+def zero(rank: int, world: int) -> dict:
+    """A simulated ZeRO flat partition (aligned starts, padding) equals one process."""
+    shapes = [(7, 5), (3,), (4, 6), (1, 9), (5,)]
+    align = 4
+    starts, at = [], 0
+    for shape in shapes:
+        starts.append(at)
+        at += -(-torch.Size(shape).numel() // align) * align
+    total = -(-at // world) * world
+    size = total // world
+    torch.manual_seed(0)
+    tensors = [nn.Parameter(torch.randn(shape)) for shape in shapes]
+    buffer = torch.zeros(total)
+    for t, start in zip(tensors, starts, strict=True):
+        buffer[start : start + t.numel()] = t.detach().flatten()
+    flat = nn.Parameter(buffer[rank * size : (rank + 1) * size].clone())
+    layout = FlatLayout(shapes, rank * size, size, starts)
+    shards = ShardGroup(None, rank, world)
+    optimizer = PartitionedMoFO([flat], {flat: layout}, shards, **OPTIONS)
+    ref_optimizer = MoFO(tensors, **OPTIONS)
+    for step in range(STEPS):
+        generator = torch.Generator().manual_seed(step)
+        grads = [torch.randn(shape, generator=generator) for shape in shapes]
+        grads[0][:, :3] = 0.25  # 21 ties on the threshold of a tensor split over both ranks
+        grads[0][0, 3:] = 3.0
+        full_grad = torch.zeros(total)
+        for g, start in zip(grads, starts, strict=True):
+            full_grad[start : start + g.numel()] = g.flatten()
+        flat.grad = full_grad[rank * size : (rank + 1) * size].clone()
+        for t, g in zip(tensors, grads, strict=True):
+            t.grad = g
+        optimizer.step()
+        ref_optimizer.step()
+        parts = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(parts, flat.detach())
+        gathered = torch.cat(parts)
+        for i, (t, start) in enumerate(zip(tensors, starts, strict=True)):
+            got = gathered[start : start + t.numel()].view(t.shape)
+            _same(f"zero step {step} tensor {i}", got, t.detach())
+    return {"steps": STEPS, "tensors": len(shapes), "partition_size": size}
+
+
+SCENARIOS = {"ddp": ddp, "fsdp2": fsdp2, "crafted": crafted, "zero": zero}
+
+
+def _worker(rank: int, scenario: str, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        summary = SCENARIOS[scenario](rank, world)
+        dist.barrier()
+        if rank == 0:
+            Path(out).write_text(json.dumps(summary, indent=2))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    name, world_size, master_port, out_path = sys.argv[1:5]
+    mp.spawn(_worker, args=(name, int(world_size), int(master_port), out_path),
+             nprocs=int(world_size))  # fmt: skip
