@@ -21,7 +21,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (tiny_models)
 
 from forgetless.optim import MoFO  # noqa: E402
-from forgetless.optim.distributed import ShardGroup, ShardedMoFO  # noqa: E402
+from forgetless.optim.distributed import ShardedMoFO, ShardGroup  # noqa: E402
 from forgetless.optim.partition import FlatLayout, PartitionedMoFO  # noqa: E402
 
 STEPS = 4
@@ -74,8 +74,9 @@ def ddp(rank: int, world: int) -> dict:
 
 def fsdp2(rank: int, world: int) -> dict:
     """FSDP2: ShardedMoFO on DTensor shards equals one process on the whole tensors."""
-    from tiny_models import tiny_model
     from torch.distributed.fsdp import fully_shard
+
+    from tiny_models import tiny_model
 
     model = tiny_model("llama")
     reference = copy.deepcopy(model)

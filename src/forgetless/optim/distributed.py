@@ -159,7 +159,7 @@ class ShardedMoFO(MoFO):
         return view
 
     def _step_ties(self, batch, row, tie_value, take, *step_args) -> int:
-        """Of the ``take`` tied coordinates to move, earlier shards (lower flat indices) go first."""
+        """Of the ``take`` tied coordinates to move, earlier shards (lower indices) go first."""
         if self._shards is None:
             return super()._step_ties(batch, row, tie_value, take, *step_args)
         found = len(batch.tie_indices(row, tie_value, take))
