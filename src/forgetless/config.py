@@ -54,6 +54,11 @@ class TrainConfig(BaseModel):
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
     resume: bool = False
     save_model: bool = True
+    # forgetting monitor (forgetless.monitor): KL / number-token mass vs the base every N steps
+    monitor_every: int | None = Field(None, ge=1)
+    monitor_max_kl: float | None = Field(None, gt=0.0)
+    monitor_max_number_mass_gain: float | None = Field(None, gt=0.0)
+    monitor_action: Literal["stop", "warn"] = "stop"
 
     @field_validator("method")
     @classmethod

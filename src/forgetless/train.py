@@ -30,6 +30,7 @@ from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_dir, atomic_write_json, atomic_write_text
 from forgetless.methods import MethodOptions, merge_lora, prepare_model
 from forgetless.models import load_model
+from forgetless.monitor import install_monitors
 
 
 @dataclass
@@ -166,6 +167,7 @@ def train(
         callbacks=callbacks,
         regularizer=prepared.regularizer,
     )
+    monitors = install_monitors(trainer, config)  # ForgettingMonitor, if asked for
     resume = config.resume and _has_checkpoint(trainer_dir)
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=True if resume else None)
@@ -199,6 +201,7 @@ def train(
         "loss_history": losses,
         "forgetless_version": __version__,
         "resumed": bool(resume),
+        "monitor": [monitor.summary() for monitor in monitors],
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
     return TrainResult(config, run_dir, model_dir, metrics, losses, tuned, tokenizer)
