@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from forgetless.optim.portable import SAMPLE_RUN, SAMPLE_SIZE
+from forgetless.optim.select import SAMPLE_WIDTH
 from forgetless.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("mofo_kernel.c")
@@ -43,8 +45,8 @@ _SIGNATURES = {
     "mofo_update": [ctypes.c_int, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P, _P,
                     ctypes.c_float, ctypes.c_int, _I64, _I64, _P],
     "mofo_ties": [_I64, _P, _P, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint32, _I64, _P],
-    "mofo_sample": [ctypes.c_int, _P, _P, _P, ctypes.c_float, ctypes.c_int, _P, ctypes.c_int,
-                    ctypes.c_int, _P],
+    "mofo_bracket": [ctypes.c_int, ctypes.c_int, _P, _P, _P, ctypes.c_float, ctypes.c_int, _P,
+                     ctypes.c_int, ctypes.c_int, _P, ctypes.c_double, _P, _P],
 }  # fmt: skip
 
 
@@ -123,10 +125,10 @@ def _threads(total: int) -> int:
     return max(1, min(torch.get_num_threads(), total // (1 << 16)))
 
 
-def _parallel(total: int, call) -> list:
+def _parallel(total: int, call, workers: int | None = None) -> list:
     """Run ``call(start, end, worker)`` on equal slices of [0, total), one per thread."""
     global _pool
-    workers = _threads(total)
+    workers = max(1, workers or _threads(total))
     bounds = [total * w // workers for w in range(workers + 1)]
     if workers == 1:
         return [call(0, total, 0)]
@@ -166,14 +168,23 @@ class Batch:
 
         return torch.stack(_parallel(self.total, run)).sum(0)
 
-    def sample(self, beta1: float, per_tensor: int, run: int) -> Tensor:
-        """Keys (as int64 bit patterns, -1 = none) of this step's new momentum at sampled spots."""
-        out = torch.empty(self.count, per_tensor, dtype=torch.int64)
-        library().mofo_sample(
-            self.count, _ptr(self.numels), _ptr(self.grads), _ptr(self.exp_avgs), 1 - beta1,
-            self.mode, _ptr(self.seed_array), per_tensor, run, _ptr(out),
-        )  # fmt: skip
-        return out
+    def bracket(self, rows: Tensor, beta1: float, shares: Tensor) -> tuple[Tensor, Tensor]:
+        """Local first brackets (lo, hi) of the given tensors (see select.sample_bracket)."""
+        index = rows.to(torch.int64)
+        numels, grads, exp_avgs = self.numels[index], self.grads[index], self.exp_avgs[index]
+        seeds, shares = self.seed_array[index], shares[index].to(torch.float64)
+        lo = torch.empty(len(index), dtype=torch.int64)
+        hi = torch.empty(len(index), dtype=torch.int64)
+
+        def run(first, last, _):
+            library().mofo_bracket(
+                first, last, _ptr(numels), _ptr(grads), _ptr(exp_avgs), 1 - beta1, self.mode,
+                _ptr(seeds), SAMPLE_SIZE, SAMPLE_RUN, _ptr(shares), SAMPLE_WIDTH, _ptr(lo),
+                _ptr(hi),
+            )  # fmt: skip
+
+        _parallel(len(index), run, workers=min(torch.get_num_threads(), len(index)))
+        return lo, hi
 
     def update(self, thresholds: Tensor, decays: Tensor, neg_step_sizes: Tensor,
                bias2_sqrts: Tensor, eps: float, decay_all: bool) -> Tensor:  # fmt: skip

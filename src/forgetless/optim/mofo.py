@@ -20,8 +20,6 @@ from forgetless.optim.select import CountReduce
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 FILTERS = ("momentum", "gradient", "random")
 TOLERANCE = 0.002  # fast mode: moved count within 0.2 % of k (bin granularity), else refine
-SAMPLE_SIZE = 2048  # keys sampled per tensor to bracket its threshold
-SAMPLE_RUN = 8  # ... read in runs of 8 neighbours (one cache line)
 
 
 class MoFO(torch.optim.Optimizer):
@@ -157,9 +155,8 @@ class MoFO(torch.optim.Optimizer):
         los = torch.zeros(len(params), dtype=torch.int64)
         shifts = torch.full((len(params),), -1, dtype=torch.int64)
         if len(rows):
-            sample = batch.sample(beta1, SAMPLE_SIZE, SAMPLE_RUN)[rows]
-            lo, shift = select.bracket_from_sample(sample, k[rows], numel[rows], self.count_reduce)
-            los[rows], shifts[rows] = lo, shift
+            lo, hi = batch.bracket(rows, beta1, k.double() / numel.double())
+            los[rows], shifts[rows] = select.agree_bracket(lo, hi, self.count_reduce)
         counts = batch.moments(beta1, beta2, los, shifts, select.BINS)
 
         thresholds = torch.zeros(len(params), dtype=torch.int64)

@@ -93,6 +93,118 @@ static void key_block(int mode, const float *m, const float *g, int64_t first, i
     }
 }
 
+#if defined(__AVX512F__)
+/* AVX-512 versions of the momentum/gradient-key passes, one fused loop each: the moments and
+ * the key histogram in one sweep; the masked step only does its arithmetic (and only reads v)
+ * for 16-lane vectors holding at least one moving coordinate. */
+#define FLUSH 1024
+
+/* Histogram state kept in locals (registers): through a pointer, the compiler would reload
+ * and store it around every compacting store, a serial chain through memory. */
+#define COUNTER_VARS                                                                  \
+    __m512i c_lo = _mm512_setzero_si512(), c_span = c_lo, c_hi = c_lo, c_above = c_lo; \
+    uint32_t c_inside[FLUSH + 16];                                                    \
+    int c_fill = 0
+
+#define COUNTER_INIT(lo, shift, nbins)                                                  \
+    do {                                                                                \
+        uint64_t span64_ = (uint64_t)(nbins) << (shift);                                \
+        uint64_t hi_ = (lo) + span64_ >= 0x80000000u ? 0x80000000u : (lo) + span64_;   \
+        c_lo = _mm512_set1_epi32((int)(lo));                                            \
+        c_span = _mm512_set1_epi32((int)(uint32_t)span64_);                             \
+        c_hi = _mm512_set1_epi32((int)(uint32_t)hi_);                                   \
+    } while (0)
+
+#define COUNTER_ADD(values, live, counts, shift)                                            \
+    do {                                                                                    \
+        __m512i key_ = _mm512_and_si512(_mm512_castps_si512(values),                        \
+                                        _mm512_set1_epi32(0x7fffffff));                     \
+        __m512i offset_ = _mm512_sub_epi32(key_, c_lo);                                     \
+        __mmask16 in_ = _mm512_mask_cmplt_epu32_mask(live, offset_, c_span);                \
+        __mmask16 high_ = _mm512_mask_cmpge_epu32_mask(live, key_, c_hi);                   \
+        c_above = _mm512_mask_sub_epi32(c_above, high_, c_above, _mm512_set1_epi32(-1));    \
+        _mm512_storeu_si512(c_inside + c_fill, _mm512_maskz_compress_epi32(in_, offset_));  \
+        c_fill += __builtin_popcount(in_);                                                  \
+        if (c_fill >= FLUSH) {                                                              \
+            for (int j_ = 0; j_ < c_fill; j_++) (counts)[c_inside[j_] >> (shift)]++;        \
+            c_fill = 0;                                                                     \
+        }                                                                                   \
+    } while (0)
+
+#define COUNTER_DONE(counts, shift, nbins)                                          \
+    do {                                                                            \
+        for (int j_ = 0; j_ < c_fill; j_++) (counts)[c_inside[j_] >> (shift)]++;    \
+        (counts)[nbins] += _mm512_reduce_add_epi32(c_above);                        \
+    } while (0)
+
+static inline __mmask16 live_mask(int64_t i, int64_t b) {
+    return b - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (b - i)) - 1);
+}
+
+static void moments_avx512(const float *g, float *m, float *v, int64_t a, int64_t b,
+                           float weight1, float beta2, float weight2, int key_from_grad,
+                           uint32_t lo, int shift, int nbins, int64_t *counts) {
+    const int small = weight1 < 0.5f;
+    const __m512 w = _mm512_set1_ps(small ? weight1 : weight1 - 1.0f);
+    const __m512 vb2 = _mm512_set1_ps(beta2), vw2 = _mm512_set1_ps(weight2);
+    COUNTER_VARS;
+    if (counts) COUNTER_INIT(lo, shift, nbins);
+    for (int64_t i = a; i < b; i += 16) {
+        __mmask16 live = live_mask(i, b);
+        __m512 gi = _mm512_maskz_loadu_ps(live, g + i), mi = _mm512_maskz_loadu_ps(live, m + i);
+        __m512 vi = _mm512_maskz_loadu_ps(live, v + i);
+        __m512 diff = _mm512_sub_ps(gi, mi);
+        mi = _mm512_fmadd_ps(w, diff, small ? mi : gi);
+        vi = _mm512_add_ps(_mm512_mul_ps(vi, vb2), _mm512_mul_ps(_mm512_mul_ps(vw2, gi), gi));
+        _mm512_mask_storeu_ps(m + i, live, mi);
+        _mm512_mask_storeu_ps(v + i, live, vi);
+        if (counts) COUNTER_ADD(key_from_grad ? gi : mi, live, counts, shift);
+    }
+    if (counts) COUNTER_DONE(counts, shift, nbins);
+}
+
+static void count_avx512(const float *src, int64_t a, int64_t b, uint32_t lo, int shift,
+                         int nbins, int64_t *counts) {
+    COUNTER_VARS;
+    COUNTER_INIT(lo, shift, nbins);
+    for (int64_t i = a; i < b; i += 16) {
+        __mmask16 live = live_mask(i, b);
+        COUNTER_ADD(_mm512_maskz_loadu_ps(live, src + i), live, counts, shift);
+    }
+    COUNTER_DONE(counts, shift, nbins);
+}
+
+static int64_t update_avx512(float *p, const float *m, const float *v, const float *g, int64_t a,
+                             int64_t b, int key_from_grad, uint32_t threshold, float decay,
+                             float neg_step, float bc2, float eps, int decay_all) {
+    const __m512i thr = _mm512_set1_epi32((int)threshold), abs = _mm512_set1_epi32(0x7fffffff);
+    const __m512 vdecay = _mm512_set1_ps(decay), vstep = _mm512_set1_ps(neg_step);
+    const __m512 vbc2 = _mm512_set1_ps(bc2), veps = _mm512_set1_ps(eps);
+    int64_t moved = 0;
+    for (int64_t i = a; i < b; i += 16) {
+        __mmask16 live = live_mask(i, b);
+        __m512 mi = _mm512_maskz_loadu_ps(live, m + i);
+        __m512 src = key_from_grad ? _mm512_maskz_loadu_ps(live, g + i) : mi;
+        __m512i key = _mm512_and_si512(_mm512_castps_si512(src), abs);
+        __mmask16 take = _mm512_mask_cmpge_epu32_mask(live, key, thr);
+        if (!take) {
+            if (decay_all)
+                _mm512_mask_storeu_ps(p + i, live,
+                                      _mm512_mul_ps(_mm512_maskz_loadu_ps(live, p + i), vdecay));
+            continue;
+        }
+        moved += __builtin_popcount(take);
+        __m512 pi = _mm512_maskz_loadu_ps(live, p + i), vi = _mm512_maskz_loadu_ps(take, v + i);
+        __m512 decayed = _mm512_mul_ps(pi, vdecay);
+        __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), vbc2), veps);
+        __m512 stepped = _mm512_add_ps(decayed, _mm512_div_ps(_mm512_mul_ps(vstep, mi), denom));
+        if (decay_all) _mm512_mask_storeu_ps(p + i, live, _mm512_mask_blend_ps(take, decayed, stepped));
+        else _mm512_mask_storeu_ps(p + i, take, stepped);
+    }
+    return moved;
+}
+#endif
+
 /* Walk the tensors overlapping [start, end): calls body(t, a, b) for local ranges [a, b). */
 #define FOR_SLICES(T, numels, start, end, ...)                                    \
     do {                                                                           \
@@ -114,6 +226,14 @@ void mofo_moments(int T, const int64_t *numels, float *const *grads, float *cons
     FOR_SLICES(T, numels, start, end, {
         const float *g = grads[t];
         float *m = exp_avgs[t], *v = exp_avg_sqs[t];
+#if defined(__AVX512F__)
+        if (mode != 2) {
+            int64_t *row = shifts[t] >= 0 ? counts + (int64_t)t * (nbins + 1) : NULL;
+            moments_avx512(g, m, v, a, b, weight1, beta2, weight2, mode == 1, los[t], shifts[t],
+                           nbins, row);
+            continue;
+        }
+#endif
         for (int64_t s = a; s < b; s += BLOCK) {
             int len = (int)(b - s < BLOCK ? b - s : BLOCK);
             for (int j = 0; j < len; j++) {
@@ -135,6 +255,13 @@ void mofo_count(int T, const int64_t *numels, float *const *grads, float *const 
                 int nbins, int64_t start, int64_t end, int64_t *counts) {
     uint32_t keys[BLOCK];
     FOR_SLICES(T, numels, start, end, {
+#if defined(__AVX512F__)
+        if (mode != 2) {
+            count_avx512(mode == 1 ? grads[t] : exp_avgs[t], a, b, los[t], shifts[t], nbins,
+                         counts + (int64_t)t * (nbins + 1));
+            continue;
+        }
+#endif
         for (int64_t s = a; s < b; s += BLOCK) {
             int len = (int)(b - s < BLOCK ? b - s : BLOCK);
             key_block(mode, exp_avgs[t] + s, grads[t] + s, s, len, seeds[t], keys);
@@ -157,6 +284,13 @@ void mofo_update(int T, const int64_t *numels, float *const *params, float *cons
         const float decay = decays[t], neg_step = neg_step_sizes[t], bc2 = bias2_sqrts[t];
         const uint32_t threshold = thresholds[t];
         int64_t count = 0;
+#if defined(__AVX512F__)
+        if (mode != 2) {
+            moved[t] += update_avx512(p, m, v, grads[t], a, b, mode == 1, threshold, decay,
+                                      neg_step, bc2, eps, decay_all);
+            continue;
+        }
+#endif
         for (int64_t s = a; s < b; s += BLOCK) {
             int len = (int)(b - s < BLOCK ? b - s : BLOCK);
             if (threshold == 0) {
@@ -179,30 +313,61 @@ void mofo_update(int T, const int64_t *numels, float *const *params, float *cons
     });
 }
 
-/* Keys of this step's new momentum (or gradient / hash) at `per_tensor` sampled positions, read
- * in runs of `run` neighbours so each run costs one or two cache misses; -1 marks no sample. */
-void mofo_sample(int T, const int64_t *numels, float *const *grads, float *const *exp_avgs,
-                 float weight1, int mode, const uint32_t *seeds, int per_tensor, int run,
-                 int64_t *out) {
-    for (int t = 0; t < T; t++) {
-        int64_t n = numels[t], *row = out + (int64_t)t * per_tensor;
-        const float *g = grads[t], *m = exp_avgs[t];
-        int runs = per_tensor / run;
-        for (int r = 0; r < runs; r++) {
-            int64_t first = r * run;
-            if (n > per_tensor) {
-                int64_t stride = n / runs;
-                first = r * stride + mix32((uint32_t)r ^ seeds[t]) % (uint32_t)(stride - run + 1);
-            }
-            for (int j = 0; j < run; j++) {
-                int64_t i = first + j;
-                int64_t *slot = row + (int64_t)r * run + j;
-                if (i >= n) *slot = -1;
-                else if (mode == 0) *slot = abs_bits(lerp(m[i], g[i], weight1));
-                else if (mode == 1) *slot = abs_bits(g[i]);
-                else *slot = hash_bits(i, seeds[t]);
+/* k-th largest (1-based) of keys[0..n), reordering keys: quickselect. */
+static uint32_t kth_largest(uint32_t *keys, int n, int k) {
+    int left = 0, right = n - 1, want = k - 1;
+    while (left < right) {
+        uint32_t pivot = keys[left + (right - left) / 2];
+        int i = left, j = right;
+        while (i <= j) {
+            while (keys[i] > pivot) i++;
+            while (keys[j] < pivot) j--;
+            if (i <= j) {
+                uint32_t tmp = keys[i];
+                keys[i++] = keys[j];
+                keys[j--] = tmp;
             }
         }
+        if (want <= j) right = j;
+        else if (want >= i) left = i;
+        else return keys[want];
+    }
+    return keys[want];
+}
+
+/* Per tensor in [first, last): a bracket [lo, hi) of key bit patterns that likely holds the
+ * k-th largest key of this step, from `per_tensor` keys sampled in runs of `run` neighbours
+ * (one or two cache misses per run). Mirrors select.sample_bracket: the sampled quantile at
+ * share = k / n, +- z standard errors (z already includes the design effect of runs), +- 2. */
+void mofo_bracket(int first, int last, const int64_t *numels, float *const *grads,
+                  float *const *exp_avgs, float weight1, int mode, const uint32_t *seeds,
+                  int per_tensor, int run, const double *shares, double z, int64_t *los,
+                  int64_t *his) {
+    uint32_t keys[8192];
+    if (per_tensor > 8192) per_tensor = 8192;
+    for (int t = first; t < last; t++) {
+        int64_t n = numels[t];
+        const float *g = grads[t], *m = exp_avgs[t];
+        int runs = per_tensor / run, size = 0;
+        for (int r = 0; r < runs; r++) {
+            int64_t start = (int64_t)r * run;
+            if (n > per_tensor) {
+                int64_t stride = n / runs;
+                start = r * stride + mix32((uint32_t)r ^ seeds[t]) % (uint32_t)(stride - run + 1);
+            }
+            for (int j = 0; j < run; j++) {
+                int64_t i = start + j;
+                if (i >= n) break;
+                if (mode == 0) keys[size++] = abs_bits(lerp(m[i], g[i], weight1));
+                else if (mode == 1) keys[size++] = abs_bits(g[i]);
+                else keys[size++] = hash_bits(i, seeds[t]);
+            }
+        }
+        double share = shares[t], mid = share * size;
+        double margin = z * sqrt(size * share * (1 - share)) + 2;
+        double upper = ceil(mid - margin), lower = floor(mid + margin);
+        los[t] = lower >= size ? 0 : kth_largest(keys, size, (int)lower);
+        his[t] = upper < 1 ? 0x80000000LL : (int64_t)kth_largest(keys, size, (int)upper) + 1;
     }
 }
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from forgetless.optim.select import BINS, histogram
+from forgetless.optim.select import BINS, histogram, sample_bracket
+
+SAMPLE_SIZE = 2048  # keys sampled per tensor to bracket its threshold
+SAMPLE_RUN = 8  # ... read in runs of 8 neighbours (one cache line)
 
 MASK32 = 0xFFFF_FFFF
 
@@ -53,26 +56,30 @@ class TorchBatch:
     def keys(self, row: int) -> Tensor:
         return key_bits(self.mode, self.m[row], self.g[row], self.seeds[row]).cpu()
 
-    def sample(self, beta1: float, per_tensor: int, run: int) -> Tensor:
-        out = torch.full((len(self.p), per_tensor), -1, dtype=torch.int64)
-        for row, (m, g) in enumerate(zip(self.m, self.g, strict=True)):
+    def bracket(self, rows: Tensor, beta1: float, shares: Tensor) -> tuple[Tensor, Tensor]:
+        """Local first brackets (lo, hi) of the given tensors, from sampled keys."""
+        brackets = []
+        for row in rows.tolist():
+            m, g, seed = self.m[row].reshape(-1), self.g[row].reshape(-1), self.seeds[row]
             n = m.numel()
-            if n <= per_tensor:
+            if n <= SAMPLE_SIZE:
                 index = torch.arange(n)
             else:
-                runs = torch.arange(per_tensor // run)
+                runs = torch.arange(SAMPLE_SIZE // SAMPLE_RUN)
                 stride = n // len(runs)
-                jitter = mix32(runs ^ self.seeds[row]) % (stride - run + 1)
-                index = ((runs * stride + jitter).unsqueeze(1) + torch.arange(run)).reshape(-1)
+                jitter = mix32(runs ^ seed) % (stride - SAMPLE_RUN + 1)
+                index = (runs * stride + jitter).unsqueeze(1) + torch.arange(SAMPLE_RUN)
+                index = index.reshape(-1)
             index = index.to(m.device)
             if self.mode == 0:
-                keys = float_bits(m.reshape(-1)[index].lerp(g.reshape(-1)[index], 1 - beta1))
+                keys = float_bits(m[index].lerp(g[index], 1 - beta1))
             elif self.mode == 1:
-                keys = float_bits(g.reshape(-1)[index])
+                keys = float_bits(g[index])
             else:
-                keys = hash_bits(index, self.seeds[row])
-            out[row, : len(index)] = keys.cpu()
-        return out
+                keys = hash_bits(index, seed)
+            brackets.append(sample_bracket(keys.cpu(), float(shares[row])))
+        lo, hi = zip(*brackets, strict=True) if brackets else ((), ())
+        return torch.tensor(lo, dtype=torch.int64), torch.tensor(hi, dtype=torch.int64)
 
     def moments(self, beta1, beta2, los: Tensor, shifts: Tensor, bins: int = BINS) -> Tensor:
         counts = torch.zeros(len(self.p), bins + 1, dtype=torch.int64)

@@ -7,7 +7,8 @@ reads histograms of the keys in the bracket: ``BINS`` equal bins of ``2**shift``
 each, plus one bin for everything above. The bin holding the k-th largest key becomes the next
 bracket until the count is within tolerance; a bin of a single value is a tie, broken by index.
 
-Sharding: every quantity the search reads is a count (sample histograms, bin histograms, sizes).
+Sharding: every quantity the search reads is a count (bin histograms, sizes) or, for the first
+bracket (which only affects speed), a sum of local estimates.
 ``count_reduce`` receives each count tensor computed on this process's part of the tensors and
 must return the elementwise sum over all parts (e.g. an all-reduce); identity by default. All
 processes then take identical decisions and find the same global threshold per tensor without
@@ -16,6 +17,7 @@ exchanging anything but these small vectors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,10 +31,9 @@ CountFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 BINS = 1024  # bins per histogram pass: each refinement narrows the bracket 1024-fold
 REFINE_SHIFT = 10  # log2(BINS)
 KEY_END = 1 << 31  # every key bit pattern (including inf and NaN) is below this
-SAMPLE_SHIFT = 19  # sample buckets of 2**19 patterns: 16 per octave, 4096 in all
-SAMPLE_BUCKETS = KEY_END >> SAMPLE_SHIFT
-SAMPLE_Z = 4.0  # bracket half-width in standard errors of the sampled quantile
+SAMPLE_Z = 3.0  # bracket half-width in standard errors of the sampled quantile
 SAMPLE_DESIGN_EFFECT = 2.0  # samples come in runs of neighbours: count them as half as many
+SAMPLE_WIDTH = SAMPLE_Z * SAMPLE_DESIGN_EFFECT**0.5
 MAX_PASSES = 8  # a bracket from anywhere reaches single values in four passes
 
 
@@ -69,32 +70,30 @@ def histogram(keys: Tensor, lo: int, shift: int, bins: int = BINS) -> Tensor:
     return torch.cat([counts, above])
 
 
-def bracket_from_sample(
-    sample: Tensor, k: Tensor, numel: Tensor, reduce: CountReduce = identity
-) -> tuple[Tensor, Tensor]:
-    """(lo, shift) per row of ``sample`` (key bit patterns, -1 = empty) bracketing the k-th key.
+def sample_bracket(sample: Tensor, share: float, width: float = SAMPLE_WIDTH) -> tuple[int, int]:
+    """Local bracket [lo, hi) of key bit patterns likely holding the k-th largest key.
 
-    The bracket spans the sampled quantile +- SAMPLE_Z standard errors, rounded out to whole
-    sample buckets, so the first histogram pass holds the k-th key except with tiny probability
-    (the search then widens it, at the cost of one more pass).
+    ``sample`` holds one tensor's sampled keys, ``share`` is k / numel. The bracket is the
+    sampled quantile +- ``width`` standard errors (+- 2 keys); a miss only costs the search one
+    more pass over that tensor. The C kernel (``mofo_bracket``) computes the same thing.
     """
-    rows, per_row = sample.shape
-    valid = sample >= 0
-    flat = torch.arange(rows).unsqueeze(1) * SAMPLE_BUCKETS + (sample.clamp(min=0) >> SAMPLE_SHIFT)
-    hist = torch.bincount(flat[valid], minlength=rows * SAMPLE_BUCKETS).view(rows, -1)
-    hist = reduce(hist)
-    size = hist.sum(1).double()
-    share = k.double() / numel.double()
-    margin = SAMPLE_Z * torch.sqrt(SAMPLE_DESIGN_EFFECT * size * share * (1 - share)) + 2
-    above = hist.flip(1).cumsum(1).flip(1)  # above[:, b]: sampled keys in buckets >= b
+    keys = torch.sort(sample, descending=True).values
+    size = len(keys)
+    mid = share * size
+    margin = width * math.sqrt(size * share * (1 - share)) + 2
+    upper, lower = math.ceil(mid - margin), math.floor(mid + margin)
+    lo = 0 if lower >= size else int(keys[lower - 1])
+    hi = KEY_END if upper < 1 else int(keys[upper - 1]) + 1
+    return lo, hi
 
-    def bucket_of_rank(rank: Tensor) -> Tensor:
-        return ((above >= rank.unsqueeze(1)).sum(1) - 1).clamp(min=0)
 
-    top = bucket_of_rank(torch.ceil(share * size - margin))
-    bottom = torch.minimum(bucket_of_rank(torch.floor(share * size + margin)), top)
-    lo = bottom << SAMPLE_SHIFT
-    return lo, shift_for((top + 1 - bottom) << SAMPLE_SHIFT)
+def agree_bracket(lo: Tensor, hi: Tensor, reduce: CountReduce = identity) -> tuple[Tensor, Tensor]:
+    """(lo, shift) of the first histogram pass, identical on every shard: local brackets are
+    averaged with the same sum-reduction as the counts (the bracket only affects speed)."""
+    sums = reduce(torch.stack([lo, hi, torch.ones_like(lo)]).to(torch.int64))
+    shards = sums[2].clamp(min=1)
+    lo, hi = sums[0] // shards, -(-sums[1] // shards)
+    return lo, shift_for((hi - lo).clamp(min=1))
 
 
 def search(
