@@ -1,8 +1,9 @@
-"""Multi-process MoFO checks (gloo, CPU): ``python mofo_workers.py SCENARIO WORLD PORT OUT``.
+"""Multi-process MoFO checks (gloo, CPU): ``python mofo_workers.py S1,S2,... WORLD PORT OUT``.
 
 Each scenario runs on every rank next to a single-process reference that is fed the very same
-global gradients, so any difference is the optimizer's doing (not reduction order). Rank 0
-writes a JSON summary to OUT; any mismatch raises, and the launcher exits non-zero.
+global gradients, so any difference is the optimizer's doing (not reduction order). The
+scenarios share one launch (process start-up dominates on CPU). After each scenario rank 0
+writes ``{scenario: summary}`` so far to OUT; a mismatch raises and the launcher exits non-zero.
 """
 
 from __future__ import annotations
@@ -207,15 +208,17 @@ def zero(rank: int, world: int) -> dict:
 SCENARIOS = {"ddp": ddp, "fsdp2": fsdp2, "crafted": crafted, "zero": zero}
 
 
-def _worker(rank: int, scenario: str, world: int, port: int, out: str) -> None:
+def _worker(rank: int, scenarios: str, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    summaries = {}
     try:
-        summary = SCENARIOS[scenario](rank, world)
-        dist.barrier()
-        if rank == 0:
-            Path(out).write_text(json.dumps(summary, indent=2))
+        for scenario in scenarios.split(","):
+            summaries[scenario] = SCENARIOS[scenario](rank, world)
+            dist.barrier()
+            if rank == 0:
+                Path(out).write_text(json.dumps(summaries, indent=2))
     finally:
         dist.destroy_process_group()
 
