@@ -108,12 +108,13 @@ def test_random_filter_moves_k_and_is_seeded():
 
 def test_fraction_one_is_adamw_with_groups_and_decay():
     ours, theirs = _params(3), _params(3)
-    group = (
-        lambda ps: [  # noqa: E731
+
+    def group(ps):
+        return [
             {"params": ps[:2], "weight_decay": 0.1},
             {"params": ps[2:], "lr": 3e-3, "weight_decay": 0.0, "betas": (0.8, 0.99)},
         ]
-    )
+
     opt = MoFO(group(ours), lr=1e-2, fraction=1.0)
     ref = torch.optim.AdamW(group(theirs), lr=1e-2, foreach=False)
     for step in range(8):
@@ -172,3 +173,129 @@ def test_params_without_grad_and_tiny_tensors():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MoFO(_params(), **kwargs)
+
+
+# --- the count-based selection, both backends -------------------------------------------------
+
+KERNEL = pytest.param(
+    "kernel",
+    marks=pytest.mark.skipif(
+        __import__("forgetless.optim.kernel", fromlist=["library"]).library() is None,
+        reason="MoFO C kernel unavailable (no C compiler)",
+    ),
+)
+BACKENDS = [KERNEL, "torch"]
+BIG = ((120, 100), (64,), (7, 9), (200, 150))  # two tensors larger than the 2048-key sample
+
+
+def _run(backend, steps=3, shapes=BIG, grads=None, **kwargs):
+    params = _params(shapes=shapes)
+    opt = MoFO(params, lr=1e-2, weight_decay=0.1, backend=backend, track_masks=True, **kwargs)
+    moved = []
+    for step in range(steps):
+        _set_grads(params, step) if grads is None else grads(params, step)
+        opt.step()
+        moved.append([int(opt.state[p]["moved"]) for p in params])
+    return params, opt, moved
+
+
+@pytest.mark.parametrize("filter_name", ["momentum", "gradient", "random"])
+@pytest.mark.parametrize("exact", [True, False])
+def test_kernel_matches_torch_path(filter_name, exact):
+    if __import__("forgetless.optim.kernel", fromlist=["x"]).library() is None:
+        pytest.skip("MoFO C kernel unavailable")
+    a, _, moved_a = _run("kernel", filter=filter_name, exact=exact, decay_frozen=exact)
+    b, _, moved_b = _run("torch", filter=filter_name, exact=exact, decay_frozen=exact)
+    assert moved_a == moved_b
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_mode_moves_exactly_the_topk_set(backend):
+    params, opt, moved = _run(backend, steps=2, exact=True, fraction=0.07)
+    before = [p.detach().clone() for p in params]
+    _set_grads(params, 99)
+    opt.step()
+    for p, b in zip(params, before, strict=True):
+        if p.dim() < 2:
+            continue
+        k = max(1, round(0.07 * p.numel()))
+        expected = torch.zeros(p.numel(), dtype=torch.bool)
+        expected[torch.topk(opt.state[p]["exp_avg"].abs().flatten(), k).indices] = True
+        assert torch.equal((p != b).flatten(), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("exact", [True, False])
+def test_achieved_fraction_within_tolerance(backend, exact):
+    _, _, moved = _run(backend, steps=4, fraction=0.1, exact=exact)
+    for step in moved:
+        for count, shape in zip(step, BIG, strict=True):
+            numel = torch.Size(shape).numel()
+            k = numel if len(shape) == 1 else max(1, round(0.1 * numel))
+            assert abs(count - k) <= (0 if exact else 0.002 * k + 1)
+
+
+def _tied_grads(params, step):
+    """Gradients of a few distinct values, and whole zero rows: |m| is full of exact ties."""
+    generator = torch.Generator().manual_seed(step)
+    for p in params:
+        grad = torch.randint(-2, 3, p.shape, generator=generator).float()
+        if p.dim() == 2:
+            grad[: p.shape[0] // 2] = 0.0
+        p.grad = grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fraction", [0.1, 0.7])
+def test_ties_do_not_inflate_the_count(backend, fraction):
+    _, _, moved = _run(backend, steps=3, grads=_tied_grads, fraction=fraction)
+    for step in moved:
+        for count, shape in zip(step, BIG, strict=True):
+            numel = torch.Size(shape).numel()
+            k = numel if len(shape) == 1 else max(1, round(fraction * numel))
+            assert abs(count - k) <= 0.002 * k + 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_zero_momentum_moves_and_decays_exactly_k(backend):
+    params = _params(shapes=((40, 50),))
+    before = params[0].detach().clone()
+    opt = MoFO(params, lr=0.1, weight_decay=0.5, fraction=0.1, backend=backend, exact=True)
+    params[0].grad = torch.zeros_like(params[0])
+    opt.step()
+    changed = (params[0] != before).flatten()
+    assert int(changed.sum()) == 200
+    assert bool(changed[:200].all())  # ties go to the lowest flat indices
+
+
+def test_torch_backend_is_bitwise_adamw_at_fraction_one():
+    ours, theirs = _params(5), _params(5)
+    opt = MoFO(ours, lr=1e-2, weight_decay=0.1, fraction=1.0, backend="torch")
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
+    for step in range(5):
+        _set_grads(ours, step)
+        _set_grads(theirs, step)
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_mid_run_with_fast_selection(backend):
+    params, opt, _ = _run(backend, steps=2)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = MoFO(clones, backend=backend)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for step in range(2, 4):
+        _set_grads(params, step)
+        _set_grads(clones, step)
+        opt.step()
+        resumed.step()
+    for a, b in zip(params, clones, strict=True):
+        assert torch.equal(a, b)
