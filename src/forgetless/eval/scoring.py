@@ -4,7 +4,8 @@ Tokenisation mirrors lm-eval-harness (``_encode_pair``: trailing context spaces 
 continuation; the continuation is the tail of the whole string's encoding) so per-item choices
 agree with it. Speed comes from computing each distinct context once: its prefix goes through
 the model a single time, then its KV cache is copied to every choice, so a 4-choice question
-costs one context plus four short continuations instead of four full sequences.
+costs one context plus four short continuations instead of four full sequences. Tokens that
+all choices start with (PIQA's solutions often share a long opening) count as context too.
 """
 
 from __future__ import annotations
@@ -83,42 +84,67 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def _shared_prefix(continuations: list[list[int]]) -> int:
+    """Tokens all choices start with (each keeps at least one token of its own)."""
+    limit = min(len(c) for c in continuations) - 1
+    n = 0
+    while n < limit and all(c[n] == continuations[0][n] for c in continuations):
+        n += 1
+    return n if len(continuations) > 1 else 0
+
+
+def _forward(model, keep: int | None = None, **inputs):
+    """Forward pass computing vocab logits only for the last ``keep`` positions if supported."""
+    if keep is None:
+        return model(**inputs).logits, None
+    try:
+        out = model(**inputs, logits_to_keep=keep)
+    except TypeError:  # architectures without logits_to_keep
+        out = model(**inputs)
+    return out.logits[:, -keep:], out.past_key_values
+
+
 def _score_batch_shared(model, batch: list[_Group], pad_id: int) -> list[list[float]]:
-    """Prefix pass over the contexts (minus their last token) then one pass over all choices."""
-    prefixes = [g.context[:-1] for g in batch]
-    rows, owners = [], []
-    for gi, g in enumerate(batch):
-        for cont in g.continuations:
-            rows.append([g.context[-1], *cont[:-1]])
-            owners.append(gi)
+    """One pass over each context plus the choices' common opening tokens, then one pass over
+    the rest of every choice, reusing that context's KV cache."""
+    shared = [_shared_prefix(g.continuations) for g in batch]
+    prefixes = [(g.context + g.continuations[0][:s])[:-1] for g, s in zip(batch, shared)]
+    if min(len(p) for p in prefixes) == 0:  # a 1-token context: nothing to cache
+        return _score_batch_full(model, batch, pad_id)
+    pre_ids, pre_mask = _pad(prefixes, pad_id, left=True)
+    keep = max(max(shared), 1)
+    logits, cache = _forward(
+        model, keep, input_ids=pre_ids, attention_mask=pre_mask,
+        position_ids=(pre_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+    )
+    shared_lp = []
+    for g, (group, s) in enumerate(zip(batch, shared)):
+        target = torch.tensor(group.continuations[0][:s], dtype=torch.long)
+        shared_lp.append(float(_token_logprobs(logits[g, keep - s :], target).sum()) if s else 0.0)
+    rows, targets, owners = [], [], []
+    for g, (group, s) in enumerate(zip(batch, shared)):
+        last = (group.context + group.continuations[0][:s])[-1]
+        for cont in group.continuations:
+            rows.append([last, *cont[s:-1]])
+            targets.append(cont[s:])
+            owners.append(g)
     owner_idx = torch.tensor(owners)
     cont_ids, cont_mask = _pad(rows, pad_id, left=False)
-    targets, _ = _pad([c for g in batch for c in g.continuations], pad_id, left=False)
-    if max(len(p) for p in prefixes) == 0:
-        out = model(input_ids=cont_ids, attention_mask=cont_mask)
-    else:
-        pre_ids, pre_mask = _pad(prefixes, pad_id, left=True)
-        pre_pos = (pre_mask.cumsum(-1) - 1).clamp(min=0)
-        prefix_out = model(
-            input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = prefix_out.past_key_values
-        cache.reorder_cache(owner_idx)
-        lengths = pre_mask.sum(-1)[owner_idx]
-        positions = lengths.unsqueeze(-1) + torch.arange(cont_ids.shape[1]).unsqueeze(0)
-        out = model(
-            input_ids=cont_ids,
-            attention_mask=torch.cat([pre_mask[owner_idx], cont_mask], dim=-1),
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
-    logprobs = _token_logprobs(out.logits, targets) * cont_mask
-    totals = logprobs.sum(-1).tolist()
+    target_ids, _ = _pad(targets, pad_id, left=False)
+    cache.reorder_cache(owner_idx)
+    lengths = pre_mask.sum(-1)[owner_idx]
+    logits, _ = _forward(
+        model,
+        input_ids=cont_ids,
+        attention_mask=torch.cat([pre_mask[owner_idx], cont_mask], dim=-1),
+        position_ids=lengths.unsqueeze(-1) + torch.arange(cont_ids.shape[1]).unsqueeze(0),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    totals = (_token_logprobs(logits, target_ids) * cont_mask).sum(-1).tolist()
     scores: list[list[float]] = [[] for _ in batch]
-    for gi, total in zip(owners, totals):
-        scores[gi].append(total)
+    for g, total in zip(owners, totals):
+        scores[g].append(total + shared_lp[g])
     return scores
 
 
@@ -167,7 +193,10 @@ def score_token_pairs(
     slow reference the shared path is tested against).
     """
     groups = _groups(pairs)
-    order = sorted(range(len(groups)), key=lambda i: -len(groups[i].context))
+    def length(g: _Group) -> int:
+        return len(g.context) + max(len(c) for c in g.continuations)
+
+    order = sorted(range(len(groups)), key=lambda i: -length(groups[i]))
     results: list[float] = [0.0] * len(pairs)
     score = _score_batch_shared if share_context else _score_batch_full
     was_training = model.training

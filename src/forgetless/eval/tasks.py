@@ -189,7 +189,7 @@ def load_task(
     """Read the rows, pick ``limit`` of them with ``seed`` (same seed, same items) and render."""
     rows, files = _read_split(spec, spec.split)
     total = len(rows)
-    chosen = _sample_indices(total, limit, seed)
+    chosen = sample_indices(total, limit, seed)
     shots: list[dict] = []
     if num_fewshot > 0:
         if not spec.fewshot_split:
@@ -205,7 +205,7 @@ def load_task(
     return LoadedTask(spec=spec, items=items, total=total, files=files)
 
 
-def _sample_indices(total: int, limit: int | None, seed: int) -> list[int]:
+def sample_indices(total: int, limit: int | None, seed: int) -> list[int]:
     if limit is None or limit >= total:
         return list(range(total))
     return sorted(random.Random(seed).sample(range(total), limit))
