@@ -10,7 +10,7 @@ from torch import nn
 from forgetless.errors import ForgetlessError
 from forgetless.optim import MoFO
 from forgetless.optim.distributed import ShardedMoFO, shard_group_of
-from forgetless.optim.partition import FlatLayout, PartitionedMoFO, Segment
+from forgetless.optim.partition import FlatLayout, PerTensorLayout, Segment
 
 OPTIONS = dict(lr=1e-2, weight_decay=0.1, fraction=0.1, exact=True)
 
@@ -38,14 +38,15 @@ def _tensors_and_grads(step: int) -> tuple[list[torch.Size], list[torch.Tensor]]
     return shapes, [torch.randn(s, generator=generator) for s in shapes]
 
 
-def test_partitioned_mofo_on_one_rank_equals_mofo():
+def test_flat_partition_on_one_rank_equals_mofo():
     """The whole buffer as one partition: per-tensor selection, 1-D tensors unfiltered."""
     shapes, _ = _tensors_and_grads(0)
     torch.manual_seed(0)
     tensors = [nn.Parameter(torch.randn(s)) for s in shapes]
     flat = nn.Parameter(torch.cat([t.detach().flatten() for t in tensors]))
     layout = FlatLayout(shapes, 0, flat.numel())
-    optimizer = PartitionedMoFO([flat], {flat: layout}, track_masks=True, **OPTIONS)
+    optimizer = ShardedMoFO([flat], track_masks=True, **OPTIONS)
+    optimizer.set_layouts({flat: layout}, None)
     reference = MoFO(tensors, track_masks=True, **OPTIONS)
     for step in range(3):
         _, grads = _tensors_and_grads(step)
@@ -60,20 +61,32 @@ def test_partitioned_mofo_on_one_rank_equals_mofo():
     assert float(optimizer.state[flat]["step"]) == 3.0
 
 
-def test_partitioned_mofo_shard_local_ranks_the_whole_partition():
+def test_flat_partition_shard_local_ranks_the_whole_partition():
     shapes, grads = _tensors_and_grads(0)
     flat = nn.Parameter(torch.zeros(sum(s.numel() for s in shapes)))
-    optimizer = PartitionedMoFO([flat], {flat: FlatLayout(shapes, 0, flat.numel())},
-                                shard_local=True, track_masks=True, **OPTIONS)  # fmt: skip
+    optimizer = ShardedMoFO([flat], shard_local=True, track_masks=True, **OPTIONS)
+    optimizer.set_layouts({flat: FlatLayout(shapes, 0, flat.numel())}, None)
     flat.grad = torch.cat([g.flatten() for g in grads])
     optimizer.step()
     assert int(optimizer.state[flat]["moved"]) == round(0.1 * flat.numel())
 
 
-def test_partitioned_mofo_refuses_a_flat_tensor_of_the_wrong_size():
+def test_flat_partitions_need_a_matching_layout():
     flat = nn.Parameter(torch.zeros(10))
+    optimizer = ShardedMoFO([nn.Parameter(torch.zeros(2, 5))], **OPTIONS)
     with pytest.raises(ForgetlessError, match="partition_size 12"):
-        PartitionedMoFO([flat], {flat: FlatLayout([(12,)], 0, 12)})
+        optimizer.set_layouts({flat: FlatLayout([(12,)], 0, 12)}, None)
+    optimizer.param_groups[0]["params"] = [flat]  # what DeepSpeed ZeRO does to its optimizer
+    flat.grad = torch.ones(10)
+    with pytest.raises(ForgetlessError, match="attach_zero"):
+        optimizer.step()
+
+
+def test_per_tensor_layout_is_zero3_partitioning():
+    shapes = [(5,), (2, 2)]  # chunks of 3 and 2 per rank; rank 1 holds 2 of the 5 and 2 of 4
+    assert PerTensorLayout(shapes, 1, 2).segments() == [Segment(0, 3, 0, 2), Segment(1, 2, 3, 2)]
+    assert PerTensorLayout(shapes, 1, 2).partition_size == 5
+    assert PerTensorLayout([(1,)], 1, 2).segments() == [Segment(0, 0, 0, 0)]
 
 
 def test_sharded_mofo_on_whole_tensors_is_mofo():

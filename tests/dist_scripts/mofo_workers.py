@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (tiny_mod
 
 from forgetless.optim import MoFO  # noqa: E402
 from forgetless.optim.distributed import ShardedMoFO, ShardGroup  # noqa: E402
-from forgetless.optim.partition import FlatLayout, PartitionedMoFO  # noqa: E402
+from forgetless.optim.partition import FlatLayout  # noqa: E402
 
 STEPS = 4
 OPTIONS = dict(lr=1e-2, weight_decay=0.1, fraction=0.1, exact=True, track_masks=True)
@@ -181,7 +181,8 @@ def zero(rank: int, world: int) -> dict:
     flat = nn.Parameter(buffer[rank * size : (rank + 1) * size].clone())
     layout = FlatLayout(shapes, rank * size, size, starts)
     shards = ShardGroup(None, rank, world)
-    optimizer = PartitionedMoFO([flat], {flat: layout}, shards, **OPTIONS)
+    optimizer = ShardedMoFO([flat], **OPTIONS)
+    optimizer.set_layouts({flat: layout}, shards)
     ref_optimizer = MoFO(tensors, **OPTIONS)
     for step in range(STEPS):
         generator = torch.Generator().manual_seed(step)

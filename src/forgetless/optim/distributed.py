@@ -16,8 +16,12 @@ tensors and bins, never on tensor size (see ``bench/threshold_comm.py``).
   equals a single process's bit for bit; the fast mode keeps its 0.2 % count tolerance on the
   whole tensor, but its boundary bin depends on where each shard sampled, so edge coordinates
   may differ from a single process.
-- ``shard_local=True``: each shard selects its own top fraction with no communication, the
-  reference code's behaviour.
+- DeepSpeed ZeRO-1/2/3: the optimizer sees flat partitions mixing many tensors. Given their
+  layouts (``set_layouts``; ``forgetless.optim.zero.attach_zero`` reads them from DeepSpeed),
+  each partition is cut into per-tensor views that take the same global thresholds, the
+  moments staying flat as DeepSpeed stores them. Without layouts a replaced parameter is refused.
+- ``shard_local=True``: each shard (or whole flat partition) selects its own top fraction with
+  no communication, the reference code's behaviour.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from forgetless.errors import ForgetlessError
 from forgetless.optim import select
 from forgetless.optim.mofo import MoFO, ParamsT
+from forgetless.optim.partition import FlatLayout, PerTensorLayout
+
+Layout = FlatLayout | PerTensorLayout
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,15 +88,22 @@ def shard_group_of(param: Tensor) -> ShardGroup | None:
     return ShardGroup(mesh.get_group(mesh_dim), mesh.get_local_rank(mesh_dim), mesh.size(mesh_dim))
 
 
+def _replaced(param: Tensor, given: set[int]) -> bool:
+    """A plain 1-D parameter the optimizer was not built with: a flat partition in disguise.
+    (accelerate's FSDP2 preparation also swaps parameters, but for DTensors of the same shape.)"""
+    return id(param) not in given and not isinstance(param, DTensor) and param.dim() == 1
+
+
 def _local(tensor: Tensor) -> Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class ShardedMoFO(MoFO):
-    """:class:`~forgetless.optim.MoFO` that also takes FSDP2 (DTensor) parameters.
+    """:class:`~forgetless.optim.MoFO` that also takes FSDP2 (DTensor) and ZeRO (flat) shards.
 
     On whole tensors it is exactly ``MoFO``. On a DTensor sharded on dim 0 it steps the local
     shard, in place, with the threshold of the whole tensor (or of the shard if ``shard_local``).
+    A flat partition declared with :meth:`set_layouts` is stepped per tensor piece likewise.
     Optimizer state stays DTensors shaped like the parameters, so FSDP2's distributed
     checkpointing (``get_optimizer_state_dict``) works as for AdamW. ``state[p]["moved"]``
     (``track_masks``) counts this shard's moved coordinates.
@@ -103,16 +117,50 @@ class ShardedMoFO(MoFO):
     def __init__(self, params: ParamsT, *args: Any, shard_local: bool = False, **kwargs: Any):
         if "count_reduce" in kwargs:
             raise TypeError("ShardedMoFO sets count_reduce itself from each parameter's mesh")
+        self._given: set[int] = set()  # ids of the parameters handed to this optimizer
         super().__init__(params, *args, **kwargs)
         self.shard_local = shard_local
+        self.layouts: dict[Tensor, Layout] = {}  # flat partition -> where its tensors are
+        self.partition_shards: ShardGroup | None = None  # the group the partitions span
         self._shards: ShardGroup | None = None  # the shard group of the tensors being stepped
         self._owners: dict[Tensor, Tensor] = {}  # local shard -> its DTensor, during a step
+        self._segment_states: dict[Tensor, dict[str, Any]] = {}  # segment view -> its state
+        self._views: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        self._given.update(id(p) for p in params)
+        super().add_param_group({**param_group, "params": params})
+
+    def set_layouts(self, layouts: dict[Tensor, Layout], shards: ShardGroup | None) -> None:
+        """Declare flat partitions (ZeRO): ``layouts[flat]`` says which tensor pieces it holds,
+        ``shards`` the process group the buffers are partitioned over (``None``: one process)."""
+        for flat, layout in layouts.items():
+            if flat.dim() != 1 or flat.numel() != layout.partition_size:
+                raise ForgetlessError(
+                    f"MoFO: flat partition of shape {tuple(flat.shape)} does not match its "
+                    f"layout's partition_size {layout.partition_size}"
+                )
+        self.layouts = dict(layouts)
+        self.partition_shards = shards
 
     def _group_step(self, group: dict[str, Any], positions: list[int]) -> None:
         """Step the group's tensors in batches of one shard group each (usually one batch)."""
         batches: dict[Any, tuple[ShardGroup | None, list[int]]] = {}
         for i in positions:
-            shards = shard_group_of(group["params"][i])
+            param = group["params"][i]
+            if param in self.layouts:
+                self._step_flat(group, param)
+                continue
+            if _replaced(param, self._given) and not self.shard_local:
+                raise ForgetlessError(
+                    "MoFO: a parameter was replaced after the optimizer was built (DeepSpeed "
+                    "ZeRO's flat partitions?) and has no layout; call "
+                    "forgetless.optim.zero.attach_zero(engine) after deepspeed.initialize, or "
+                    "pass shard_local=True for the per-partition reference selection"
+                )
+            shards = shard_group_of(param)
             key = None if shards is None else id(shards.group)
             batches.setdefault(key, (shards, []))[1].append(i)
         for shards, batch in batches.values():
@@ -149,7 +197,41 @@ class ShardedMoFO(MoFO):
             self._shards, self._views = None, []
             self.count_reduce = select.identity
 
+    def _step_flat(self, group: dict[str, Any], flat: Tensor) -> None:
+        """Cut one flat partition into per-tensor views and step them as whole tensors would."""
+        if self.shard_local:  # the reference: the partition is one tensor, filtered as a whole
+            self._step_sharded({**group, "params": [flat], "filter_1d": True}, [0], None)
+            return
+        layout, shards = self.layouts[flat], self.partition_shards
+        state = super()._state(flat)  # flat moments, as DeepSpeed keeps them
+        views: tuple[list[Tensor], list[Tensor]] = ([], [])  # (filtered, AdamW-only)
+        for segment in layout.segments():
+            part = slice(segment.offset, segment.offset + segment.length)
+            view = flat.detach()[part]
+            view.grad = flat.grad[part]
+            self._segment_states[view] = {
+                "step": state["step"].clone(),
+                "exp_avg": state["exp_avg"][part],
+                "exp_avg_sq": state["exp_avg_sq"][part],
+            }
+            matrix = len(layout.shapes[segment.tensor]) >= 2
+            views[0 if matrix or group["filter_1d"] else 1].append(view)
+        try:  # views are 1-D: filter_1d picks which ones MoFO filters
+            for batch, filter_1d in zip(views, (True, False), strict=True):
+                if batch:
+                    sub = {**group, "params": batch, "filter_1d": filter_1d}
+                    self._step_sharded(sub, list(range(len(batch))), shards)
+            state["step"] += 1
+            if self.track_masks:
+                moved = [self._segment_states[v].get("moved", 0) for v in views[0] + views[1]]
+                state["moved"] = torch.tensor(sum(int(m) for m in moved), dtype=torch.int64)
+        finally:
+            self._segment_states.clear()
+
     def _state(self, param: Tensor) -> dict[str, Any]:
+        segment_state = self._segment_states.get(param)
+        if segment_state is not None:
+            return segment_state
         owner = self._owners.get(param)
         if owner is None:
             return super()._state(param)
