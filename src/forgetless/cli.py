@@ -6,6 +6,8 @@ import sys
 
 import typer
 
+from forgetless.check import check_command
+from forgetless.continual import continual_command
 from forgetless.errors import ForgetlessError
 from forgetless.eval.cli import eval_command
 
@@ -49,6 +51,8 @@ def _overrides(pairs: list[str] | None) -> dict:
 
 # Further sub-commands register themselves here, one line each (code in their own modules).
 app.command("eval")(eval_command)
+app.command("continual")(continual_command)
+app.command("check")(check_command)
 
 
 def main() -> None:

@@ -1,0 +1,147 @@
+"""``forgetless check``: a retention gate for CI: did the tuned model keep its held-out skills?
+
+Both models answer the same held-out items (same suite, limit and seed), so each benchmark's
+accuracy change is a *paired* difference with a paired-bootstrap 95% CI. Rule, per benchmark,
+with ``drop`` = base accuracy - model accuracy in points:
+
+* FAIL  when ``drop > max_drop`` AND the whole 95% CI of the change lies below 0
+  (the drop is larger than allowed and not explainable by item noise);
+* WARN  when ``drop > max_drop`` but the CI still includes 0 (inconclusive: more items needed;
+  does not fail the gate);
+* PASS  otherwise.
+
+So an unchanged model fails with probability at most 2.5% per benchmark (the CI excludes 0 by
+chance), while a real large drop on enough items fails reliably. Exit code 0 = every benchmark
+passed or warned, 1 = at least one failed (2 = usage or input error).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import typer
+
+from forgetless.errors import ForgetlessError
+
+RULE = ("FAIL if drop > max_drop and the paired 95% CI of the change lies entirely below 0; "
+        "WARN if drop > max_drop but the CI includes 0; else PASS")
+
+
+@dataclass
+class CheckRow:
+    """One benchmark: accuracies, change and its paired 95% CI, all in points."""
+
+    task: str
+    base: float
+    model: float
+    change: float
+    ci_low: float
+    ci_high: float
+    n: int
+    status: str
+
+
+@dataclass
+class CheckResult:
+    max_drop: float
+    rows: list[CheckRow] = field(default_factory=list)
+    rule: str = RULE
+
+    @property
+    def passed(self) -> bool:
+        return all(row.status != "FAIL" for row in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "max_drop": self.max_drop, "rule": self.rule,
+                "rows": [asdict(row) for row in self.rows]}
+
+    def table(self) -> str:
+        lines = [f"{'task':<12} {'base':>6} {'model':>6} {'change':>7}  {'95% CI':<17} "
+                 f"{'n':>4}  status"]
+        for r in self.rows:
+            ci = f"[{r.ci_low:+.1f}, {r.ci_high:+.1f}]"
+            lines.append(f"{r.task:<12} {r.base:6.1f} {r.model:6.1f} {r.change:+7.1f}  {ci:<17} "
+                         f"{r.n:>4}  {r.status}")
+        verdict = "PASS" if self.passed else "FAIL"
+        lines.append(f"{verdict}: allowed drop {self.max_drop:g} points ({self.rule})")
+        if any(r.status == "WARN" for r in self.rows):
+            lines.append("WARN: a drop above the limit is not significant yet; raise --limit")
+        return "\n".join(lines)
+
+
+def judge(change: float, ci_low: float, ci_high: float, max_drop: float) -> str:
+    """The gate rule on one benchmark (all values in points; change = model - base)."""
+    if -change > max_drop:
+        return "FAIL" if ci_high < 0 else "WARN"
+    return "PASS"
+
+
+def check(
+    model: Any,
+    base: Any,
+    tokenizer: Any = None,
+    suite: list[str] | tuple[str, ...] = ("arc_easy", "piqa"),
+    limit: int | None = 200,
+    max_drop: float = 2.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> CheckResult:
+    """Evaluate ``model`` and ``base`` (names, folders, or in-memory models with ``tokenizer``)
+    on the same held-out items and judge every benchmark's paired change."""
+    from forgetless.eval import evaluate, load_spec, paired_difference
+
+    if max_drop < 0:
+        raise ForgetlessError("--max-drop must be >= 0 (points of accuracy)")
+    if not suite:
+        raise ForgetlessError("--suite: give at least one benchmark")
+    results = []
+    for which in (base, model):
+        loaded, tok = _load(which, tokenizer)
+        results.append(evaluate(loaded, tok, suite=list(suite), limit=limit, seed=seed,
+                                batch_size=batch_size))
+    before, after = results
+    outcome = CheckResult(max_drop=max_drop)
+    for key in [load_spec(task).name for task in suite]:
+        delta = paired_difference(before, after, key)
+        change, low, high = (100 * x for x in (delta.value, delta.ci_low, delta.ci_high))
+        outcome.rows.append(CheckRow(
+            key, 100 * before.metrics[f"{key}/acc"].value, 100 * after.metrics[f"{key}/acc"].value,
+            change, low, high, delta.n, judge(change, low, high, max_drop),
+        ))
+    return outcome
+
+
+def _load(which: Any, tokenizer: Any):
+    if isinstance(which, str):
+        from forgetless.models import load_model
+
+        return load_model(which)
+    if tokenizer is None:
+        raise ForgetlessError("check(): pass tokenizer= with in-memory models")
+    return which, tokenizer
+
+
+def check_command(
+    model: str = typer.Option(..., "--model", help="Tuned model: folder, .gguf, alias, Hub id."),
+    base: str = typer.Option(..., "--base", help="Reference model it must not fall behind."),
+    max_drop: float = typer.Option(2.0, "--max-drop", help="Allowed accuracy drop in points."),
+    suite: str = typer.Option("arc_easy,piqa", "--suite", help="Comma-separated benchmarks."),
+    limit: int = typer.Option(200, "--limit", min=1, help="Items per benchmark (same for both)."),
+    seed: int = typer.Option(0, "--seed", help="Item sampling seed."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Retention gate for CI: exit 1 when a held-out benchmark dropped by more than --max-drop.
+
+    Per benchmark, FAIL when the point drop exceeds --max-drop AND the paired 95% CI of the
+    change lies entirely below 0 (a significant drop); WARN (exit 0) when the drop exceeds the
+    limit but the CI includes 0 - raise --limit to decide; PASS otherwise.
+    """
+    names = [s.strip() for s in suite.split(",") if s.strip()]
+    result = check(model, base, suite=names, limit=limit, max_drop=max_drop, seed=seed,
+                   batch_size=batch_size)
+    print(json.dumps(result.to_dict(), indent=1) if as_json else result.table())
+    if not result.passed:
+        raise typer.Exit(code=1)

@@ -1,0 +1,528 @@
+"""``forgetless continual``: a sequence of tasks, each stage tuned from the previous weights.
+
+After every stage the model is scored on *all* tasks of the sequence (the eval target of each)
+and on the held-out suite, which fills the accuracy matrix ``R[i][j]`` = score on task ``j``
+after stage ``i`` (row 0 = the base model, needed for forward transfer). From ``R`` come the
+standard continual-learning numbers (Lopez-Paz & Ranzato 2017; Chaudhry et al. 2018):
+
+* ``ACC`` (average accuracy, a.k.a. OP) = mean_j R[T][j]
+* ``BWT`` = mean_{j<T} (R[T][j] - R[j][j])      negative = forgetting of earlier tasks
+* ``FWT`` = mean_{j>1} (R[j-1][j] - R[0][j])     effect of earlier stages on later tasks
+* ``forgetting`` = mean_{j<T} (max_{l<T} R[l][j] - R[T][j])
+
+The held-out trajectory (``heldout/acc`` per stage) shows whether general ability keeps falling
+or recovers in later stages (the effect reported in arXiv 2510.08564).
+
+Every stage leaves ``<method>/stage<i>-<task>/`` with the train run folder, ``eval.json`` and
+``stage.json`` (written last, keyed by a hash of everything that stage depends on), so a re-run
+skips finished stages and continues from the last saved model.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+from pydantic import BaseModel, ConfigDict, Field
+
+from forgetless.config import TrainConfig, load_yaml, parse_overrides, validate
+from forgetless.errors import ForgetlessError
+from forgetless.io import atomic_write_json, atomic_write_text
+
+ARC_LETTER = "arc_easy_letter"
+BUILTIN_SEQUENCE = ["count_letters", "gsm8k", ARC_LETTER]
+_LETTERS = "ABCDEFGH"
+
+
+class TaskEntry(BaseModel):
+    """One stage: ``data`` to train on (built-in task or file), ``target`` to score it with
+    (registered eval target or a held-out ``.jsonl``), per-stage TrainConfig overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    data: str | None = None
+    target: str | None = None
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+class MethodEntry(BaseModel):
+    """A method plus per-method TrainConfig overrides (extra keys); ``name`` labels it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str
+    name: str | None = None
+
+
+class ContinualEval(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    suite: list[str] = Field(default_factory=lambda: ["arc_easy", "piqa"])
+    limit: int | None = Field(100, ge=1)
+    target_limit: int | None = Field(100, ge=1)
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    drift: bool = True  # KL / number-token mass against the base on held-out prompts
+
+
+class ContinualConfig(BaseModel):
+    """A continual run: ``tasks`` in order, ``methods`` compared, shared ``train`` settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "smollm2-135m"
+    tasks: list[str | TaskEntry] = Field(default_factory=lambda: list(BUILTIN_SEQUENCE))
+    methods: list[str | MethodEntry] = Field(default_factory=lambda: ["full", "mofo", "attn"])
+    train: dict[str, Any] = Field(default_factory=dict)
+    eval: ContinualEval = Field(default_factory=ContinualEval)
+    output_dir: str = "runs/continual"
+    keep_models: bool = False  # keep every stage's weights (default: only the latest)
+    tracking_uri: str | None = None
+    experiment: str | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    data: str
+    target: str
+    train: dict[str, Any]
+
+
+def _say(message: str) -> None:
+    print(f"[forgetless continual] {message}", flush=True)
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --- built-in third task: ARC-Easy as "answer with the letter" chat rows ----------------------
+
+
+def _arc_rows(split_file: str) -> list[dict[str, str]]:
+    from forgetless.paths import shared_data_dir
+
+    path = shared_data_dir() / "arc" / split_file
+    if not path.is_file():
+        raise ForgetlessError(f"ARC-Easy data missing: {path} not found")
+    rows = []
+    for line in path.read_text().splitlines():
+        item = json.loads(line)
+        choices = item["question"]["choices"]
+        labels = [c["label"] for c in choices]
+        if item["answerKey"] not in labels or len(choices) > len(_LETTERS):
+            continue
+        options = "\n".join(f"{_LETTERS[k]}. {c['text']}" for k, c in enumerate(choices))
+        prompt = (f"{item['question']['stem']}\n{options}\n"
+                  "Answer with the letter of the correct option only.")
+        rows.append({"id": item["id"], "prompt": prompt,
+                     "response": _LETTERS[labels.index(item["answerKey"])]})
+    return rows
+
+
+def extract_letter(text: str) -> str:
+    """The first stand-alone option letter of a reply ("B", "B.", "(B) ...", "Answer: B")."""
+    import re
+
+    match = re.search(r"(?<![A-Za-z])([A-H])(?![A-Za-z])", text.replace("Answer", ""))
+    return match.group(1) if match else text.strip()[:1].upper()
+
+
+def register_arc_letter(out: Path) -> str:
+    """Write the ARC-Easy train rows as JSONL (training data) and register the test split as
+    the ``arc_easy_letter`` eval target; returns the training file path."""
+    from forgetless.eval import Target, TargetRow, register_target
+
+    train_file = out / "data" / f"{ARC_LETTER}.train.jsonl"
+    if not train_file.is_file():
+        lines = [json.dumps(r) for r in _arc_rows("ARC-Easy-Train.jsonl")]
+        atomic_write_text(train_file, "\n".join(lines) + "\n")
+
+    def rows() -> list[TargetRow]:
+        return [TargetRow(r["id"], [{"role": "user", "content": r["prompt"]}], r["response"],
+                          r["response"]) for r in _arc_rows("ARC-Easy-Test.jsonl")]
+
+    register_target(Target(ARC_LETTER, load=rows, extract=extract_letter, max_new_tokens=8))
+    return str(train_file)
+
+
+def resolve_stages(config: ContinualConfig, out: Path) -> list[Stage]:
+    """Task entries → stages with training data and an eval target (registered on the way)."""
+    from forgetless.compare import ensure_target
+    from forgetless.data import BUILTIN_TASKS
+
+    stages = []
+    for entry in config.tasks:
+        entry = TaskEntry(name=entry) if isinstance(entry, str) else entry
+        if entry.name == ARC_LETTER and entry.data is None:
+            stages.append(Stage(ARC_LETTER, register_arc_letter(out), ARC_LETTER, entry.train))
+            continue
+        data = entry.data or entry.name
+        target = entry.target or (data if data in BUILTIN_TASKS else None)
+        if target is None:
+            raise ForgetlessError(
+                f"task '{entry.name}': give 'target:' (a held-out .jsonl of the task or a "
+                "registered target); scoring its own training rows would hide forgetting"
+            )
+        ensure_target(target)
+        stages.append(Stage(entry.name, data, target, entry.train))
+    if len(stages) < 2:
+        raise ForgetlessError("tasks: a continual run needs at least two tasks")
+    if len({s.name for s in stages}) != len(stages):
+        raise ForgetlessError("tasks: every task needs its own name")
+    return stages
+
+
+def plan_methods(config: ContinualConfig) -> list[tuple[str, dict[str, Any]]]:
+    """(name, TrainConfig keys) per method, validated before anything trains."""
+    planned, seen = [], set()
+    for entry in config.methods:
+        entry = MethodEntry(method=entry) if isinstance(entry, str) else entry
+        name = entry.name or entry.method
+        if name in seen:
+            raise ForgetlessError(f"methods: duplicate name '{name}'; give each its own 'name:'")
+        seen.add(name)
+        keys = {**config.train, **(entry.model_extra or {}), "method": entry.method}
+        if "lora" in entry.method:
+            keys["merge_lora"] = True  # the next stage starts from merged weights
+        validate(TrainConfig, {**keys, "model": config.model}, where=f"method '{name}'")
+        planned.append((name, keys))
+    return planned
+
+
+# --- the accuracy matrix and its summary numbers ----------------------------------------------
+
+
+def continual_metrics(matrix: list[list[float]]) -> dict[str, float]:
+    """ACC, BWT, FWT and forgetting from R (rows: base then stages 1..T; columns: tasks)."""
+    rows = len(matrix) - 1
+    if rows < 2 or any(len(row) != rows for row in matrix):
+        raise ForgetlessError("the accuracy matrix must be (T+1) x T with T >= 2")
+    last = matrix[rows]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {
+        "acc": mean(last),
+        "bwt": mean([last[j] - matrix[j + 1][j] for j in range(rows - 1)]),
+        "fwt": mean([matrix[j][j] - matrix[0][j] for j in range(1, rows)]),
+        "forgetting": mean([max(matrix[i][j] for i in range(1, rows)) - last[j]
+                            for j in range(rows - 1)]),
+    }
+
+
+def score_row(result, stages: list[Stage]) -> list[float]:
+    return [result.metrics[f"{_target_key(s.target)}/exact_match"].value for s in stages]
+
+
+def _target_key(target: str) -> str:
+    from forgetless.eval import get_target
+
+    return get_target(target).name
+
+
+# --- orchestration ----------------------------------------------------------------------------
+
+
+class _Run:
+    """Shared state of one continual run: base model, stages, eval settings."""
+
+    def __init__(self, config: ContinualConfig, callbacks: list | None):
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.stages = resolve_stages(config, self.out)
+        self.methods = plan_methods(config)
+        self.callbacks = callbacks
+        self.eval_key = _hash({"eval": config.eval.model_dump(), "model": config.model,
+                               "targets": [s.target for s in self.stages]})
+        self.base = self.tokenizer = None
+
+    def load_base(self) -> None:
+        from forgetless.models import load_model
+
+        if self.base is None:
+            _say(f"loading base model {self.config.model}")
+            self.base, self.tokenizer = load_model(self.config.model)
+            self.base.eval()
+
+    def evaluate(self, model, label: str):
+        """Held-out suite (+ drift vs base) and every task's target, merged in one result."""
+        from forgetless.eval import evaluate
+
+        settings = self.config.eval
+        started = time.perf_counter()
+        is_base = model is self.base
+        result = evaluate(
+            model, self.tokenizer, suite=settings.suite, limit=settings.limit, seed=settings.seed,
+            base_model=None if is_base or not settings.drift else self.base,
+            batch_size=settings.batch_size, model_name=label, base_name=self.config.model,
+        )
+        result.provenance["targets"] = {}
+        for stage in self.stages:
+            part = evaluate(model, self.tokenizer, suite=[], seed=settings.seed,
+                            target=stage.target, target_limit=settings.target_limit,
+                            batch_size=settings.batch_size)
+            result.metrics.update(part.metrics)
+            result.per_item.update(part.per_item)
+            result.provenance["targets"][stage.name] = part.provenance.get("target")
+        result.provenance["seconds"] = round(time.perf_counter() - started, 1)
+        scores = ", ".join(f"{s.name} {v:.3f}" for s, v in zip(self.stages,
+                                                                score_row(result, self.stages)))
+        held = result.metrics.get("heldout/acc")
+        _say(f"{label}: {scores}; heldout {held.value if held else float('nan'):.3f} "
+             f"({result.provenance['seconds']:.0f} s)")
+        return result
+
+    def base_result(self):
+        from forgetless.eval import EvalResult
+
+        folder = self.out / "base"
+        record = _read_json(folder / "stage.json")
+        if record and record.get("key") == self.eval_key and (folder / "eval.json").is_file():
+            return EvalResult.load(folder / "eval.json")
+        self.load_base()
+        result = self.evaluate(self.base, "base")
+        result.save(folder / "eval.json")
+        atomic_write_json(folder / "stage.json", {"key": self.eval_key})
+        return result
+
+    def run_method(self, name: str, keys: dict[str, Any]) -> list:
+        """All stages of one method; finished stages are loaded, the rest trained."""
+        from forgetless.eval import EvalResult
+        from forgetless.train import train
+
+        results, model, previous, key = [], None, None, self.eval_key
+        for index, stage in enumerate(self.stages, start=1):
+            folder = self.out / name / f"stage{index}-{stage.name}"
+            settings = {**keys, **stage.train, "data": stage.data, "output_dir": str(folder)}
+            key = _hash({"previous": key, "train": {k: v for k, v in settings.items()
+                                                    if k != "output_dir"}})
+            record = _read_json(folder / "stage.json")
+            if record and record.get("key") == key and (folder / "eval.json").is_file():
+                _say(f"{name} stage {index} ({stage.name}): finished before, loading its result")
+                results.append(EvalResult.load(folder / "eval.json"))
+                model, previous = None, folder
+                continue
+            (folder / "stage.json").unlink(missing_ok=True)
+            self.load_base()
+            if model is None:
+                model = copy.deepcopy(self.base) if previous is None else self._saved(previous)
+            _say(f"{name} stage {index}/{len(self.stages)}: training on {stage.name}")
+            trained = train(validate(TrainConfig, {**settings, "model": self.config.model}),
+                            callbacks=self.callbacks, model=model, tokenizer=self.tokenizer)
+            model = trained.model.eval()
+            result = self.evaluate(model, f"{name} after stage {index} ({stage.name})")
+            result.provenance["train"] = {k: trained.metrics[k] for k in
+                                          ("train_seconds", "steps", "first_loss", "last_loss")}
+            result.save(folder / "eval.json")
+            atomic_write_json(folder / "stage.json", {"key": key, "method": name,
+                                                      "stage": index, "task": stage.name})
+            if previous is not None and not self.config.keep_models:
+                shutil.rmtree(previous / "model", ignore_errors=True)
+            results.append(result)
+            previous = folder
+        del model
+        gc.collect()
+        return results
+
+    def _saved(self, folder: Path):
+        from forgetless.models import load_model
+
+        if not (folder / "model").is_dir():
+            raise ForgetlessError(
+                f"{folder}/model is gone (keep_models: false) but a later stage must be re-run: "
+                f"delete {folder.parent} to restart this method"
+            )
+        return load_model(str(folder / "model"))[0]
+
+
+def summarize(base, per_method: dict[str, list], stages: list[Stage]) -> dict[str, Any]:
+    """Everything the report needs, as plain JSON: R, its summary numbers, trajectories."""
+    methods = {}
+    base_row = score_row(base, stages)
+    for name, results in per_method.items():
+        matrix = [base_row] + [score_row(r, stages) for r in results]
+        trajectory = {}
+        for key in ("heldout/acc", "drift/kl", "drift/number_mass"):
+            trajectory[key] = [(r.metrics[key].value if key in r.metrics else None)
+                               for r in [base, *results]]
+        trajectory["drift/kl"][0] = 0.0 if results and "drift/kl" in results[0].metrics else None
+        if results and "drift/number_mass_base" in results[0].metrics:
+            trajectory["drift/number_mass"][0] = results[0].metrics["drift/number_mass_base"].value
+        methods[name] = {"R": matrix, **continual_metrics(matrix), "trajectory": trajectory,
+                         "heldout_stderr": [r.metrics["heldout/acc"].stderr
+                                            for r in [base, *results]
+                                            if "heldout/acc" in r.metrics],
+                         "train": [r.provenance.get("train") for r in results]}
+    return {"tasks": [s.name for s in stages], "targets": [s.target for s in stages],
+            "methods": methods}
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def write_report(summary: dict[str, Any], out: Path) -> dict[str, Path]:
+    """``continual.md``, one R heat-map per method and the held-out curve across stages."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from forgetless.report import md_table
+
+    tasks, files = summary["tasks"], {}
+    rows_label = ["base"] + [f"after {i}: {t}" for i, t in enumerate(tasks, start=1)]
+    for name, data in summary["methods"].items():
+        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(tasks), 1.2 + 0.6 * len(rows_label)))
+        image = ax.imshow(data["R"], cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        for i, row in enumerate(data["R"]):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center",
+                        color="white" if value < 0.5 else "black", fontsize=9)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=20)
+        ax.set_yticks(range(len(rows_label)), rows_label)
+        ax.set_title(f"{name}: R[i][j] (exact match)")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        files[f"heatmap_{name}"] = out / f"R_{name}.png"
+        fig.savefig(files[f"heatmap_{name}"], dpi=110)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, data in summary["methods"].items():
+        ax.plot(range(len(rows_label)), data["trajectory"]["heldout/acc"], marker="o", label=name)
+    ax.set_xticks(range(len(rows_label)), ["base"] + [f"{i}: {t}" for i, t in
+                                                      enumerate(tasks, start=1)])
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("held-out accuracy across stages")
+    ax.legend()
+    fig.tight_layout()
+    files["heldout"] = out / "heldout_curve.png"
+    fig.savefig(files["heldout"], dpi=110)
+    plt.close(fig)
+
+    lines = [f"# Continual run: {' → '.join(tasks)}", ""]
+    header = ["method", "ACC", "BWT", "FWT", "forgetting", "held-out per stage"]
+    body = [[name, f"{d['acc']:.3f}", f"{d['bwt']:+.3f}", f"{d['fwt']:+.3f}",
+             f"{d['forgetting']:.3f}",
+             " → ".join(f"{v:.3f}" for v in d["trajectory"]["heldout/acc"] if v is not None)]
+            for name, d in summary["methods"].items()]
+    lines += [md_table(header, body), "", f"![held-out curve]({files['heldout'].name})", ""]
+    for name, data in summary["methods"].items():
+        lines += [f"## {name}: R[i][j] = exact match on task j after stage i", ""]
+        rows = [[label, *(f"{v:.3f}" for v in row)] for label, row in zip(rows_label, data["R"])]
+        kl = data["trajectory"]["drift/kl"]
+        lines += [md_table(["after", *tasks], rows), "",
+                  "drift/kl per stage: " + ", ".join("–" if v is None else f"{v:.3f}" for v in kl),
+                  "", f"![R {name}]({files[f'heatmap_{name}'].name})", ""]
+    files["markdown"] = out / "continual.md"
+    atomic_write_text(files["markdown"], "\n".join(lines))
+    return files
+
+
+def _track(run: _Run, summary: dict[str, Any], files: dict[str, Path]) -> None:
+    """One MLflow run per method (R entries, ACC/BWT/FWT, per-stage series), logged once."""
+    from forgetless.tracking import Tracker, default_tracking_uri
+
+    uri = run.config.tracking_uri or default_tracking_uri(run.out)
+    tracker = Tracker(uri, run.config.experiment or run.out.resolve().name, run.out / "mlartifacts")
+    logged = _read_json(run.out / "mlflow.json") or {}
+    for name, keys in run.methods:
+        data = summary["methods"][name]
+        key = _hash(data)
+        if logged.get(name, {}).get("key") == key and tracker.has_run(logged[name]["run_id"]):
+            continue
+        metrics = {k: data[k] for k in ("acc", "bwt", "fwt", "forgetting")}
+        for i, row in enumerate(data["R"]):
+            metrics.update({f"R/{i}/{task}": v for task, v in zip(summary["tasks"], row)})
+        series = {k: [(i, v) for i, v in enumerate(vs) if v is not None]
+                  for k, vs in data["trajectory"].items()}
+        for j, task in enumerate(summary["tasks"]):
+            series[f"task/{task}"] = [(i, row[j]) for i, row in enumerate(data["R"])]
+        params = {"model": run.config.model, "tasks": summary["tasks"], "train": keys,
+                  "eval": run.config.eval.model_dump()}
+        artifacts = [files["markdown"], files[f"heatmap_{name}"], files["heldout"]]
+        run_id = tracker.log_run(name, params, metrics, series, artifacts,
+                                 tags={"forgetless.continual": str(run.out.resolve())})
+        logged[name] = {"key": key, "run_id": run_id}
+        atomic_write_json(run.out / "mlflow.json", logged)
+    summary["tracking"] = {"uri": uri, "experiment_id": tracker.experiment_id}
+
+
+def load_continual_config(
+    config: ContinualConfig | dict | str | Path | None = None,
+    overrides: list[str] | dict | None = None,
+) -> ContinualConfig:
+    """File or dict + ``key=value`` overrides; dotted keys reach into sections
+    (``train.max_steps=20``, ``eval.limit=50``, ``methods=[full,attn]``)."""
+    if isinstance(config, ContinualConfig):
+        data, where = config.model_dump(), "config"
+    elif isinstance(config, str | Path):
+        data, where = load_yaml(config), str(config)
+    else:
+        data, where = dict(config or {}), "config"
+    extra = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    for key, value in extra.items():
+        section = data
+        *parents, last = key.split(".")
+        for part in parents:
+            section = section.setdefault(part, {})
+        section[last] = value
+    return validate(ContinualConfig, data, where=where)
+
+
+def continual(
+    config: ContinualConfig | dict | str | Path | None = None,
+    overrides: list[str] | dict | None = None,
+    callbacks: list | None = None,
+    track: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) every method through the task sequence; returns the summary that is
+    also written to ``<output_dir>/continual.json`` (last, atomically)."""
+    config = load_continual_config(config, overrides)
+    run = _Run(config, callbacks)
+    started = time.perf_counter()
+    atomic_write_text(run.out / "continual.yaml", json.dumps(config.model_dump(), indent=1))
+    (run.out / "continual.json").unlink(missing_ok=True)
+    base = run.base_result()
+    per_method = {name: run.run_method(name, keys) for name, keys in run.methods}
+    summary = summarize(base, per_method, run.stages)
+    files = write_report(summary, run.out)
+    if track:
+        _track(run, summary, files)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["files"] = {k: str(v) for k, v in files.items()}
+    atomic_write_json(run.out / "continual.json", summary)
+    return summary
+
+
+def continual_command(
+    config: str = typer.Argument(None, help="Continual YAML (tasks:, methods:, train:, eval:)."),
+    overrides: list[str] = typer.Argument(
+        None, help="key=value overrides, dotted into sections: train.max_steps=20 eval.limit=50"
+    ),
+) -> None:
+    """Tune through a task sequence (each stage from the last); report R, ACC, BWT, FWT."""
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides, config = [config, *(overrides or [])], None
+    summary = continual(config, overrides or [])
+    for name, data in summary["methods"].items():
+        print(f"[forgetless continual] {name}: ACC {data['acc']:.3f}  BWT {data['bwt']:+.3f}  "
+              f"FWT {data['fwt']:+.3f}")
+    print(f"[forgetless continual] report: {summary['files']['markdown']} "
+          f"({summary['seconds']:.0f} s)")
