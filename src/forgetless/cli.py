@@ -7,6 +7,7 @@ import sys
 import typer
 
 from forgetless.check import check_command
+from forgetless.compare import compare_command
 from forgetless.continual import continual_command
 from forgetless.errors import ForgetlessError
 from forgetless.eval.cli import eval_command
@@ -53,6 +54,7 @@ def _overrides(pairs: list[str] | None) -> dict:
 app.command("eval")(eval_command)
 app.command("continual")(continual_command)
 app.command("check")(check_command)
+app.command("compare")(compare_command)
 
 
 def main() -> None:

@@ -1,0 +1,439 @@
+"""``forgetless compare``: several fine-tuning methods, one base, one task, one report.
+
+Every method trains from a fresh copy of the same in-memory base with the same data, budget and
+seed, then is evaluated against that base (held-out suite, target task, drift). Each finished
+method leaves ``runs/<name>/compare.json`` (written last, atomically) holding a hash of its
+resolved config, so an interrupted compare re-run reuses finished methods and trains the rest.
+``results.json`` holds everything the report needs; ``forgetless.report`` redraws from it alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from forgetless import __version__
+from forgetless.config import TrainConfig, load_yaml, parse_overrides, validate
+from forgetless.errors import ForgetlessError
+from forgetless.io import atomic_write_json, atomic_write_text
+
+DEFAULT_METHODS: list[Any] = [
+    "full", "lora", "attn", "mlp-gate-up", {"name": "mofo", "method": "mofo", "fraction": 0.1},
+    "attn+mofo",
+]
+# Shared by every method, so that the comparison is fair: set them under ``train:`` only.
+SHARED_KEYS = {"model", "data", "seed", "max_steps", "batch_size", "grad_accum", "limit",
+               "max_length", "packing", "output_dir"}
+# Keys that change where or how a run is logged, not what it learns (left out of the hash).
+_UNHASHED_KEYS = {"output_dir", "report_to", "logging_steps", "save_steps", "resume"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+class MethodEntry(BaseModel):
+    """One compared method: a registered ``method`` plus per-method TrainConfig overrides
+    (e.g. ``fraction``, ``learning_rate``) as extra keys; ``name`` labels it (default: method)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str
+    name: str | None = None
+
+
+class EvalSettings(BaseModel):
+    """How the base and every method are evaluated (see ``forgetless.eval.evaluate``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    suite: list[str] = Field(default_factory=lambda: ["arc_easy", "piqa"])
+    limit: int | None = Field(200, ge=1)
+    # "auto": the training data when it is a known target (gsm8k, count_letters); null: none.
+    target: str | None = "auto"
+    target_limit: int | None = Field(100, ge=1)
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    num_fewshot: int | None = Field(None, ge=0)
+
+
+class CompareConfig(BaseModel):
+    """A compare run: shared ``train`` settings, ``methods``, ``eval`` settings, outputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: dict[str, Any] = Field(default_factory=dict)
+    methods: list[str | MethodEntry] = Field(
+        default_factory=lambda: copy.deepcopy(DEFAULT_METHODS), validate_default=True
+    )
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    interpolate: list[float] = Field(default_factory=list)
+    output_dir: str = "runs/compare"
+    tracking_uri: str | None = None
+    experiment: str | None = None  # MLflow experiment name; default: the output folder's name
+
+    @field_validator("interpolate")
+    @classmethod
+    def _lambdas_inside(cls, values: list[float]) -> list[float]:
+        if any(not 0.0 < lam < 1.0 for lam in values):
+            raise ValueError("interpolation weights must lie strictly between 0 and 1")
+        return sorted(set(values))
+
+
+@dataclass(frozen=True)
+class PlannedMethod:
+    """A method entry resolved into the exact TrainConfig it will run with."""
+
+    name: str
+    train: TrainConfig
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+def load_compare_config(
+    config: CompareConfig | dict | str | Path | None = None,
+    overrides: list[str] | dict | None = None,
+) -> CompareConfig:
+    """File or dict + ``key=value`` overrides (dotted keys reach into sections:
+    ``train.max_steps=5``, ``eval.limit=50``, ``methods=[full,lora]``)."""
+    if isinstance(config, CompareConfig):
+        data, where = config.model_dump(), "config"
+    elif isinstance(config, str | Path):
+        data, where = load_yaml(config), str(config)
+    else:
+        data, where = dict(config or {}), "config"
+    extra = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    for key, value in extra.items():
+        section = data
+        *parents, last = key.split(".")
+        for part in parents:
+            section = section.setdefault(part, {})
+            if not isinstance(section, dict):
+                raise ForgetlessError(f"override '{key}': '{part}' is not a section")
+        section[last] = value
+    return validate(CompareConfig, data, where=where)
+
+
+def plan_methods(config: CompareConfig) -> list[PlannedMethod]:
+    """Resolve and validate every entry before anything trains (a typo fails in a second)."""
+    for key in ("method", "output_dir"):
+        if key in config.train:
+            raise ForgetlessError(f"train.{key} is set per method by compare; remove it")
+    if not config.methods:
+        raise ForgetlessError("methods: give at least one method")
+    planned, seen = [], set()
+    for index, entry in enumerate(config.methods):
+        entry = MethodEntry(method=entry) if isinstance(entry, str) else entry
+        name = entry.name or entry.method
+        where = f"methods[{index}] '{name}'"
+        if not _NAME.match(name):
+            raise ForgetlessError(f"{where}: a name may hold letters, digits, _ . + - only")
+        if name in seen:
+            raise ForgetlessError(f"{where}: duplicate name; give each entry its own 'name:'")
+        seen.add(name)
+        extras = dict(entry.model_extra or {})
+        shared = sorted(SHARED_KEYS & extras.keys())
+        if shared:
+            raise ForgetlessError(
+                f"{where}: {', '.join(shared)} must be the same for every method (set it under "
+                "train:)"
+            )
+        data = {**config.train, **extras, "method": entry.method,
+                "output_dir": str(Path(config.output_dir) / "runs" / name)}
+        planned.append(PlannedMethod(name, validate(TrainConfig, data, where=where)))
+    return planned
+
+
+def target_name(config: CompareConfig, data: str) -> str | None:
+    """The eval target: explicit, or ``auto`` = the training data when it is a known target."""
+    from forgetless.data import BUILTIN_TASKS
+    from forgetless.eval import registered_targets
+
+    if config.eval.target != "auto":
+        return config.eval.target
+    return data if data in set(registered_targets()) | set(BUILTIN_TASKS) else None
+
+
+def ensure_target(name: str) -> None:
+    """Make a built-in training task usable as an eval target (its test split), if the eval
+    package does not register it itself; fail early on unknown targets."""
+    from forgetless.data import BUILTIN_TASKS, load_conversations
+    from forgetless.eval import (
+        Target,
+        TargetRow,
+        extract_answer,
+        get_target,
+        register_target,
+        registered_targets,
+    )
+
+    if name in registered_targets() or name not in BUILTIN_TASKS:
+        get_target(name)  # raises a one-line error for unknown names and missing files
+        return
+
+    def rows() -> list[TargetRow]:
+        out = []
+        for i, messages in enumerate(load_conversations(name, "test")):
+            response = messages[-1]["content"]
+            out.append(TargetRow(f"test:{i}", messages[:-1], response, extract_answer(response)))
+        return out
+
+    # Room for a chatty answer that ends in the number (a token holds at least one character).
+    longest = max(len(row.response) for row in rows())
+    register_target(Target(name, load=rows, max_new_tokens=min(256, max(32, longest + 16))))
+
+
+def _hash(data: Any) -> str:
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def train_hash(planned: PlannedMethod) -> str:
+    """Identity of what a method learns: the resolved TrainConfig minus logging/output keys."""
+    data = planned.train.model_dump()
+    return _hash({k: v for k, v in data.items() if k not in _UNHASHED_KEYS})
+
+
+def eval_hash(config: CompareConfig, target: str | None, model: str) -> str:
+    """Identity of how results were measured: eval settings, target, λs, base model."""
+    settings = {**config.eval.model_dump(), "target": target}
+    return _hash({"eval": settings, "interpolate": config.interpolate, "base": model})
+
+
+# --- orchestration --------------------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    print(f"[forgetless compare] {message}", flush=True)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class _Session:
+    """The state one compare run shares across methods: base model, eval settings, tracker."""
+
+    def __init__(self, config: CompareConfig, tracking_uri: str | None, callbacks: list | None):
+        from forgetless.tracking import Tracker, default_tracking_uri
+
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.callbacks = callbacks
+        self.plan = plan_methods(config)
+        self.model_name = self.plan[0].train.model
+        self.target = target_name(config, self.plan[0].train.data)
+        if self.target:
+            ensure_target(self.target)
+        self.eval_hash = eval_hash(config, self.target, self.model_name)
+        self.out.mkdir(parents=True, exist_ok=True)
+        uri = tracking_uri or config.tracking_uri or default_tracking_uri(self.out)
+        experiment = config.experiment or self.out.resolve().name
+        self.tracker = Tracker(uri, experiment, self.out / "mlartifacts")
+        self.base = self.tokenizer = None
+
+    def load_base(self) -> None:
+        from forgetless.models import load_model
+
+        _say(f"loading base model {self.model_name}")
+        self.base, self.tokenizer = load_model(self.model_name)
+        self.base.eval()
+
+    def evaluate(self, model, name: str, with_base: bool = True):
+        from forgetless.eval import evaluate
+
+        settings = self.config.eval
+        started = time.perf_counter()
+        result = evaluate(
+            model, self.tokenizer, suite=settings.suite, limit=settings.limit,
+            seed=settings.seed, target=self.target, target_limit=settings.target_limit,
+            base_model=self.base if with_base else None, batch_size=settings.batch_size,
+            num_fewshot=settings.num_fewshot, model_name=name, base_name=self.model_name,
+        )
+        _say(f"evaluated {name} in {time.perf_counter() - started:.0f} s: " + _headline(result))
+        return result
+
+    def base_record(self) -> dict:
+        """The base model's evaluation, reused when its eval settings did not change."""
+        folder = self.out / "base"
+        record = _read_json(folder / "compare.json")
+        done = record and (folder / record.get("eval_file", "eval.json")).is_file()
+        if done and record.get("eval_hash") == self.eval_hash:
+            _say("base: reusing its evaluation")
+        else:
+            (folder / "compare.json").unlink(missing_ok=True)
+            _say("evaluating the base model")
+            self.evaluate(self.base, "base", with_base=False).save(folder / "eval.json")
+            record = {"name": "base", "eval_hash": self.eval_hash, "eval_file": "eval.json",
+                      "model": self.model_name}
+            atomic_write_json(folder / "compare.json", record)
+        return self._tracked(folder, record, params={"model": self.model_name}, train=None)
+
+    def method_record(self, planned: PlannedMethod) -> dict:
+        """Train + evaluate one method, or reuse its finished run folder."""
+        folder = Path(planned.train.output_dir)
+        record = _read_json(folder / "compare.json")
+        thash = train_hash(planned)
+        if record and self._complete(folder, record, thash):
+            _say(f"{planned.name}: reusing the finished run in {folder}")
+        else:
+            (folder / "compare.json").unlink(missing_ok=True)
+            record = self._train_and_evaluate(planned, folder, thash, record)
+        params = {"train": planned.train.model_dump(), "eval": self.config.eval.model_dump(),
+                  "target": self.target, "interpolate": self.config.interpolate}
+        train = _read_json(folder / "metrics.json")
+        return self._tracked(folder, record, params=params, train=train)
+
+    def _complete(self, folder: Path, record: dict, thash: str) -> bool:
+        files = [record.get("eval_file"), *record.get("interpolation", {}).values()]
+        return (
+            record.get("train_hash") == thash and record.get("eval_hash") == self.eval_hash
+            and (folder / "metrics.json").is_file()
+            and all(name and (folder / name).is_file() for name in files)
+        )
+
+    def _train_and_evaluate(self, planned, folder: Path, thash: str, old: dict | None) -> dict:
+        from forgetless.interpolate import interpolate
+        from forgetless.models import load_model
+        from forgetless.train import train
+
+        saved = folder / "model"
+        reusable = bool(
+            old and old.get("train_hash") == thash and (folder / "metrics.json").is_file()
+            and ((saved / "config.json").is_file() or (saved / "adapter_config.json").is_file())
+        )
+        if reusable:
+            _say(f"{planned.name}: training unchanged, re-evaluating the saved model")
+            tuned = load_model(str(folder / "model"))[0].eval()
+        else:
+            _say(f"{planned.name}: training ({planned.train.method}, "
+                 f"{planned.train.max_steps} steps)")
+            result = train(planned.train, callbacks=self.callbacks,
+                           model=copy.deepcopy(self.base), tokenizer=self.tokenizer)
+            tuned = result.model.eval()
+        self.evaluate(tuned, planned.name).save(folder / "eval.json")
+        points = {}
+        for lam in self.config.interpolate:
+            mixed = interpolate(self.base, tuned, lam)
+            file = f"eval_lambda_{lam:g}.json"
+            self.evaluate(mixed, f"{planned.name} λ={lam:g}").save(folder / file)
+            points[f"{lam:g}"] = file
+            del mixed
+        del tuned
+        gc.collect()
+        record = {"name": planned.name, "method": planned.train.method, "train_hash": thash,
+                  "eval_hash": self.eval_hash, "eval_file": "eval.json", "interpolation": points}
+        atomic_write_json(folder / "compare.json", record)  # last: marks the method complete
+        return record
+
+    def _tracked(self, folder: Path, record: dict, params: dict, train: dict | None) -> dict:
+        """Log the finished entry to MLflow once (a reused entry keeps its logged run)."""
+        if self.tracker.has_run(record.get("mlflow_run_id")):
+            return record
+        from forgetless.eval import EvalResult
+
+        result = EvalResult.load(folder / record["eval_file"])
+        metrics = {k: m.value for k, m in result.metrics.items()}
+        series = {}
+        if train:
+            metrics.update({f"train/{k}": v for k, v in train.items()
+                            if isinstance(v, int | float) and not isinstance(v, bool)})
+            series["train/loss"] = [(p["step"], p["loss"]) for p in train.get("loss_history", [])]
+        for lam, file in record.get("interpolation", {}).items():
+            mixed = EvalResult.load(folder / file)
+            metrics.update({f"lambda_{lam}/{k}": m.value for k, m in mixed.metrics.items()})
+        artifacts = [folder / name for name in
+                     ("compare.json", record["eval_file"], "metrics.json", "config.yaml")]
+        record["mlflow_run_id"] = self.tracker.log_run(
+            record["name"], params, metrics, series, artifacts,
+            tags={"forgetless.compare": str(self.out.resolve())},
+        )
+        atomic_write_json(folder / "compare.json", record)
+        return record
+
+
+def _headline(result) -> str:
+    parts = [f"{k} {m.value:.3f}" for k, m in result.metrics.items()
+             if k == "heldout/acc" or k.endswith("/exact_match") or k == "drift/kl"]
+    return ", ".join(parts) or "no metrics"
+
+
+@dataclass
+class CompareResult:
+    """Where a compare wrote its report, and the data the report was drawn from."""
+
+    output_dir: Path
+    results: dict[str, Any]
+    files: dict[str, Path]
+
+
+def compare(
+    config: CompareConfig | dict | str | Path | None = None,
+    overrides: list[str] | dict | None = None,
+    tracking_uri: str | None = None,
+    callbacks: list | None = None,
+) -> CompareResult:
+    """Train and evaluate every method of ``config`` and write the report folder.
+
+    ``callbacks`` (transformers ``TrainerCallback``) go to every method's training.
+    """
+    from forgetless.report import build_results, write_report
+
+    config = load_compare_config(config, overrides)
+    session = _Session(config, tracking_uri, callbacks)  # validates everything first
+    started, cpu_started = time.perf_counter(), time.process_time()
+    atomic_write_text(session.out / "compare.yaml",
+                      yaml.safe_dump(config.model_dump(), sort_keys=False))
+    (session.out / "results.json").unlink(missing_ok=True)  # the old report is out of date
+    session.load_base()
+    base = session.base_record()
+    records = []
+    for index, planned in enumerate(session.plan, start=1):
+        _say(f"method {index}/{len(session.plan)}: {planned.name}")
+        records.append(session.method_record(planned))
+    results = build_results(
+        config=config.model_dump(), out=session.out, base=base, methods=records,
+        plan=[(p.name, p.train.model_dump()) for p in session.plan], target=session.target,
+        tracking={"uri": session.tracker.uri, "experiment_id": session.tracker.experiment_id},
+    )
+    results["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+    results["forgetless_version"] = __version__
+    results["compare_seconds"] = round(time.perf_counter() - started, 1)
+    # CPU seconds over all threads: with a busy machine, wall time says little about the cost.
+    results["compare_cpu_seconds"] = round(time.process_time() - cpu_started, 1)
+    files = write_report(results, session.out)
+    atomic_write_json(session.out / "results.json", results)  # last: the compare is complete
+    files["results"] = session.out / "results.json"
+    return CompareResult(session.out, results, files)
+
+
+def compare_command(
+    config: str = typer.Argument(..., help="Compare YAML (train:, methods:, eval:, ...)."),
+    overrides: list[str] = typer.Argument(
+        None, help="key=value overrides, dotted into sections: train.max_steps=5 eval.limit=50"
+    ),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in the output folder)."
+    ),
+) -> None:
+    """Fine-tune several methods under one budget and report learning vs forgetting."""
+    result = compare(config, overrides or [], tracking_uri=tracking_uri)
+    out = result.output_dir
+    uri = result.results["tracking"]["uri"]
+    print(f"[forgetless compare] done in {result.results['compare_seconds']:.0f} s "
+          f"({result.results['compare_cpu_seconds']:.0f} CPU s)")
+    print(f"[forgetless compare] report: {out / 'report.html'} (and report.md, results.json)")
+    print(f"[forgetless compare] MLflow UI: mlflow ui --backend-store-uri {uri}")

@@ -1,0 +1,451 @@
+"""The compare report: ``results.json`` → tables (Markdown + one self-contained HTML) and plots.
+
+``build_results`` condenses the per-run eval files into the summary a reader needs (changes vs
+the base with paired 95% CIs, drift, cost); ``write_report`` draws everything from that summary
+alone, so a report can be redrawn later from ``results.json`` without models or eval files.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+from forgetless.io import atomic_write_text
+
+PLOTS = {
+    "tradeoff": "learning_vs_forgetting.png",
+    "drift": "drift_heatmap.png",
+    "loss": "loss_curves.png",
+}
+
+
+# --- results.json ---------------------------------------------------------------------------
+
+
+def _metric(metric) -> dict[str, Any]:
+    data = metric.to_dict()
+    data["significant"] = bool(metric.ci_low > 0 or metric.ci_high < 0)  # CI excludes 0
+    return data
+
+
+def summarize(result, base, suite: list[str], target: str | None) -> dict[str, Any]:
+    """One evaluated model vs the base: per-task accuracy and paired change, drift."""
+    from forgetless.eval import paired_difference
+    from forgetless.eval.stats import combine_means
+
+    out: dict[str, Any] = {"heldout": {}, "target": None, "drift": {}, "param_drift": None}
+    deltas = []
+    for task in suite:
+        delta = paired_difference(base, result, task) if base is not None else None
+        out["heldout"][task] = {"acc": result.metrics[f"{task}/acc"].to_dict(),
+                                "delta": _metric(delta) if delta else None}
+        if delta:
+            deltas.append(delta)
+    if "heldout/acc" in result.metrics:
+        out["heldout_avg"] = {"acc": result.metrics["heldout/acc"].to_dict(),
+                              "delta": _metric(combine_means(deltas)) if deltas else None}
+    if target:
+        delta = paired_difference(base, result, target) if base is not None else None
+        out["target"] = {
+            "exact_match": result.metrics[f"{target}/exact_match"].to_dict(),
+            "answer_nll": result.metrics[f"{target}/answer_nll"].to_dict(),
+            "delta": _metric(delta) if delta else None,
+        }
+    for key in ("kl", "top1_agreement", "number_mass", "number_mass_base"):
+        if f"drift/{key}" in result.metrics:
+            out["drift"][key] = result.metrics[f"drift/{key}"].to_dict()
+    if result.param_drift:
+        out["param_drift"] = {k: result.param_drift[k] for k in ("by_layer", "by_type", "total")}
+    return out
+
+
+def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan: list,
+                  target: str | None, tracking: dict) -> dict[str, Any]:
+    """Everything the report shows, as plain JSON (no models, no per-item records)."""
+    import json
+
+    from forgetless.eval import EvalResult
+
+    base_eval = EvalResult.load(out / "base" / base["eval_file"])
+    suite = list(config["eval"]["suite"])
+    train_configs = dict(plan)
+    entries = []
+    for record in methods:
+        folder = out / "runs" / record["name"]
+        tuned = EvalResult.load(folder / record["eval_file"])
+        metrics = json.loads((folder / "metrics.json").read_text())
+        entry = {"name": record["name"], "method": record["method"], "lambda": 1.0,
+                 "train_config": train_configs[record["name"]],
+                 "train": {k: metrics.get(k) for k in (
+                     "trainable_params", "total_params", "trainable_share",
+                     "optimizer_state_bytes", "train_seconds", "steps", "first_loss",
+                     "last_loss", "loss_history")},
+                 "mlflow_run_id": record.get("mlflow_run_id"),
+                 **summarize(tuned, base_eval, suite, target)}
+        entry["interpolation"] = [
+            {"lambda": float(lam),
+             **summarize(EvalResult.load(folder / file), base_eval, suite, target)}
+            for lam, file in record.get("interpolation", {}).items()
+        ]
+        for point in entry["interpolation"]:
+            point.pop("param_drift", None)  # the heat map shows the tuned end only
+        entries.append(entry)
+    sizes = {task: base_eval.metrics[f"{task}/acc"].n for task in suite}
+    if target:
+        sizes[target] = base_eval.metrics[f"{target}/exact_match"].n
+    drift_n = next((e["drift"]["kl"]["n"] for e in entries if "kl" in e["drift"]), None)
+    return {
+        "config": config,
+        "model": base["model"],
+        "target": target,
+        "suite": suite,
+        "sample_sizes": {**sizes, "drift_prompts": drift_n},
+        "base": {"name": "base", "mlflow_run_id": base.get("mlflow_run_id"),
+                 **summarize(base_eval, None, suite, target)},
+        "methods": entries,
+        "tracking": tracking,
+    }
+
+
+# --- formatting -----------------------------------------------------------------------------
+
+
+def _pts(metric: dict | None) -> str:
+    """A fraction as percentage points with its 95% CI; ``*`` marks CIs that exclude 0."""
+    if not metric:
+        return "–"
+    value = f"{100 * metric['value']:+.1f}"
+    if _nan(metric.get("ci_low")):
+        return value
+    star = "*" if metric.get("significant") else ""
+    return f"{value}{star} [{100 * metric['ci_low']:+.1f}, {100 * metric['ci_high']:+.1f}]"
+
+
+def _num(value: float | None, fmt: str = ".3f") -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else (
+        format(value, fmt))
+
+
+def _size(count: float | None, unit: str = "") -> str:
+    if count is None:
+        return "–"
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= scale:
+            return f"{count / scale:.1f} {suffix}{unit}"
+    return f"{count:.0f} {unit}".strip()
+
+
+def _label(entry: dict, point: dict | None = None) -> str:
+    return entry["name"] if point is None else f"{entry['name']} λ={point['lambda']:g}"
+
+
+def base_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The base model's scores, the reference every change in the main table is measured from."""
+    base, rows = results["base"], []
+    for task in results["suite"]:
+        rows.append([f"{task} acc %", *_abs(base["heldout"][task]["acc"])])
+    if base.get("heldout_avg"):
+        rows.append(["held-out avg acc %", *_abs(base["heldout_avg"]["acc"])])
+    if results["target"]:
+        rows.append([f"{results['target']} exact match %", *_abs(base["target"]["exact_match"])])
+    return ["base model", "value", "95% CI", "n"], rows
+
+
+def _abs(metric: dict) -> list[str]:
+    ci = "–" if _nan(metric["ci_low"]) else (
+        f"[{100 * metric['ci_low']:.1f}, {100 * metric['ci_high']:.1f}]")
+    return [f"{100 * metric['value']:.1f}", ci, str(metric["n"])]
+
+
+def _nan(value: float | None) -> bool:
+    return value is None or math.isnan(value)
+
+
+def main_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Per method (and interpolation point): target gain, held-out change (avg + per task),
+    drift and cost, all relative to the base."""
+    target, suite = results["target"], results["suite"]
+    header = ["method"]
+    if target:
+        header += [f"{target} EM %", f"Δ {target} (pts)"]
+    header += ["Δ held-out avg (pts)", *[f"Δ {task} (pts)" for task in suite],
+               "KL drift (nats/tok)", "Δ number mass", "trainable params",
+               "optimizer state", "train time"]
+    rows = []
+    for entry in results["methods"]:
+        rows.append(_row(results, entry, entry))
+        rows += [_row(results, point, entry) for point in entry["interpolation"]]
+    return header, rows
+
+
+def _row(results: dict, item: dict, entry: dict) -> list[str]:
+    row = [_label(entry, None if item is entry else item)]
+    if results["target"]:
+        target = item["target"]
+        row += [f"{100 * target['exact_match']['value']:.1f}", _pts(target["delta"])]
+    row.append(_pts((item.get("heldout_avg") or {}).get("delta")))
+    row += [_pts(item["heldout"][task]["delta"]) for task in results["suite"]]
+    drift = item.get("drift") or {}
+    kl = drift.get("kl")
+    row.append(f"{kl['value']:.4f} ± {kl['stderr']:.4f}" if kl else "–")
+    if "number_mass" in drift:
+        change = drift["number_mass"]["value"] - drift["number_mass_base"]["value"]
+        row.append(f"{change:+.4f}")
+    else:
+        row.append("–")
+    if item is entry:
+        train = entry["train"]
+        row += [f"{_size(train['trainable_params'])} ({100 * train['trainable_share']:.1f}%)",
+                _size(train["optimizer_state_bytes"], "B"), f"{train['train_seconds']:.0f} s"]
+    else:
+        row += ["–", "–", "–"]
+    return row
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_html_cell(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html_cell(cell: str) -> str:
+    text = html.escape(cell)
+    return f"<b>{text}</b>" if "*" in cell.split(" [")[0] else text
+
+
+def _settings(results: dict) -> list[str]:
+    config, sizes = results["config"], results["sample_sizes"]
+    train = config.get("train", {})
+    lines = [
+        f"base model `{results['model']}`, training data `{train.get('data', 'gsm8k')}`, "
+        f"{train.get('max_steps', 100)} steps × batch {train.get('batch_size', 8)}, "
+        f"seed {train.get('seed', 0)} (same for every method)",
+        "sample sizes: " + ", ".join(f"{k} n={v}" for k, v in sizes.items() if v is not None),
+        "Δ = tuned − base on the same items, in percentage points, with a paired-bootstrap 95% "
+        "CI; `*` (bold in HTML) = the CI excludes 0, i.e. a significant change. The held-out "
+        "average Δ pools the per-task paired SEs (normal CI).",
+        "KL drift = KL(base ‖ tuned) per token on held-out prompts (± SE); Δ number mass = "
+        "change of the probability put on number tokens on those prompts (arXiv 2510.08564).",
+    ]
+    if any(e["interpolation"] for e in results["methods"]):
+        lines.append("rows `name λ=x` are weight interpolations θ₀ + λ(θ − θ₀) of that method.")
+    return lines
+
+
+# --- plots ----------------------------------------------------------------------------------
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points no other point beats on both axes (higher is better on both)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points)
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def plot_tradeoff(results: dict, path: Path) -> None:
+    """Learning (target gain) vs forgetting (held-out change), with CIs and the Pareto front."""
+    import matplotlib.pyplot as plt
+
+    target = results["target"]
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    cmap = plt.get_cmap("tab10")
+    labels, points = ["base"], [(0.0, 0.0)]
+    ax.scatter([0], [0], marker="s", s=60, color="black", zorder=3, label="base")
+    for i, entry in enumerate(results["methods"]):
+        color = cmap(i % 10)
+        path_x, path_y = [0.0], [0.0]
+        for point in [*entry["interpolation"], entry]:
+            x, y, xerr, yerr = _coords(point, target)
+            path_x.append(x)
+            path_y.append(y)
+            labels.append(_label(entry, None if point is entry else point))
+            points.append((x, y))
+            is_end = point is entry
+            if not is_end:
+                ax.annotate(f"λ={point['lambda']:g}", (x, y), textcoords="offset points",
+                            xytext=(4, -10), fontsize=7, color=color)
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o" if is_end else ".",
+                        color=color, markersize=8 if is_end else 5, alpha=1 if is_end else 0.6,
+                        capsize=2, elinewidth=0.8, zorder=3,
+                        label=entry["name"] if is_end else None)
+        if entry["interpolation"]:
+            ax.plot(path_x, path_y, ":", color=color, linewidth=1, zorder=2)
+    front = sorted(_pareto(points), key=lambda i: points[i][0])
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="grey",
+            linewidth=1.2, zorder=1, label="Pareto front")
+    ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=220,
+               facecolors="none", edgecolors="grey", linewidths=1.2, zorder=2)
+    for i in front:
+        ax.annotate(labels[i], points[i], textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.axvline(0, color="black", linewidth=0.5)
+    ax.set_xlabel("held-out accuracy change vs base (pts, avg over suite) → less forgetting")
+    ax.set_ylabel(f"{target} exact-match gain (pts) → more learning" if target
+                  else "target gain (no target task)")
+    ax.set_title("Learning vs forgetting (bars: paired 95% CI)")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _coords(point: dict, target: str | None) -> tuple[float, float, Any, Any]:
+    def value_and_err(metric: dict | None) -> tuple[float, Any]:
+        if not metric:
+            return 0.0, None
+        v = 100 * metric["value"]
+        if _nan(metric["ci_low"]):
+            return v, None
+        return v, [[max(0.0, v - 100 * metric["ci_low"])], [max(0.0, 100 * metric["ci_high"] - v)]]
+
+    x, xerr = value_and_err((point.get("heldout_avg") or {}).get("delta"))
+    y, yerr = value_and_err(point["target"]["delta"] if target and point["target"] else None)
+    return x, y, xerr, yerr
+
+
+def plot_drift(results: dict, path: Path) -> bool:
+    """Heat maps of relative weight change ||W − W₀|| / ||W₀||: method × module type and
+    method × layer. Returns False when no method has a drift table."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    entries = [e for e in results["methods"] if e.get("param_drift")]
+    if not entries:
+        return False
+    types = sorted({t for e in entries for t in e["param_drift"]["by_type"]})
+    layers = sorted({k for e in entries for k in e["param_drift"]["by_layer"]},
+                    key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    panels = [("module type", "by_type", types), ("layer", "by_layer", layers)]
+    widths = [max(len(types), 3), max(len(layers), 3)]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 2.2 + 0.45 * len(entries)), dpi=110,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, (title, key, columns) in zip(axes, panels):
+        grid = np.array([[e["param_drift"][key].get(c, {}).get("rel_l2", np.nan) for c in columns]
+                         for e in entries], dtype=float)
+        positive = grid[np.isfinite(grid) & (grid > 0)]
+        shown = np.where(grid > 0, grid, np.nan)
+        norm = LogNorm(positive.min(), positive.max()) if positive.size and (
+            positive.max() > positive.min()) else None
+        image = ax.imshow(shown, aspect="auto", cmap="viridis", norm=norm)
+        ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(entries)), [e["name"] for e in entries], fontsize=8)
+        ax.set_title(f"relative weight change by {title} (white: unchanged)", fontsize=9)
+        if len(columns) <= 12:  # few cells: print the numbers too
+            for (row, col), value in np.ndenumerate(grid):
+                if np.isfinite(value) and value > 0:
+                    ax.text(col, row, f"{value:.1e}", ha="center", va="center", fontsize=6,
+                            color="white")
+        fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_losses(results: dict, path: Path) -> bool:
+    """Training loss per logged step, one line per method."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    drawn = False
+    for entry in results["methods"]:
+        history = entry["train"].get("loss_history") or []
+        if history:
+            ax.plot([p["step"] for p in history], [p["loss"] for p in history], marker=".",
+                    label=entry["name"])
+            drawn = True
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss (same data, budget and seed)")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return drawn
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Draw the plots and write ``report.md`` + a self-contained ``report.html`` into
+    ``out_dir``; returns the written paths by kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = {}
+    for kind, draw in (("tradeoff", plot_tradeoff), ("drift", plot_drift), ("loss", plot_losses)):
+        path = out / PLOTS[kind]
+        if draw(results, path) is not False:
+            images[kind] = path
+        else:
+            path.unlink(missing_ok=True)
+    header, rows = main_table(results)
+    base_header, base_rows = base_table(results)
+    settings = _settings(results)
+    captions = {"tradeoff": "Learning vs forgetting", "drift": "Where the weights moved",
+                "loss": "Training loss"}
+    title = f"forgetless compare: {results['model']} → {results['target'] or 'no target'}"
+    md = [f"# {title}", "", *[f"- {line}" for line in settings], "",
+          md_table(base_header, base_rows), "", md_table(header, rows), ""]
+    md += [f"## {captions[k]}\n\n![{captions[k]}]({p.name})\n" for k, p in images.items()]
+    md.append(_footer(results))
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    tables = html_table(base_header, base_rows) + html_table(header, rows)
+    atomic_write_text(out / "report.html",
+                      _html(title, settings, tables, images, captions, _footer(results)))
+    return {"markdown": out / "report.md", "html": out / "report.html",
+            **{f"plot_{k}": p for k, p in images.items()}}
+
+
+def _footer(results: dict) -> str:
+    tracking = results.get("tracking") or {}
+    return (f"Generated by forgetless {results.get('forgetless_version', '?')} on "
+            f"{results.get('created', '?')}; MLflow store: `{tracking.get('uri', '?')}`; "
+            "data for this report: `results.json`.")
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;
+padding:4px 8px;text-align:right;white-space:nowrap}td:first-child,th:first-child{text-align:left}
+th{background:#f2f2f2}img{max-width:100%;border:1px solid #eee;margin:.5em 0}code{font-size:90%}"""
+
+
+def _html(title, settings, tables, images, captions, footer) -> str:
+    items = "".join(f"<li>{_inline_code(line)}</li>" for line in settings)
+    figures = "".join(
+        f"<h2>{captions[k]}</h2><img alt='{captions[k]}' src='data:image/png;base64,"
+        f"{base64.b64encode(p.read_bytes()).decode()}'>" for k, p in images.items()
+    )
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<ul>{items}</ul>{tables}{figures}"
+            f"<p><small>{_inline_code(footer)}</small></p></body></html>\n")
+
+
+def _inline_code(text: str) -> str:
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))

@@ -1,0 +1,182 @@
+"""``compare`` end to end on a tiny Llama: report folder, MLflow store, resume, early errors."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
+
+import forgetless.train
+from forgetless.compare import DEFAULT_METHODS, compare, load_compare_config, plan_methods
+from forgetless.errors import ForgetlessError
+from forgetless.interpolate import interpolate
+from forgetless.methods import MethodOptions, prepare_model
+from forgetless.models import resolve_model
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    """A tiny Llama that speaks the embedded tokenizer's vocabulary."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         tie_word_embeddings=True, pad_token_id=2, eos_token_id=2)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(folder)
+    return folder
+
+
+def _config(tmp_path, model_dir, methods, **extra):
+    return {
+        "train": dict(model=str(model_dir), data="count_letters", limit=8, batch_size=4,
+                      max_steps=2, max_length=64, learning_rate=1e-2, report_to=[],
+                      logging_steps=1),
+        "methods": methods,
+        "eval": dict(suite=["arc_easy"], limit=4, target_limit=3, batch_size=4),
+        "output_dir": str(tmp_path / "cmp"),
+        **extra,
+    }
+
+
+def test_report_folder_and_mlflow_store(tmp_path, model_dir):
+    from mlflow.tracking import MlflowClient
+
+    config = _config(tmp_path, model_dir, ["full", {"name": "lora-hi", "method": "lora",
+                                                    "learning_rate": 2e-2}], interpolate=[0.5])
+    result = compare(config)
+    out = tmp_path / "cmp"
+    for name in ("report.md", "report.html", "results.json", "learning_vs_forgetting.png",
+                 "drift_heatmap.png", "loss_curves.png", "mlflow.db"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in results["methods"]] == ["full", "lora-hi"]
+    full = results["methods"][0]
+    assert results["target"] == "count_letters" and results["sample_sizes"]["arc_easy"] == 4
+    assert full["heldout"]["arc_easy"]["delta"]["n"] == 4
+    assert full["train"]["steps"] == 2 and len(full["train"]["loss_history"]) == 2
+    assert [p["lambda"] for p in full["interpolation"]] == [0.5]
+    assert full["param_drift"]["total"]["rel_l2"] > 0
+    assert results["methods"][1]["train_config"]["learning_rate"] == 2e-2
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "src='http" not in html
+    assert "full λ=0.5" in (out / "report.md").read_text()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment(result.results["tracking"]["experiment_id"])
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"base", "full", "lora-hi"}
+    lora = runs["lora-hi"]
+    assert lora.data.params["train.method"] == "lora"
+    assert float(lora.data.params["train.learning_rate"]) == 2e-2
+    assert {"heldout/acc", "drift/kl", "lambda_0.5/heldout/acc"} <= set(lora.data.metrics)
+    assert "heldout/acc" in runs["base"].data.metrics
+    losses = client.get_metric_history(lora.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(lora.info.run_id)}
+    assert {"eval.json", "metrics.json", "compare.json"} <= artifacts
+
+
+class _StopAt(TrainerCallback):
+    """Simulates Ctrl-C in the middle of one method's training."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.output_dir.split("/")[-2] == self.name:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_compare_reuses_finished_methods(tmp_path, model_dir, monkeypatch):
+    config = _config(tmp_path, model_dir, ["attn", "mlp-gate-up", "full"])
+    out = tmp_path / "cmp"
+    with pytest.raises(KeyboardInterrupt):
+        compare(config, callbacks=[_StopAt("full")])
+    assert not (out / "results.json").exists()
+    assert not (out / "runs" / "full" / "compare.json").exists()
+    stamps = {n: (out / "runs" / n / "metrics.json").stat().st_mtime_ns
+              for n in ("attn", "mlp-gate-up")}
+
+    trained = []
+    real_train = forgetless.train.train
+
+    def counting_train(config, **kwargs):
+        trained.append(config.method)
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(forgetless.train, "train", counting_train)
+    result = compare(config)
+    assert trained == ["full"]
+    for name, stamp in stamps.items():
+        assert (out / "runs" / name / "metrics.json").stat().st_mtime_ns == stamp
+    assert [m["name"] for m in result.results["methods"]] == ["attn", "mlp-gate-up", "full"]
+
+    trained.clear()  # a changed budget invalidates every method
+    compare(config, ["train.learning_rate=5e-3", "methods=[attn]"])
+    assert trained == ["attn"]
+
+
+def test_unknown_method_fails_before_any_training(tmp_path, model_dir, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before validating")
+
+    monkeypatch.setattr(forgetless.train, "train", no_training)
+    config = _config(tmp_path, model_dir, ["full", "attn", "sgd"])
+    with pytest.raises(ForgetlessError, match="unknown method 'sgd'"):
+        compare(config)
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize(
+    ("methods", "message"),
+    [
+        (["full", "full"], "duplicate name"),
+        ([{"method": "attn", "max_steps": 9}], "max_steps must be the same for every method"),
+        ([{"method": "attn", "lr": 1}], "unknown key 'lr'"),
+        ([{"method": "attn", "name": "a/b"}], "a name may hold"),
+    ],
+)
+def test_bad_method_entries(methods, message):
+    config = load_compare_config({"methods": methods})
+    with pytest.raises(ForgetlessError, match=message):
+        plan_methods(config)
+
+
+def test_config_defaults_and_dotted_overrides():
+    config = load_compare_config(None, ["train.max_steps=7", "eval.limit=50", "interpolate=[0.5]"])
+    plan = plan_methods(config)
+    assert [p.name for p in plan] == ["full", "lora", "attn", "mlp-gate-up", "mofo", "attn+mofo"]
+    assert len(DEFAULT_METHODS) == 6 and plan[4].train.fraction == 0.1
+    assert all(p.train.max_steps == 7 for p in plan) and config.eval.limit == 50
+    assert plan[2].train.output_dir.endswith("runs/compare/runs/attn")
+    with pytest.raises(ForgetlessError, match="unknown key 'evals'"):
+        load_compare_config({"evals": {}})
+    with pytest.raises(ForgetlessError, match="interpolate"):
+        load_compare_config({"interpolate": [1.5]})
+
+
+def test_interpolation_is_linear_and_merges_lora():
+    base = tiny_llama()
+    tuned = tiny_llama()
+    with torch.no_grad():
+        for param in tuned.parameters():
+            param.add_(1.0)
+    half = interpolate(base, tuned, 0.25)
+    for (name, p0), p1, mid in zip(base.named_parameters(), tuned.parameters(),
+                                   half.parameters()):
+        assert torch.allclose(mid, p0 + 0.25 * (p1 - p0)), name
+
+    lora = prepare_model(tiny_llama(), "lora", MethodOptions()).model
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    point = interpolate(base, lora, 0.5)
+    q0 = base.model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(point.model.layers[0].self_attn.q_proj.weight, q0)
+    assert any("lora_B" in n for n, _ in lora.named_parameters())  # the input is untouched

@@ -1,0 +1,102 @@
+"""The report redraws from results.json alone: tables with CIs and significance, plots, HTML."""
+
+import json
+import math
+
+from forgetless.report import _pareto, main_table, write_report
+
+
+def _metric(value, half_width, n=100):
+    low, high = value - half_width, value + half_width
+    return {"value": value, "stderr": half_width / 1.96, "ci_low": low, "ci_high": high, "n": n,
+            "significant": low > 0 or high < 0}
+
+
+def _point(target_gain, heldout_change, kl):
+    return {
+        "heldout": {"arc_easy": {"acc": _metric(0.5 + heldout_change, 0.1),
+                                 "delta": _metric(heldout_change, 0.03)}},
+        "heldout_avg": {"acc": _metric(0.5 + heldout_change, 0.1),
+                        "delta": _metric(heldout_change, 0.03)},
+        "target": {"exact_match": _metric(0.1 + target_gain, 0.1),
+                   "answer_nll": _metric(2.0, 0.1), "delta": _metric(target_gain, 0.05)},
+        "drift": {"kl": _metric(kl, kl / 4), "top1_agreement": _metric(0.9, 0.01),
+                  "number_mass": _metric(0.02 + kl, 0.001),
+                  "number_mass_base": _metric(0.02, 0.001)},
+    }
+
+
+def _method(name, target_gain, heldout_change, kl, with_lambda=False):
+    drift = {"by_type": {"q_proj": {"rel_l2": kl}, "mlp.up_proj": {"rel_l2": kl / 3}},
+             "by_layer": {"0": {"rel_l2": kl}, "1": {"rel_l2": kl / 2}, "other": {"rel_l2": 0.0}},
+             "total": {"rel_l2": kl}}
+    return {
+        "name": name, "method": name, "lambda": 1.0, "train_config": {"method": name},
+        "train": {"trainable_params": 1000, "total_params": 4000, "trainable_share": 0.25,
+                  "optimizer_state_bytes": 8000, "train_seconds": 12.0, "steps": 4,
+                  "first_loss": 2.0, "last_loss": 1.0,
+                  "loss_history": [{"step": s, "loss": 2.0 / s} for s in (1, 2, 3, 4)]},
+        "param_drift": drift,
+        "interpolation": [{"lambda": 0.5, **_point(target_gain / 2, heldout_change / 4, kl / 4)}]
+        if with_lambda else [],
+        **_point(target_gain, heldout_change, kl),
+    }
+
+
+def fake_results():
+    base = _point(0.0, 0.0, 0.0)
+    base.pop("drift")
+    for part in (base["heldout"]["arc_easy"], base["heldout_avg"], base["target"]):
+        part.pop("delta")
+    return {
+        "config": {"train": {"data": "count_letters", "max_steps": 4, "batch_size": 2}},
+        "model": "tiny", "target": "count_letters", "suite": ["arc_easy"],
+        "sample_sizes": {"arc_easy": 100, "count_letters": 100, "drift_prompts": 64},
+        "base": {"name": "base", **base},
+        "methods": [_method("full", 0.30, -0.08, 0.05, with_lambda=True),
+                    _method("attn", 0.20, -0.01, 0.01)],
+        "tracking": {"uri": "sqlite:///x/mlflow.db"},
+    }
+
+
+def test_table_marks_significant_changes_only():
+    header, rows = main_table(fake_results())
+    by_name = {row[0]: dict(zip(header, row)) for row in rows}
+    assert set(by_name) == {"full", "full λ=0.5", "attn"}
+    # full: -8 ± 3 pts excludes 0 -> starred; attn: -1 ± 3 pts does not.
+    assert by_name["full"]["Δ arc_easy (pts)"] == "-8.0* [-11.0, -5.0]"
+    assert by_name["attn"]["Δ arc_easy (pts)"] == "-1.0 [-4.0, +2.0]"
+    assert by_name["full"]["Δ count_letters (pts)"].startswith("+30.0*")
+    assert by_name["full"]["trainable params"] == "1.0 k (25.0%)"
+    assert by_name["full λ=0.5"]["train time"] == "–"
+
+
+def test_pareto_front():
+    points = [(0.0, 0.0), (-8.0, 30.0), (-1.0, 20.0), (-9.0, 10.0), (-1.0, 5.0)]
+    assert _pareto(points) == [0, 1, 2]
+
+
+def test_report_redraws_from_results_json(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(fake_results()))
+    files = write_report(json.loads(path.read_text()), tmp_path / "report")
+    for kind in ("markdown", "html", "plot_tradeoff", "plot_drift", "plot_loss"):
+        assert files[kind].is_file(), kind
+    for kind in ("plot_tradeoff", "plot_drift", "plot_loss"):
+        assert files[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = files["markdown"].read_text()
+    assert "arc_easy n=100" in md and "CI excludes 0" in md
+    assert "| count_letters exact match % | 10.0 | [0.0, 20.0] | 100 |" in md
+    html = files["html"].read_text()
+    assert html.count("data:image/png;base64,") == 3 and "<b>-8.0* [-11.0, -5.0]</b>" in html
+    assert not any(name.endswith(".tmp") or name.startswith(".") for name in
+                   (p.name for p in (tmp_path / "report").iterdir()))
+
+
+def test_missing_cis_render_as_plain_values(tmp_path):
+    results = fake_results()
+    results["methods"][1]["heldout"]["arc_easy"]["delta"].update(ci_low=math.nan,
+                                                                 ci_high=math.nan)
+    header, rows = main_table(results)
+    assert dict(zip(header, rows[-1]))["Δ arc_easy (pts)"] == "-1.0"
+    write_report(results, tmp_path)  # a NaN CI must not break the plots
