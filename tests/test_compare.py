@@ -7,7 +7,13 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 import forgetless.train
-from forgetless.compare import DEFAULT_METHODS, compare, load_compare_config, plan_methods
+from forgetless.compare import (
+    DEFAULT_METHODS,
+    compare,
+    load_compare_config,
+    plan_methods,
+    redraw,
+)
 from forgetless.errors import ForgetlessError
 from forgetless.interpolate import interpolate
 from forgetless.methods import MethodOptions, prepare_model
@@ -31,13 +37,13 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def _config(tmp_path, model_dir, methods, **extra):
+def _config(tmp_path, model_dir, methods, target="auto", **extra):
     return {
         "train": dict(model=str(model_dir), data="count_letters", limit=8, batch_size=4,
                       max_steps=2, max_length=64, learning_rate=1e-2, report_to=[],
                       logging_steps=1),
         "methods": methods,
-        "eval": dict(suite=["arc_easy"], limit=4, target_limit=3, batch_size=4),
+        "eval": dict(suite=["arc_easy"], limit=4, target=target, target_limit=2, batch_size=4),
         "output_dir": str(tmp_path / "cmp"),
         **extra,
     }
@@ -56,7 +62,8 @@ def test_report_folder_and_mlflow_store(tmp_path, model_dir):
     results = json.loads((out / "results.json").read_text())
     assert [m["name"] for m in results["methods"]] == ["full", "lora-hi"]
     full = results["methods"][0]
-    assert results["target"] == "count_letters" and results["sample_sizes"]["arc_easy"] == 4
+    assert results["target"] == "count_letters"
+    assert results["sample_sizes"] == {"arc_easy": 4, "count_letters": 2, "drift_prompts": 4}
     assert full["heldout"]["arc_easy"]["delta"]["n"] == 4
     assert full["train"]["steps"] == 2 and len(full["train"]["loss_history"]) == 2
     assert [p["lambda"] for p in full["interpolation"]] == [0.5]
@@ -65,6 +72,8 @@ def test_report_folder_and_mlflow_store(tmp_path, model_dir):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "src='http" not in html
     assert "full λ=0.5" in (out / "report.md").read_text()
+    (out / "report.md").unlink()
+    assert redraw(config)["markdown"].read_text().startswith("# forgetless compare")
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment(result.results["tracking"]["experiment_id"])
@@ -93,7 +102,7 @@ class _StopAt(TrainerCallback):
 
 
 def test_interrupted_compare_reuses_finished_methods(tmp_path, model_dir, monkeypatch):
-    config = _config(tmp_path, model_dir, ["attn", "mlp-gate-up", "full"])
+    config = _config(tmp_path, model_dir, ["attn", "mlp-gate-up", "full"], target=None)
     out = tmp_path / "cmp"
     with pytest.raises(KeyboardInterrupt):
         compare(config, callbacks=[_StopAt("full")])

@@ -31,7 +31,9 @@ def _method(name, target_gain, heldout_change, kl, with_lambda=False):
              "by_layer": {"0": {"rel_l2": kl}, "1": {"rel_l2": kl / 2}, "other": {"rel_l2": 0.0}},
              "total": {"rel_l2": kl}}
     return {
-        "name": name, "method": name, "lambda": 1.0, "train_config": {"method": name},
+        "name": name, "method": name, "lambda": 1.0,
+        "train_config": {"method": name, "data": "count_letters", "max_steps": 4,
+                         "batch_size": 2, "seed": 0},
         "train": {"trainable_params": 1000, "total_params": 4000, "trainable_share": 0.25,
                   "optimizer_state_bytes": 8000, "train_seconds": 12.0, "steps": 4,
                   "first_loss": 2.0, "last_loss": 1.0,
@@ -85,7 +87,7 @@ def test_report_redraws_from_results_json(tmp_path):
     for kind in ("plot_tradeoff", "plot_drift", "plot_loss"):
         assert files[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = files["markdown"].read_text()
-    assert "arc_easy n=100" in md and "CI excludes 0" in md
+    assert "arc_easy n=100" in md and "CI excludes 0" in md and "4 steps × batch 2" in md
     assert "| count_letters exact match % | 10.0 | [0.0, 20.0] | 100 |" in md
     html = files["html"].read_text()
     assert html.count("data:image/png;base64,") == 3 and "<b>-8.0* [-11.0, -5.0]</b>" in html

@@ -131,6 +131,7 @@ def plan_methods(config: CompareConfig) -> list[PlannedMethod]:
             raise ForgetlessError(f"train.{key} is set per method by compare; remove it")
     if not config.methods:
         raise ForgetlessError("methods: give at least one method")
+    validate(TrainConfig, config.train, where="train")  # name the section that holds a typo
     planned, seen = [], set()
     for index, entry in enumerate(config.methods):
         entry = MethodEntry(method=entry) if isinstance(entry, str) else entry
@@ -324,6 +325,8 @@ class _Session:
             result = train(planned.train, callbacks=self.callbacks,
                            model=copy.deepcopy(self.base), tokenizer=self.tokenizer)
             tuned = result.model.eval()
+            # Trained but not evaluated yet: an interruption from here on keeps the weights.
+            atomic_write_json(folder / "compare.json", {"name": planned.name, "train_hash": thash})
         self.evaluate(tuned, planned.name).save(folder / "eval.json")
         points = {}
         for lam in self.config.interpolate:
@@ -420,6 +423,18 @@ def compare(
     return CompareResult(session.out, results, files)
 
 
+def redraw(config: CompareConfig | dict | str | Path | None = None,
+           overrides: list[str] | dict | None = None) -> dict[str, Path]:
+    """Rewrite the report files of a finished compare from its ``results.json`` alone."""
+    from forgetless.report import write_report
+
+    out = Path(load_compare_config(config, overrides).output_dir)
+    results = _read_json(out / "results.json")
+    if results is None:
+        raise ForgetlessError(f"no finished compare in {out}: results.json is missing")
+    return write_report(results, out)
+
+
 def compare_command(
     config: str = typer.Argument(..., help="Compare YAML (train:, methods:, eval:, ...)."),
     overrides: list[str] = typer.Argument(
@@ -428,8 +443,15 @@ def compare_command(
     tracking_uri: str | None = typer.Option(
         None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in the output folder)."
     ),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="Only redraw the report from the output's results.json."
+    ),
 ) -> None:
     """Fine-tune several methods under one budget and report learning vs forgetting."""
+    if report_only:
+        files = redraw(config, overrides or [])
+        print(f"[forgetless compare] report: {files['html']} (and report.md)")
+        return
     result = compare(config, overrides or [], tracking_uri=tracking_uri)
     out = result.output_dir
     uri = result.results["tracking"]["uri"]

@@ -225,12 +225,12 @@ def _html_cell(cell: str) -> str:
 
 
 def _settings(results: dict) -> list[str]:
-    config, sizes = results["config"], results["sample_sizes"]
-    train = config.get("train", {})
+    sizes = results["sample_sizes"]
+    train = results["methods"][0]["train_config"] if results["methods"] else {}
     lines = [
-        f"base model `{results['model']}`, training data `{train.get('data', 'gsm8k')}`, "
-        f"{train.get('max_steps', 100)} steps × batch {train.get('batch_size', 8)}, "
-        f"seed {train.get('seed', 0)} (same for every method)",
+        f"base model `{results['model']}`, training data `{train.get('data')}`, "
+        f"{train.get('max_steps')} steps × batch {train.get('batch_size')}, "
+        f"seed {train.get('seed')} (the same for every method)",
         "sample sizes: " + ", ".join(f"{k} n={v}" for k, v in sizes.items() if v is not None),
         "Δ = tuned − base on the same items, in percentage points, with a paired-bootstrap 95% "
         "CI; `*` (bold in HTML) = the CI excludes 0, i.e. a significant change. The held-out "
