@@ -19,6 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -126,17 +127,19 @@ def _threads(total: int) -> int:
 
 
 def _parallel(total: int, call, workers: int | None = None) -> list:
-    """Run ``call(start, end, worker)`` on equal slices of [0, total), one per thread."""
+    """Run ``call(start, end, worker)`` on equal slices of [0, total): the first slice on this
+    thread, the others on pool threads (ctypes releases the GIL while C runs)."""
     global _pool
     workers = max(1, workers or _threads(total))
     bounds = [total * w // workers for w in range(workers + 1)]
     if workers == 1:
         return [call(0, total, 0)]
     with _lock:
-        if _pool is None or _pool._max_workers < workers:
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mofo")
-    futures = [_pool.submit(call, bounds[w], bounds[w + 1], w) for w in range(workers)]
-    return [f.result() for f in futures]
+        if _pool is None or _pool._max_workers < workers - 1:
+            _pool = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="mofo")
+    futures = [_pool.submit(call, bounds[w], bounds[w + 1], w) for w in range(1, workers)]
+    first = call(bounds[0], bounds[1], 0)
+    return [first, *(f.result() for f in futures)]
 
 
 class Batch:
@@ -166,7 +169,7 @@ class Batch:
                              _ptr(counts))  # fmt: skip
             return counts
 
-        return torch.stack(_parallel(self.total, run)).sum(0)
+        return _sum(_parallel(self.total, run))
 
     def bracket(self, rows: Tensor, beta1: float, shares: Tensor) -> tuple[Tensor, Tensor]:
         """Local first brackets (lo, hi) of the given tensors (see select.sample_bracket)."""
@@ -201,7 +204,7 @@ class Batch:
                             eps, int(decay_all), start, end, _ptr(moved))  # fmt: skip
             return moved
 
-        return torch.stack(_parallel(self.total, run)).sum(0)
+        return _sum(_parallel(self.total, run))
 
     def tie_indices(self, row: int, value: int, take: int) -> Tensor:
         """Flat indices of the first ``take`` coordinates of tensor ``row`` with key ``value``."""
@@ -227,7 +230,14 @@ class Batch:
                            _ptr(counts))  # fmt: skip
             return counts
 
-        return torch.stack(_parallel(total, run)).sum(0)
+        return _sum(_parallel(total, run))
+
+
+def _sum(parts: list[Tensor]) -> Tensor:
+    """Sum of the threads' count buffers (numpy: no thread-pool wake-up for a small array)."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.from_numpy(np.sum([part.numpy() for part in parts], axis=0))
 
 
 def _u32(values: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,12 +52,14 @@ class Selection:
     tie_take: Tensor
 
 
-def ceil_log2(values: Tensor) -> Tensor:
-    """Smallest s with 2**s >= value, for int64 values >= 1."""
-    return torch.ceil(torch.log2(values.clamp(min=1).double())).long()
+def ceil_log2(values):
+    """Smallest s with 2**s >= value, for int64 values >= 1 (numpy array or tensor)."""
+    if isinstance(values, Tensor):
+        return torch.from_numpy(ceil_log2(values.numpy()))
+    return np.ceil(np.log2(np.maximum(values, 1).astype(np.float64))).astype(np.int64)
 
 
-def shift_for(width: Tensor) -> Tensor:
+def shift_for(width):
     """Bin width exponent so that BINS bins cover ``width`` bit patterns."""
     return ceil_log2((width + BINS - 1) // BINS)
 
@@ -90,10 +93,10 @@ def sample_bracket(sample: Tensor, share: float, width: float = SAMPLE_WIDTH) ->
 def agree_bracket(lo: Tensor, hi: Tensor, reduce: CountReduce = identity) -> tuple[Tensor, Tensor]:
     """(lo, shift) of the first histogram pass, identical on every shard: local brackets are
     averaged with the same sum-reduction as the counts (the bracket only affects speed)."""
-    sums = reduce(torch.stack([lo, hi, torch.ones_like(lo)]).to(torch.int64))
-    shards = sums[2].clamp(min=1)
+    sums = reduce(torch.stack([lo, hi, torch.ones_like(lo)]).to(torch.int64)).numpy()
+    shards = np.maximum(sums[2], 1)
     lo, hi = sums[0] // shards, -(-sums[1] // shards)
-    return lo, shift_for((hi - lo).clamp(min=1))
+    return torch.from_numpy(lo), torch.from_numpy(shift_for(np.maximum(hi - lo, 1)))
 
 
 def search(
@@ -109,23 +112,26 @@ def search(
 
     ``counts`` are the local histograms of the first pass over brackets (lo, shift); ``count``
     runs further passes over a subset of the tensors. Ties larger than the tolerance are broken
-    by flat index; everything else is decided on reduced counts only.
+    by flat index; everything else is decided on reduced counts only. The bookkeeping runs in
+    numpy: these arrays are small, and torch would wake its thread pool for every op.
     """
+    k, tolerance = k.numpy(), tolerance.numpy()
+    lo, shift = lo.numpy().astype(np.int64), shift.numpy().astype(np.int64)
     n_rows = len(k)
-    threshold = torch.zeros(n_rows, dtype=torch.int64)
-    tie_value = torch.full((n_rows,), -1, dtype=torch.int64)
-    tie_take = torch.zeros(n_rows, dtype=torch.int64)
-    rows = torch.arange(n_rows)
-    counts = reduce(counts)
+    threshold = np.zeros(n_rows, dtype=np.int64)
+    tie_value = np.full(n_rows, -1, dtype=np.int64)
+    tie_take = np.zeros(n_rows, dtype=np.int64)
+    rows = np.arange(n_rows)
+    counts = reduce(counts).numpy()
     for _ in range(MAX_PASSES):
         need, tol = k[rows], tolerance[rows]
-        at_least = counts.flip(1).cumsum(1).flip(1)  # at_least[:, j]: keys >= lo + j * 2**shift
+        at_least = counts[:, ::-1].cumsum(1)[:, ::-1]  # at_least[:, j]: keys >= lo + j * 2**shift
         below = at_least[:, 0] < need  # the k-th key is under the bracket
         over = at_least[:, BINS] >= need  # ... or above it
         inside = ~below & ~over
-        b = ((at_least[:, :BINS] >= need.unsqueeze(1)).sum(1) - 1).clamp(min=0)
-        above = at_least.gather(1, (b + 1).unsqueeze(1)).squeeze(1)
-        population = counts.gather(1, b.unsqueeze(1)).squeeze(1)
+        b = np.maximum((at_least[:, :BINS] >= need[:, None]).sum(1) - 1, 0)
+        above = np.take_along_axis(at_least, (b + 1)[:, None], 1)[:, 0]
+        population = np.take_along_axis(counts, b[:, None], 1)[:, 0]
         missing = need - above  # keys still to take from bin b (1..population)
         extra = population - missing  # overshoot if the whole bin b moves
         edge = lo + (b << shift)
@@ -135,19 +141,20 @@ def search(
         skip_bin = inside & ~take_bin & (missing <= tol)
         tie = inside & ~take_bin & ~skip_bin & (shift == 0)
         done = take_bin | skip_bin | tie
-        threshold[rows] = torch.where(take_bin, edge, next_edge)
+        threshold[rows] = np.where(take_bin, edge, next_edge)
         tie_value[rows[tie]] = edge[tie]
         tie_take[rows[tie]] = missing[tie]
 
-        new_lo = torch.where(below, 0, torch.where(over, next_edge.clamp(max=KEY_END), edge))
-        new_shift = torch.where(
+        new_lo = np.where(below, 0, np.where(over, np.minimum(next_edge, KEY_END), edge))
+        new_shift = np.where(
             below,
             shift_for(lo),
-            torch.where(over, shift_for(KEY_END - new_lo), (shift - REFINE_SHIFT).clamp(min=0)),
+            np.where(over, shift_for(KEY_END - new_lo), np.maximum(shift - REFINE_SHIFT, 0)),
         )
         keep = ~done
-        if not bool(keep.any()):
-            return Selection(threshold, tie_value, tie_take)
+        if not keep.any():
+            return Selection(*(torch.from_numpy(a) for a in (threshold, tie_value, tie_take)))
         rows, lo, shift = rows[keep], new_lo[keep], new_shift[keep]
-        counts = reduce(count(rows, lo, shift))
+        more = count(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (rows, lo, shift)))
+        counts = reduce(more).numpy()
     raise RuntimeError("MoFO threshold search did not converge (inconsistent counts?)")
