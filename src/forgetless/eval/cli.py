@@ -34,6 +34,8 @@ def eval_command(
 ) -> None:
     """Measure held-out accuracy, target skill and drift from the base model."""
     from forgetless.eval.evaluator import DEFAULT_SUITE, evaluate
+    from forgetless.eval.targets import get_target
+    from forgetless.eval.tasks import load_spec
     from forgetless.models import load_model
 
     tasks = _split(suite) or list(DEFAULT_SUITE)
@@ -41,10 +43,13 @@ def eval_command(
         tasks = []
     if not tasks and target is None and base is None:
         raise ForgetlessError("nothing to evaluate: give a --suite, a --target or a --base")
+    specs = [load_spec(t) for t in tasks]  # a bad task file fails before any model loads
+    if target is not None:
+        get_target(target)
     tuned, tokenizer = load_model(model)
     base_model = load_model(base)[0] if base else None
     result = evaluate(
-        tuned, tokenizer, suite=tasks, limit=limit or None, seed=seed, target=target,
+        tuned, tokenizer, suite=specs, limit=limit or None, seed=seed, target=target,
         target_limit=target_limit or None, base_model=base_model, batch_size=batch_size,
         num_fewshot=num_fewshot, model_name=model, base_name=base,
     )

@@ -224,9 +224,10 @@ def _pick_shots(spec: TaskSpec, shots: list[dict], row: dict, k: int, rng: rando
 def _evaluate(spec: TaskSpec, key: str, row: dict) -> Any:
     compiled = spec._compiled[key]
     try:
-        if hasattr(compiled, "render"):
-            return compiled.render(**row)
-        return compiled(**row)
+        value = compiled.render(**row) if hasattr(compiled, "render") else compiled(**row)
+        if isinstance(value, jinja2.Undefined):
+            value._fail_with_undefined_error()
+        return value
     except Exception as err:  # a template error names the task, field and row
         raise ForgetlessError(
             f"task '{spec.name}': cannot evaluate {key} on row {row.get('_file')}:"
