@@ -37,3 +37,34 @@ def test_loss_falls_and_frozen_weights_are_bit_identical(tmp_path, base, method)
         if method == "attn-qkv":
             assert not any("o_proj" in n for n in changed)
     assert changed, "nothing trained"
+
+
+def test_mofo_moves_about_fraction_of_each_matrix_per_step(base):
+    """With fraction=0.1, each >=2-D tensor changes in ~10% of its coordinates per step.
+
+    Tolerance: MoFO's fast threshold lands within 0.2% of k (``forgetless.optim.mofo.TOLERANCE``);
+    a tensor with fewer non-zero-momentum coordinates than k (the embedding: most vocabulary rows
+    get no gradient) moves only those, so it is bounded above, not pinned.
+    """
+    from forgetless.data import build_dataset
+    from forgetless.methods import MethodOptions, prepare_model
+    from forgetless.optim.mofo import TOLERANCE
+
+    _, tokenizer = base
+    model, _ = load_model("smollm2-135m")
+    prepared = prepare_model(model, "mofo", MethodOptions(fraction=0.1))
+    optimizer = prepared.make_optimizer(lr=1e-4, weight_decay=0.0)
+    rows = build_dataset(tokenizer, "count_letters", max_length=64, limit=4)
+    batch = {k: torch.tensor(rows[k]) for k in ("input_ids", "labels", "attention_mask")}
+    matrices = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
+    for _step in range(2):
+        before = {n: p.detach().clone() for n, p in matrices.items()}
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+        for name, param in matrices.items():
+            share = (param.detach() != before[name]).float().mean().item()
+            if "embed_tokens" in name:
+                assert 0 < share <= 0.1 * (1 + TOLERANCE) + 1e-6, (name, share)
+            else:
+                assert abs(share - 0.1) <= 0.1 * TOLERANCE + 1e-4, (name, share)
