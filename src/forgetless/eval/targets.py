@@ -156,6 +156,25 @@ def _gsm8k_rows() -> list[TargetRow]:
 register_target(Target("gsm8k", load=_gsm8k_rows, max_new_tokens=256))
 
 
+def _count_letters_rows() -> list[TargetRow]:
+    """The test split of the synthetic letter-counting task: each distinct question once, at most
+    60 per answer, so always answering "1" (or "0") scores about a third, not a half."""
+    from forgetless.data import count_letters_rows
+
+    unique = {row["prompt"]: row["response"] for row in count_letters_rows("test", n=4000)}
+    per_answer: dict[str, int] = {}
+    rows = []
+    for prompt, answer in unique.items():
+        per_answer[answer] = per_answer.get(answer, 0) + 1
+        if per_answer[answer] <= 60:
+            messages = [{"role": "user", "content": prompt}]
+            rows.append(TargetRow(f"test:{len(rows)}", messages, answer, answer))
+    return rows
+
+
+register_target(Target("count_letters", load=_count_letters_rows, max_new_tokens=8))
+
+
 def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     """The chat-formatted prompt up to the assistant's turn (plain text if no template)."""
     if getattr(tokenizer, "chat_template", None):
