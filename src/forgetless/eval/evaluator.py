@@ -56,7 +56,7 @@ def evaluate(
         task_limit = limit.get(spec.name, DEFAULT_LIMIT) if isinstance(limit, Mapping) else limit
         loaded = load_task(spec, task_limit, seed, num_fewshot or 0)
         loaded_tasks.append(loaded)
-        records, metrics = _score_task(model, tokenizer, loaded, batch_size)
+        records, metrics = score_task(model, tokenizer, loaded, batch_size)
         result.per_item[spec.name] = records
         result.metrics.update(metrics)
         accuracies.append(metrics[f"{spec.name}/acc"])
@@ -98,7 +98,8 @@ def default_drift_prompts(
     return prompts[:n]
 
 
-def _score_task(model, tokenizer, loaded: LoadedTask, batch_size: int):
+def score_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
+    """Per-item records and ``<task>/acc`` (+ ``acc_norm``) Metrics for one loaded task."""
     name = loaded.spec.name
     if not loaded.items:
         raise ForgetlessError(f"task '{name}' has no items")
