@@ -206,11 +206,63 @@ def zero(rank: int, world: int) -> dict:
     return {"steps": STEPS, "tensors": len(shapes), "partition_size": size}
 
 
-SCENARIOS = {"ddp": ddp, "fsdp2": fsdp2, "crafted": crafted, "zero": zero}
+def deepspeed_zero(stage: int):
+    """DeepSpeed ZeRO-``stage`` on CPU/gloo with its real flat partitions, vs one process.
+
+    Both ranks get the same batch, so DeepSpeed's averaged gradient equals the single-process
+    gradient bit for bit ((g + g) / 2 = g) and the comparison is exact.
+    """
+
+    def run(rank: int, world: int) -> dict:
+        import deepspeed
+
+        from forgetless.optim.zero import attach_zero
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(),
+                              nn.Linear(7, 3))  # fmt: skip
+        reference = copy.deepcopy(model)
+        config = {
+            "train_micro_batch_size_per_gpu": 4,
+            "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": 0.0,  # clipping rescales by a norm: an extra rounding
+        }
+        client = ShardedMoFO(model.parameters(), **OPTIONS)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=client, config=config)
+        assert attach_zero(engine) is client
+        ref_optimizer = MoFO(reference.parameters(), **OPTIONS)
+        moved = 0
+        for step in range(STEPS):
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+            engine.backward(engine(x).pow(2).sum())
+            engine.step()
+            reference(x).pow(2).sum().backward()
+            ref_optimizer.step()
+            ref_optimizer.zero_grad()
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
+                for i, (p, q) in enumerate(zip(model.parameters(), reference.parameters(),
+                                               strict=True)):  # fmt: skip
+                    _same(f"ZeRO-{stage} step {step} tensor {i}", p.detach().clone(), q.detach())
+            local = torch.tensor(sum(int(client.state[f].get("moved", 0)) for f in client.layouts))
+            dist.all_reduce(local)
+            want = sum(int(ref_optimizer.state[q]["moved"]) for q in reference.parameters())
+            _same(f"ZeRO-{stage} step {step} moved", local, torch.tensor(want))
+            moved += want
+        flat_sizes = [f.numel() for f in client.layouts]
+        return {"steps": STEPS, "moved": moved, "partition_sizes": flat_sizes,
+                "optimizer": type(engine.optimizer).__name__}  # fmt: skip
+
+    return run
+
+
+SCENARIOS = {"ddp": ddp, "fsdp2": fsdp2, "crafted": crafted, "zero": zero,
+             **{f"zero{stage}": deepspeed_zero(stage) for stage in (1, 2, 3)}}  # fmt: skip
 
 
 def _worker(rank: int, scenarios: str, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # fmt: skip
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     summaries = {}
@@ -225,6 +277,7 @@ def _worker(rank: int, scenarios: str, world: int, port: int, out: str) -> None:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU, communicating with gloo
     name, world_size, master_port, out_path = sys.argv[1:5]
     mp.spawn(_worker, args=(name, int(world_size), int(master_port), out_path),
              nprocs=int(world_size))  # fmt: skip
