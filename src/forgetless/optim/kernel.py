@@ -30,6 +30,7 @@ from forgetless.paths import cache_dir
 SOURCE = Path(__file__).with_name("mofo_kernel.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
 DISABLE_ENV = "FORGETLESS_MOFO_KERNEL"  # set to 0 to force the torch path
+CFLAGS_ENV = "FORGETLESS_MOFO_CFLAGS"  # extra flags, e.g. -mno-avx512f to test the plain-C loops
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -62,7 +63,8 @@ def _cpu_tag() -> str:
 
 def _build() -> Path:
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_tag().encode()).hexdigest()
+    flags = FLAGS + os.environ.get(CFLAGS_ENV, "").split()
+    key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_tag().encode()).hexdigest()
     target = cache_dir() / "kernels" / f"mofo-{key[:16]}.so"
     if target.is_file():
         return target
@@ -73,7 +75,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True,
+        subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], check=True,
                        capture_output=True, text=True)  # fmt: skip
         os.replace(tmp, target)  # atomic: a half-written library is never loaded
     finally:
