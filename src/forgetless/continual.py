@@ -163,10 +163,22 @@ def register_arc_letter(out: Path) -> str:
     return str(train_file)
 
 
+def _register_file_target(name: str, path: str) -> str:
+    """A held-out ``.jsonl`` as target ``name`` with a generation budget from its longest
+    reference (a short-answer task should not generate the default 256 tokens)."""
+    from forgetless.eval import Target, get_target, register_target
+
+    rows = get_target(path).load
+    longest = max(len(row.response) for row in rows())
+    register_target(Target(name, load=rows, max_new_tokens=min(256, max(32, longest + 16))))
+    return name
+
+
 def resolve_stages(config: ContinualConfig, out: Path) -> list[Stage]:
     """Task entries → stages with training data and an eval target (registered on the way)."""
     from forgetless.compare import ensure_target
     from forgetless.data import BUILTIN_TASKS
+    from forgetless.eval import registered_targets
 
     stages = []
     for entry in config.tasks:
@@ -181,6 +193,8 @@ def resolve_stages(config: ContinualConfig, out: Path) -> list[Stage]:
                 f"task '{entry.name}': give 'target:' (a held-out .jsonl of the task or a "
                 "registered target); scoring its own training rows would hide forgetting"
             )
+        if target.endswith((".jsonl", ".json")) and target not in registered_targets():
+            target = _register_file_target(entry.name, target)
         ensure_target(target)
         stages.append(Stage(entry.name, data, target, entry.train))
     if len(stages) < 2:
@@ -226,8 +240,8 @@ def continual_metrics(matrix: list[list[float]]) -> dict[str, float]:
     }
 
 
-def score_row(result, stages: list[Stage]) -> list[float]:
-    return [result.metrics[f"{_target_key(s.target)}/exact_match"].value for s in stages]
+def score_row(result, stages: list[Stage], metric: str = "exact_match") -> list[float]:
+    return [result.metrics[f"{_target_key(s.target)}/{metric}"].value for s in stages]
 
 
 def _target_key(target: str) -> str:
@@ -365,7 +379,9 @@ def summarize(base, per_method: dict[str, list], stages: list[Stage]) -> dict[st
         trajectory["drift/kl"][0] = 0.0 if results and "drift/kl" in results[0].metrics else None
         if results and "drift/number_mass_base" in results[0].metrics:
             trajectory["drift/number_mass"][0] = results[0].metrics["drift/number_mass_base"].value
-        methods[name] = {"R": matrix, **continual_metrics(matrix), "trajectory": trajectory,
+        nll = [score_row(r, stages, "answer_nll") for r in [base, *results]]
+        methods[name] = {"R": matrix, **continual_metrics(matrix), "answer_nll": nll,
+                         "trajectory": trajectory,
                          "heldout_stderr": [r.metrics["heldout/acc"].stderr
                                             for r in [base, *results]
                                             if "heldout/acc" in r.metrics],
@@ -427,7 +443,11 @@ def write_report(summary: dict[str, Any], out: Path) -> dict[str, Path]:
         lines += [f"## {name}: R[i][j] = exact match on task j after stage i", ""]
         rows = [[label, *(f"{v:.3f}" for v in row)] for label, row in zip(rows_label, data["R"])]
         kl = data["trajectory"]["drift/kl"]
+        nll = [[label, *(f"{v:.3f}" for v in row)]
+               for label, row in zip(rows_label, data["answer_nll"])]
         lines += [md_table(["after", *tasks], rows), "",
+                  "Answer NLL per reference token (lower = learned; rises = forgetting):", "",
+                  md_table(["after", *tasks], nll), "",
                   "drift/kl per stage: " + ", ".join("–" if v is None else f"{v:.3f}" for v in kl),
                   "", f"![R {name}]({files[f'heatmap_{name}'].name})", ""]
     files["markdown"] = out / "continual.md"
