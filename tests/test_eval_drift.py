@@ -82,7 +82,7 @@ def test_param_drift_one_changed_coordinate_by_layer_and_type():
     with torch.no_grad():
         weight[0, 0] += 0.5
     drift = param_drift(model, base)
-    w0 = base.model.layers[1].self_attn.q_proj.weight
+    w0 = base.model.layers[1].self_attn.q_proj.weight.detach()
     layer_numel = sum(p.numel() for p in base.model.layers[1].parameters())
     layer_params = list(base.model.layers[1].parameters())
     layer_norm = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in layer_params))

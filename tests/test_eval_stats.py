@@ -12,6 +12,7 @@ from forgetless.eval.stats import (
     combine_means,
     mean_metric,
     paired_bootstrap,
+    proportion_metric,
 )
 
 
@@ -22,6 +23,16 @@ def test_mean_metric_matches_hand_computation():
     assert m.stderr == pytest.approx(0.25)
     assert (m.ci_low, m.ci_high) == pytest.approx((0.75 - Z95 * 0.25, 0.75 + Z95 * 0.25))
     assert m.n == 4
+
+
+def test_proportion_uses_wilson_interval_inside_unit_range():
+    m = proportion_metric([1, 1, 1, 1])
+    # Wilson with p = 1, n = 4: centre (1 + z²/8) / (1 + z²/4), half-width (z²/8)... by hand:
+    z2 = Z95**2
+    centre, half = (1 + z2 / 8) / (1 + z2 / 4), Z95 * math.sqrt(z2 / 64) / (1 + z2 / 4)
+    assert m.value == 1.0 and m.ci_high == pytest.approx(1.0)
+    assert m.ci_low == pytest.approx(centre - half) and 0.0 < m.ci_low < 1.0
+    assert proportion_metric([0, 1]).ci_low >= 0.0
 
 
 def test_single_value_has_no_stderr_and_empty_is_nan():

@@ -16,7 +16,7 @@ from forgetless.errors import ForgetlessError
 from forgetless.eval.drift import kl_and_number_mass, param_drift
 from forgetless.eval.result import EvalResult
 from forgetless.eval.scoring import check_model_tokenizer, score_requests
-from forgetless.eval.stats import bootstrap_metric, combine_means, mean_metric
+from forgetless.eval.stats import bootstrap_metric, combine_means, proportion_metric
 from forgetless.eval.targets import Target, answer_nll, generate_greedy, get_target
 from forgetless.eval.tasks import LoadedTask, TaskSpec, load_spec, load_task
 
@@ -116,9 +116,9 @@ def score_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
             "pred_norm": pred_norm, "correct_norm": int(pred_norm == item.gold),
             "loglikelihoods": [round(float(x), 5) for x in lls],
         })
-    metrics = {f"{name}/acc": mean_metric([r["correct"] for r in records])}
+    metrics = {f"{name}/acc": proportion_metric([r["correct"] for r in records])}
     if "acc_norm" in loaded.spec.metrics:
-        metrics[f"{name}/acc_norm"] = mean_metric([r["correct_norm"] for r in records])
+        metrics[f"{name}/acc_norm"] = proportion_metric([r["correct_norm"] for r in records])
     return records, metrics
 
 
@@ -141,7 +141,7 @@ def _score_target(model, tokenizer, target: Target, limit, seed, batch_size):
     totals = [r["nll"] for r in records]
     counts = [r["tokens"] for r in records]
     metrics = {
-        f"{name}/exact_match": mean_metric([r["correct"] for r in records]),
+        f"{name}/exact_match": proportion_metric([r["correct"] for r in records]),
         f"{name}/answer_nll": bootstrap_metric([totals, counts], lambda t, c: t.sum() / c.sum()),
         f"{name}/answer_ppl": bootstrap_metric(
             [totals, counts], lambda t, c: float(np.exp(t.sum() / c.sum()))

@@ -47,6 +47,18 @@ def mean_metric(values: Sequence[float]) -> Metric:
     return _normal(value, stderr, n)
 
 
+def proportion_metric(correct: Sequence[float]) -> Metric:
+    """Share of 0/1 outcomes: lm-eval's standard error, and a Wilson score 95% interval, which
+    stays inside [0, 1] and keeps its coverage at small n or near 0% / 100%."""
+    m = mean_metric(correct)
+    if m.n == 0:
+        return m
+    p, n, z2 = m.value, m.n, Z95**2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return Metric(p, m.stderr, max(0.0, centre - half), min(1.0, centre + half), n)
+
+
 def _normal(value: float, stderr: float, n: int) -> Metric:
     if math.isnan(stderr):
         return Metric(value, stderr, math.nan, math.nan, n)

@@ -325,7 +325,10 @@ def _read_split(spec: TaskSpec, split: str) -> tuple[list[dict], dict[str, str]]
 
 def _evaluate_field(spec: TaskSpec, name: str, row: dict) -> Any:
     try:
-        return spec._compiled["fields"][name](**row)
+        value = spec._compiled["fields"][name](**row)
+        if isinstance(value, jinja2.Undefined):
+            value._fail_with_undefined_error()
+        return value
     except Exception as err:
         raise ForgetlessError(f"task '{spec.name}': cannot compute field '{name}': {err}") from err
 
