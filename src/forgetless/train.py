@@ -31,6 +31,7 @@ from forgetless.io import atomic_dir, atomic_write_json, atomic_write_text
 from forgetless.methods import MethodOptions, merge_lora, prepare_model
 from forgetless.models import load_model
 from forgetless.monitor import install_monitors
+from forgetless.optim.zero import ZeroLayoutCallback
 
 
 @dataclass
@@ -50,9 +51,19 @@ class _ForgetlessTrainer(Trainer):
     """A Trainer that adds the method's regulariser (e.g. L2 pull to θ₀) to the loss and stops
     on a non-finite loss (the stock Trainer only hides such losses from its logs)."""
 
-    def __init__(self, *args: Any, regularizer: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, regularizer: Any = None, optimizer_factory: Any = None,
+                 **kwargs: Any) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
         self.regularizer = regularizer
+        self.optimizer_factory = optimizer_factory
+        self.method_optimizer: torch.optim.Optimizer | None = None
+
+    def create_optimizer(self, model=None):
+        """The method's optimizer, built when the Trainer asks: FSDP2 then shards its parameters
+        and DeepSpeed wraps it (a ready optimizer passed in is refused or replaced by both)."""
+        if self.optimizer is None and self.optimizer_factory is not None:
+            self.optimizer = self.method_optimizer = self.optimizer_factory()
+        return super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -153,9 +164,12 @@ def train(
     dataset = build_dataset(
         tokenizer, config.data, config.max_length, config.limit, config.seed, config.packing
     )
-    optimizer = prepared.make_optimizer(
-        lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
-    )
+
+    def make_optimizer() -> torch.optim.Optimizer:
+        return prepared.make_optimizer(
+            lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
+        )
+
     trainer_dir = run_dir / "trainer"
     trainer = _ForgetlessTrainer(
         model=prepared.model,
@@ -163,10 +177,13 @@ def train(
         train_dataset=dataset,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         processing_class=tokenizer,
-        optimizers=(optimizer, None),
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), ZeroLayoutCallback()],  # MoFO under DeepSpeed ZeRO
         regularizer=prepared.regularizer,
+        optimizer_factory=make_optimizer,
     )
+    distributed = trainer.accelerator.num_processes > 1
+    if distributed and config.save_model and config.merge_lora:
+        raise ForgetlessError("merge_lora under accelerate launch: train, then merge in 1 process")
     monitors = install_monitors(trainer, config)  # ForgettingMonitor, if asked for
     resume = config.resume and _has_checkpoint(trainer_dir)
     start = time.perf_counter()
@@ -179,7 +196,12 @@ def train(
     ]
     tuned = prepared.model
     model_dir = None
-    if config.save_model:
+    if config.save_model and distributed:  # all processes gather shards, the main one writes
+        model_dir = run_dir / "model"
+        trainer.save_model(str(model_dir))
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(model_dir)
+    elif config.save_model:
         model_dir = run_dir / "model"
         to_save = merge_lora(tuned) if config.merge_lora else tuned
         with atomic_dir(model_dir) as tmp:
@@ -192,7 +214,7 @@ def train(
         "trainable_params": prepared.trainable,
         "total_params": prepared.total,
         "trainable_share": prepared.share,
-        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.method_optimizer),
         "train_seconds": seconds,
         "steps": trainer.state.global_step,
         "train_loss": output.training_loss,
@@ -203,5 +225,6 @@ def train(
         "resumed": bool(resume),
         "monitor": [monitor.summary() for monitor in monitors],
     }
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    if trainer.is_world_process_zero():
+        atomic_write_json(run_dir / "metrics.json", metrics)
     return TrainResult(config, run_dir, model_dir, metrics, losses, tuned, tokenizer)

@@ -106,7 +106,7 @@ class PreparedModel:
         if not self.method.mofo:
             return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         try:
-            from forgetless.optim import MoFO
+            from forgetless.optim.distributed import ShardedMoFO as MoFO  # = MoFO on whole tensors
         except ImportError as err:  # pragma: no cover - MoFO ships with forgetless
             raise ForgetlessError(f"method '{self.method.name}' needs MoFO: {err}") from err
         try:
