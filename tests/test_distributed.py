@@ -7,41 +7,18 @@ dominates on CPU); each test checks its scenario's outcome. A hang fails through
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from dist_scripts.launch import free_port, run
 
 pytestmark = pytest.mark.distributed
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 SCENARIOS = ("ddp", "fsdp2", "crafted", "zero", "zero1", "zero2", "zero3")
 TIMEOUT = 300  # seconds for the whole launch; ~80 s on 2 busy cores
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run(command: list[str], timeout: float, env: dict | None = None) -> tuple[int, str]:
-    """Run a launcher in its own process group; kill that group if it outlives ``timeout``."""
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{command[:4]} hung for {timeout} s:\n{output[-3000:]}")
-    return proc.returncode, output
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,68 @@
+"""``forgetless train`` under a 2-process ``accelerate launch`` (DDP on CPU, gloo, 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_scripts.launch import free_port, run
+
+pytestmark = pytest.mark.distributed
+
+CONFIG = Path(__file__).parents[1] / "configs" / "accelerate" / "ddp-cpu.yaml"
+STEPS = 3
+FRACTION = 0.1
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A tiny Llama (hidden 16) with SmolLM2's tokenizer, and 16 prompt/response rows."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from forgetless.models import resolve_model
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": str(2 * i)} for i in range(16)]
+    (folder / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def test_accelerate_launch_train_two_processes(tiny_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+        "--main_process_port", str(free_port()), "-m", "forgetless", "train",
+        f"model={tiny_folder}", f"data={tiny_folder / 'data.jsonl'}", "method=mofo",
+        f"fraction={FRACTION}", f"max_steps={STEPS}", "batch_size=2", "logging_steps=1",
+        "learning_rate=1e-3", "report_to=[]", f"output_dir={out}",
+    ]  # fmt: skip
+    code, output = run(command, TIMEOUT, env={"OMP_NUM_THREADS": "1"})
+    assert code == 0, output[-4000:]
+    assert output.count("[forgetless] mofo: full+mofo") == 2  # one line per process
+    assert "'epoch': '0.25'" in output  # 16 rows, 2 per process: 4 steps per epoch
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == STEPS and metrics["optimizer_state_bytes"] > 0
+
+    base = load_file(tiny_folder / "model.safetensors")
+    tuned = load_file(out / "model" / "model.safetensors")
+    for name, weight in base.items():
+        changed = (tuned[name] != weight).double().mean().item()
+        if weight.dim() >= 2:  # MoFO: at most the top 10 % per step moved, not all of AdamW
+            assert 0 < changed <= STEPS * FRACTION + 1e-3, (name, changed)
