@@ -54,6 +54,7 @@ def test_report_folder_and_mlflow_store(tmp_path, model_dir):
 
     config = _config(tmp_path, model_dir, ["full", {"name": "lora-hi", "method": "lora",
                                                     "learning_rate": 2e-2}], interpolate=[0.5])
+    config["eval"]["drift_prompts"] = 3
     result = compare(config)
     out = tmp_path / "cmp"
     for name in ("report.md", "report.html", "results.json", "learning_vs_forgetting.png",
@@ -63,7 +64,7 @@ def test_report_folder_and_mlflow_store(tmp_path, model_dir):
     assert [m["name"] for m in results["methods"]] == ["full", "lora-hi"]
     full = results["methods"][0]
     assert results["target"] == "count_letters"
-    assert results["sample_sizes"] == {"arc_easy": 4, "count_letters": 2, "drift_prompts": 4}
+    assert results["sample_sizes"] == {"arc_easy": 4, "count_letters": 2, "drift_prompts": 3}
     assert full["heldout"]["arc_easy"]["delta"]["n"] == 4
     assert full["train"]["steps"] == 2 and len(full["train"]["loss_history"]) == 2
     assert [p["lambda"] for p in full["interpolation"]] == [0.5]

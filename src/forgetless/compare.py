@@ -64,6 +64,7 @@ class EvalSettings(BaseModel):
     seed: int = 0
     batch_size: int = Field(16, ge=1)
     num_fewshot: int | None = Field(None, ge=0)
+    drift_prompts: int | None = Field(None, ge=1)  # held-out prompts for KL; None: eval's default
 
 
 class CompareConfig(BaseModel):
@@ -257,15 +258,28 @@ class _Session:
         from forgetless.eval import evaluate
 
         settings = self.config.eval
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         result = evaluate(
             model, self.tokenizer, suite=settings.suite, limit=settings.limit,
             seed=settings.seed, target=self.target, target_limit=settings.target_limit,
-            base_model=self.base if with_base else None, batch_size=settings.batch_size,
+            base_model=self.base if with_base else None, drift_prompts=self.drift_prompts(),
+            batch_size=settings.batch_size,
             num_fewshot=settings.num_fewshot, model_name=name, base_name=self.model_name,
         )
-        _say(f"evaluated {name} in {time.perf_counter() - started:.0f} s: " + _headline(result))
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        _say(f"evaluated {name} in {seconds:.0f} s ({cpu:.0f} CPU s): {_headline(result)}")
         return result
+
+    def drift_prompts(self) -> list[str] | None:
+        """The first ``eval.drift_prompts`` held-out contexts, as ``evaluate`` would pick them."""
+        from forgetless.eval import default_drift_prompts, load_spec, load_task
+
+        settings = self.config.eval
+        if settings.drift_prompts is None:
+            return None
+        tasks = [load_task(load_spec(name), settings.limit, settings.seed,
+                           settings.num_fewshot or 0) for name in settings.suite]
+        return default_drift_prompts(tasks, settings.drift_prompts) or None
 
     def base_record(self) -> dict:
         """The base model's evaluation, reused when its eval settings did not change."""
