@@ -299,3 +299,48 @@ def test_resume_mid_run_with_fast_selection(backend):
         resumed.step()
     for a, b in zip(params, clones, strict=True):
         assert torch.equal(a, b)
+
+
+class _ThreadSum:
+    """count_reduce for two 'ranks' running in two threads: the elementwise sum of both."""
+
+    def __init__(self):
+        import threading
+
+        self.barrier = threading.Barrier(2)
+        self.slots = [None, None]
+
+    def reducer(self, rank):
+        def reduce(counts):
+            self.slots[rank] = counts.clone()
+            self.barrier.wait()
+            total = self.slots[0] + self.slots[1]
+            self.barrier.wait()
+            return total
+
+        return reduce
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_count_reduce_gives_shards_the_global_threshold(backend):
+    """Two shards of one tensor, stepped in two threads that sum counts, move exactly the
+    coordinates a single optimizer moves on the whole tensor (exact mode)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    whole = _params(shapes=((200, 50),))
+    shards = [
+        torch.nn.Parameter(whole[0].detach()[i * 100 : (i + 1) * 100].clone()) for i in (0, 1)
+    ]
+    total = _ThreadSum()
+    kwargs = dict(lr=1e-2, weight_decay=0.1, fraction=0.1, exact=True, backend=backend)
+    single = MoFO(whole, **kwargs)
+    parts = [MoFO([s], count_reduce=total.reducer(i), **kwargs) for i, s in enumerate(shards)]
+    for step in range(3):
+        _set_grads(whole, step)
+        for i, shard in enumerate(shards):
+            shard.grad = whole[0].grad[i * 100 : (i + 1) * 100].clone()
+        single.step()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda opt: opt.step(), parts))
+        torch.testing.assert_close(torch.cat([s.detach() for s in shards]), whole[0].detach(),
+                                   rtol=0, atol=0)  # fmt: skip
