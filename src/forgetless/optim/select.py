@@ -3,10 +3,10 @@
 Keys are non-negative float32 values compared as their bit patterns (an int in [0, 2**31) whose
 order is the numeric order), so every threshold and bin edge is an exact integer and a count
 "how many keys >= t" is exact. A search starts from a bracket estimated on a small sample (2048
-keys per tensor, the only keys ever ordered), then
-reads histograms of the keys in the bracket: ``BINS`` equal bins of ``2**shift`` bit patterns
-each, plus one bin for everything above. The bin holding the k-th largest key becomes the next
-bracket until the count is within tolerance; a bin of a single value is a tie, broken by index.
+keys per tensor, the only keys ever ordered), then reads histograms of the keys in the bracket:
+``BINS`` equal bins of ``2**shift`` bit patterns each, plus one bin for everything above. The bin
+holding the k-th largest key becomes the next bracket until the count is within tolerance; a bin
+of a single value is a tie, broken by index.
 
 Sharding: every quantity the search reads is a count (bin histograms, sizes) or, for the first
 bracket (which only affects speed), a sum of local estimates.
