@@ -1,0 +1,124 @@
+"""Continual runs: R matrix and its summary numbers, resumable stages, report and MLflow."""
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from forgetless.continual import (
+    continual,
+    continual_metrics,
+    extract_letter,
+    load_continual_config,
+    register_arc_letter,
+)
+from forgetless.errors import ForgetlessError
+from forgetless.models import resolve_model
+from test_train import tiny_llama
+
+
+def test_metrics_from_a_hand_made_matrix():
+    # rows: base, after stage 1..3; columns: tasks 1..3
+    R = [[0.1, 0.2, 0.3],
+         [0.8, 0.3, 0.3],
+         [0.6, 0.9, 0.4],
+         [0.5, 0.7, 0.9]]
+    m = continual_metrics(R)
+    assert m["acc"] == pytest.approx((0.5 + 0.7 + 0.9) / 3)
+    assert m["bwt"] == pytest.approx(((0.5 - 0.8) + (0.7 - 0.9)) / 2)
+    assert m["fwt"] == pytest.approx(((0.3 - 0.2) + (0.4 - 0.3)) / 2)
+    assert m["forgetting"] == pytest.approx(((0.8 - 0.5) + (0.9 - 0.7)) / 2)
+    with pytest.raises(ForgetlessError):
+        continual_metrics([[0.1], [0.2]])
+
+
+def test_arc_letter_task(tmp_path):
+    train_file = register_arc_letter(tmp_path)
+    rows = [json.loads(line) for line in Path(train_file).read_text().splitlines()]
+    assert len(rows) > 2000 and {r["response"] for r in rows} <= set("ABCDE")
+    assert "A. " in rows[0]["prompt"]
+    assert [extract_letter(t) for t in ("B", " (C) because", "Answer: D.", "a")] == [
+        "B", "C", "D", "A"]
+
+
+def test_unscorable_user_task_is_an_error(tmp_path):
+    config = load_continual_config({"tasks": ["count_letters", {"name": "x", "data": "x.jsonl"}],
+                                    "output_dir": str(tmp_path)})
+    with pytest.raises(ForgetlessError, match="give 'target:'"):
+        continual(config, track=False)
+
+
+def _write_task(folder, name, pairs):
+    rows = [json.dumps({"prompt": p, "response": r}) for p, r in pairs]
+    (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+    return str(folder / f"{name}.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(folder)
+    return folder
+
+
+def test_three_stages_two_methods_resume(tmp_path, tiny_dir, capsys, monkeypatch):
+    sums = [(f"What is {a} plus {b}?", str(a + b)) for a in range(6) for b in range(6)]
+    doubles = [(f"Double {a}.", str(2 * a)) for a in range(30)]
+    tasks = ["count_letters",
+             {"name": "sums", "data": _write_task(tmp_path, "sums", sums[:30]),
+              "target": _write_task(tmp_path, "sums_test", sums[30:])},
+             {"name": "doubles", "data": _write_task(tmp_path, "doubles", doubles[:24]),
+              "target": _write_task(tmp_path, "doubles_test", doubles[24:])}]
+    config = {"model": str(tiny_dir), "tasks": tasks, "methods": ["full", "attn"],
+              "train": {"max_steps": 2, "batch_size": 2, "max_length": 64, "limit": 4,
+                        "learning_rate": 1e-2, "report_to": [], "logging_steps": 1},
+              "eval": {"suite": ["arc_easy"], "limit": 3, "target_limit": 3, "batch_size": 4},
+              "output_dir": str(tmp_path / "out")}
+    out = tmp_path / "out"
+
+    # interrupted in the last stage of the second method
+    import forgetless.train
+
+    real_train = forgetless.train.train
+
+    def crash_in_attn_stage3(config, **kwargs):
+        if config.output_dir.endswith("stage3-doubles") and config.method == "attn":
+            raise KeyboardInterrupt
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(forgetless.train, "train", crash_in_attn_stage3)
+    with pytest.raises(KeyboardInterrupt):
+        continual(config)
+    assert not (out / "continual.json").exists()
+    monkeypatch.setattr(forgetless.train, "train", real_train)
+    capsys.readouterr()
+
+    summary = continual(config)  # resumes: only attn stage 3 trains
+    log = capsys.readouterr().out
+    assert log.count("finished before") == 5 and log.count("training on") == 1
+    assert "attn stage 3/3: training on doubles" in log
+    assert summary["tasks"] == ["count_letters", "sums", "doubles"]
+    for name in ("full", "attn"):
+        data = summary["methods"][name]
+        assert len(data["R"]) == 4 and all(len(row) == 3 for row in data["R"])
+        assert all(0 <= v <= 1 for row in data["R"] for v in row)
+        assert data["bwt"] == pytest.approx(continual_metrics(data["R"])["bwt"])
+        assert len(data["trajectory"]["heldout/acc"]) == 4
+        assert (out / f"R_{name}.png").is_file()
+        # only the last stage keeps its weights (keep_models: false)
+        assert not (out / name / "stage1-count_letters" / "model").exists()
+        assert (out / name / "stage3-doubles" / "model" / "config.json").is_file()
+    assert (out / "heldout_curve.png").is_file() and (out / "mlflow.db").is_file()
+    assert "BWT" in (out / "continual.md").read_text()
+    saved = json.loads((out / "continual.json").read_text())
+    assert saved["methods"]["full"]["R"] == summary["methods"]["full"]["R"]
+    logged = json.loads((out / "mlflow.json").read_text())
+    assert set(logged) == {"full", "attn"}
+
+    again = continual(config)  # all finished: nothing trains, MLflow runs are reused
+    log = capsys.readouterr().out
+    assert log.count("finished before") == 6 and "training on" not in log
+    assert again["methods"] == summary["methods"]
+    assert json.loads((out / "mlflow.json").read_text()) == logged
