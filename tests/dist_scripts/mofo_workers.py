@@ -104,6 +104,7 @@ def fsdp2(rank: int, world: int) -> dict:
             moved += int(local)
         optimizer.zero_grad()
         ref_optimizer.zero_grad()
+    _checkpoint_roundtrip(model, optimizer, rank)
     fast = ShardedMoFO(model.parameters(), **{**OPTIONS, "exact": False})
     ids = _batch(rank, STEPS)
     model(input_ids=ids, labels=ids).loss.backward()
@@ -119,6 +120,33 @@ def fsdp2(rank: int, world: int) -> dict:
         raise AssertionError(f"fast mode moved {worst:.2%} away from k on a sharded tensor")
     return {"steps": STEPS, "moved": moved, "sharded": type(named[0][1]).__name__,
             "fast_worst_relative_count_error": worst}  # fmt: skip
+
+
+def _checkpoint_roundtrip(model: nn.Module, optimizer: ShardedMoFO, rank: int) -> None:
+    """DTensor state goes through torch.distributed.checkpoint's optimizer state dict: a fresh
+    optimizer loaded from it takes the same next step as the original."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer))  # it shares tensors
+    weights = [p.detach().clone() for p in model.parameters()]
+    ids = _batch(rank, 99)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    after = [p.full_tensor() for p in model.parameters()]
+    with torch.no_grad():
+        for p, w, g in zip(model.parameters(), weights, grads, strict=True):
+            p.copy_(w)
+            p.grad = g
+    restored = ShardedMoFO(model.parameters(), **OPTIONS)
+    set_optimizer_state_dict(model, restored, saved)
+    restored.step()
+    for i, (p, want) in enumerate(zip(model.parameters(), after, strict=True)):
+        _same(f"resumed step, tensor {i}", p.full_tensor(), want)
+    model.zero_grad()
 
 
 def _crafted_grads(step: int) -> dict[str, torch.Tensor]:
