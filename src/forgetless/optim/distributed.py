@@ -5,8 +5,9 @@ MoFO moves, in every tensor, the coordinates whose |momentum| is in the top ``fr
 under ZeRO or FSDP what trains depends on the number of GPUs. Here each process keeps its
 shard and the selection is global anyway: the threshold search of ``forgetless.optim.select``
 only reads counts (sizes, histograms), so summing those small vectors over the shard's process
-group gives every rank the same global threshold, and the bytes sent depend on the number of
-tensors and bins, never on tensor size (see ``bench/threshold_comm.py``).
+group gives every rank the same global threshold. The bytes sent grow with the number of
+tensors and bins; tensor size only changes how many histogram passes a search takes (1 to 2
+measured, 8 at most), never the size of a message (see ``bench/threshold_comm.py``).
 
 - DDP: every rank holds whole replicated tensors with identical, all-reduced gradients, so plain
   :class:`~forgetless.optim.MoFO` is already exact and no collective is added.
