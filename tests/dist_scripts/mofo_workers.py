@@ -101,6 +101,8 @@ def fsdp2(rank: int, world: int) -> dict:
             local = optimizer.state[p]["moved"].reshape(1).clone()
             dist.all_reduce(local)
             _same(f"step {step} {name} moved", local[0], ref_optimizer.state[q]["moved"])
+            if set(optimizer.state[p]) != set(ref_optimizer.state[q]):  # e.g. a kept threshold
+                raise AssertionError(f"{name}: state keys {set(optimizer.state[p])} differ")
             moved += int(local)
         optimizer.zero_grad()
         ref_optimizer.zero_grad()

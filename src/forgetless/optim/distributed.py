@@ -126,7 +126,7 @@ class ShardedMoFO(MoFO):
         self._shards: ShardGroup | None = None  # the shard group of the tensors being stepped
         self._owners: dict[Tensor, Tensor] = {}  # local shard -> its DTensor, during a step
         self._segment_states: dict[Tensor, dict[str, Any]] = {}  # segment view -> its state
-        self._views: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self._views: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = []
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
@@ -180,7 +180,7 @@ class ShardedMoFO(MoFO):
             if shard is not params[i]:
                 self._owners[shard] = params[i]
                 shard.grad = _local(params[i].grad)
-        views: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        views: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = []
         self._views = views
         self._shards = shards
         self.count_reduce = select.identity if shards is None else shards.sum
@@ -188,9 +188,12 @@ class ShardedMoFO(MoFO):
             local_params = [local.get(i, p) for i, p in enumerate(params)]
             super()._group_step({**group, "params": local_params}, positions)
         finally:
-            for state, view in views:
-                if "moved" in view:
-                    state["moved"] = view["moved"]
+            for state, view, before in views:  # keys MoFO set or dropped reach the real state
+                for key, value in view.items():
+                    if before.get(key) is not value:
+                        state[key] = value
+                for key in before.keys() - view.keys():
+                    state.pop(key, None)
             for i, shard in local.items():
                 if shard is not params[i]:
                     shard.grad = None
@@ -238,7 +241,7 @@ class ShardedMoFO(MoFO):
             return super()._state(param)
         state = super()._state(owner)  # DTensor moments, like the parameter
         view = {key: _local(value) for key, value in state.items()}
-        self._views.append((state, view))
+        self._views.append((state, view, dict(view)))
         return view
 
     def _step_ties(self, batch, row, tie_value, take, *step_args) -> int:
