@@ -164,7 +164,7 @@ class Batch:
         los32, shifts32 = _u32(los), shifts.to(torch.int32)
 
         def run(start, end, _):
-            counts = torch.zeros(self.count, bins + 1, dtype=torch.int64)
+            counts = _zeros(self.count, bins + 1)
             lib.mofo_moments(self.count, _ptr(self.numels), _ptr(self.grads), _ptr(self.exp_avgs),
                              _ptr(self.exp_avg_sqs), 1 - beta1, beta2, 1 - beta2, self.mode,
                              _ptr(self.seed_array), _ptr(los32), _ptr(shifts32), bins, start, end,
@@ -226,13 +226,19 @@ class Batch:
         total = int(numels.sum())
 
         def run(start, end, _):
-            counts = torch.zeros(len(index), bins + 1, dtype=torch.int64)
+            counts = _zeros(len(index), bins + 1)
             lib.mofo_count(len(index), _ptr(numels), _ptr(grads), _ptr(exp_avgs), self.mode,
                            _ptr(seeds), _ptr(los32), _ptr(shifts32), bins, start, end,
                            _ptr(counts))  # fmt: skip
             return counts
 
         return _sum(_parallel(total, run))
+
+
+def _zeros(*shape: int) -> Tensor:
+    """A count buffer from numpy: torch would fill a buffer this size with its OpenMP pool,
+    whose workers then spin for milliseconds on the cores our threads are about to use."""
+    return torch.from_numpy(np.zeros(shape, dtype=np.int64))
 
 
 def _sum(parts: list[Tensor]) -> Tensor:
