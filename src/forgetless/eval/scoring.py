@@ -104,47 +104,73 @@ def _forward(model, keep: int | None = None, **inputs):
     return out.logits[:, -keep:], out.past_key_values
 
 
-def _score_batch_shared(model, batch: list[_Group], pad_id: int) -> list[list[float]]:
-    """One pass over each context plus the choices' common opening tokens, then one pass over
-    the rest of every choice, reusing that context's KV cache."""
-    shared = [_shared_prefix(g.continuations) for g in batch]
-    prefixes = [(g.context + g.continuations[0][:s])[:-1] for g, s in zip(batch, shared)]
+def _score_window_shared(
+    model, groups: list[_Group], pad_id: int, batch_size: int, max_tokens: int
+) -> list[list[float]]:
+    """Score a window of groups in two phases, each sorted by its own length so little padding
+    is computed: (1) contexts plus the choices' common opening tokens, keeping each one's KV
+    cache; (2) the rest of every choice, its context's cache left-padded into the batch."""
+    from transformers import DynamicCache
+
+    shared = [_shared_prefix(g.continuations) for g in groups]
+    prefixes = [(g.context + g.continuations[0][:s])[:-1] for g, s in zip(groups, shared)]
     if min(len(p) for p in prefixes) == 0:  # a 1-token context: nothing to cache
-        return _score_batch_full(model, batch, pad_id)
-    pre_ids, pre_mask = _pad(prefixes, pad_id, left=True)
-    keep = max(max(shared), 1)
-    logits, cache = _forward(
-        model, keep, input_ids=pre_ids, attention_mask=pre_mask,
-        position_ids=(pre_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
-    )
-    shared_lp = []
-    for g, (group, s) in enumerate(zip(batch, shared)):
-        target = torch.tensor(group.continuations[0][:s], dtype=torch.long)
-        shared_lp.append(float(_token_logprobs(logits[g, keep - s :], target).sum()) if s else 0.0)
-    rows, targets, owners = [], [], []
-    for g, (group, s) in enumerate(zip(batch, shared)):
+        return [t for b in _batches(groups, batch_size, max_tokens)
+                for t in _score_batch_full(model, b, pad_id)]
+    kv: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in groups]
+    scores: list[list[float]] = [[] for _ in groups]
+    shared_lp = [0.0] * len(groups)
+    by_prefix = sorted(range(len(groups)), key=lambda g: -len(prefixes[g]))
+    lengths_1 = [len(prefixes[g]) for g in by_prefix]
+    for lo, hi in _spans(lengths_1, batch_size, max_tokens):
+        batch = by_prefix[lo:hi]
+        pre_ids, pre_mask = _pad([prefixes[g] for g in batch], pad_id, left=True)
+        keep = max(max(shared[g] for g in batch), 1)
+        logits, cache = _forward(
+            model, keep, input_ids=pre_ids, attention_mask=pre_mask,
+            position_ids=(pre_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+        )
+        for r, g in enumerate(batch):
+            n, s = len(prefixes[g]), shared[g]
+            kv[g] = [(layer.keys[r, :, -n:], layer.values[r, :, -n:]) for layer in cache.layers]
+            if s:
+                target = torch.tensor(groups[g].continuations[0][:s], dtype=torch.long)
+                shared_lp[g] = float(_token_logprobs(logits[r, keep - s :], target).sum())
+    rows = []  # (group, choice, input ids, target ids)
+    for g, (group, s) in enumerate(zip(groups, shared)):
         last = (group.context + group.continuations[0][:s])[-1]
-        for cont in group.continuations:
-            rows.append([last, *cont[s:-1]])
-            targets.append(cont[s:])
-            owners.append(g)
-    owner_idx = torch.tensor(owners)
-    cont_ids, cont_mask = _pad(rows, pad_id, left=False)
-    target_ids, _ = _pad(targets, pad_id, left=False)
-    cache.reorder_cache(owner_idx)
-    lengths = pre_mask.sum(-1)[owner_idx]
-    logits, _ = _forward(
-        model,
-        input_ids=cont_ids,
-        attention_mask=torch.cat([pre_mask[owner_idx], cont_mask], dim=-1),
-        position_ids=lengths.unsqueeze(-1) + torch.arange(cont_ids.shape[1]).unsqueeze(0),
-        past_key_values=cache,
-        use_cache=True,
-    )
-    totals = (_token_logprobs(logits, target_ids) * cont_mask).sum(-1).tolist()
-    scores: list[list[float]] = [[] for _ in batch]
-    for g, total in zip(owners, totals):
-        scores[g].append(total + shared_lp[g])
+        for j, cont in enumerate(group.continuations):
+            rows.append((g, j, [last, *cont[s:-1]], cont[s:]))
+            scores[g].append(0.0)
+    rows.sort(key=lambda row: -len(row[2]))
+    for lo, hi in _spans([len(row[2]) for row in rows], len(rows), max_tokens):
+        batch_rows = rows[lo:hi]
+        owners = [row[0] for row in batch_rows]
+        cont_ids, cont_mask = _pad([row[2] for row in batch_rows], pad_id, left=False)
+        target_ids, _ = _pad([row[3] for row in batch_rows], pad_id, left=False)
+        lengths = torch.tensor([len(prefixes[g]) for g in owners])
+        width_p = int(lengths.max())
+        pre_mask = (torch.arange(width_p).unsqueeze(0) >= width_p - lengths.unsqueeze(-1)).long()
+        cache = DynamicCache()
+        for layer in range(len(kv[owners[0]])):
+            k0, v0 = kv[owners[0]][layer]
+            keys = k0.new_zeros((len(owners), k0.shape[0], width_p, k0.shape[-1]))
+            values = v0.new_zeros((len(owners), v0.shape[0], width_p, v0.shape[-1]))
+            for r, g in enumerate(owners):
+                k, v = kv[g][layer]
+                keys[r, :, width_p - k.shape[1] :], values[r, :, width_p - v.shape[1] :] = k, v
+            cache.update(keys, values, layer)
+        logits, _ = _forward(
+            model,
+            input_ids=cont_ids,
+            attention_mask=torch.cat([pre_mask, cont_mask], dim=-1),
+            position_ids=lengths.unsqueeze(-1) + torch.arange(cont_ids.shape[1]).unsqueeze(0),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        totals = (_token_logprobs(logits, target_ids) * cont_mask).sum(-1).tolist()
+        for (g, j, _, _), total in zip(batch_rows, totals):
+            scores[g][j] = total + shared_lp[g]
     return scores
 
 
@@ -182,34 +208,71 @@ def score_token_pairs(
     pairs: Sequence[tuple[list[int], list[int]]],
     pad_id: int = 0,
     batch_size: int = 16,
-    max_tokens: int = 4096,
+    max_tokens: int = 2048,
     share_context: bool = True,
+    window_tokens: int = 8192,
 ) -> list[float]:
     """Sum of log p(continuation ids | context ids) for each pair of token-id lists.
 
-    ``batch_size`` caps distinct contexts per forward pass and ``max_tokens`` the padded size of
-    the choice pass (it bounds the vocab-sized logits in memory). Contexts are sorted by length
-    so batches pad little. ``share_context=False`` scores each pair as its own sequence (the
-    slow reference the shared path is tested against).
+    ``batch_size`` caps contexts per forward pass; ``max_tokens`` caps a pass's padded size
+    (bounding its vocab-sized logits in memory). Contexts are processed in windows of about
+    ``window_tokens`` context tokens, whose KV caches stay in memory until their choices are
+    scored (~46 KB per token for SmolLM2-135M); each phase sorts its window by length.
+    ``share_context=False`` scores each pair as its own sequence (the slow reference the shared
+    path is tested against).
     """
     groups = _groups(pairs)
+
     def length(g: _Group) -> int:
         return len(g.context) + max(len(c) for c in g.continuations)
 
     order = sorted(range(len(groups)), key=lambda i: -length(groups[i]))
+    ordered = [groups[i] for i in order]
+    if share_context:  # windows of many batches, bounded by the KV caches they keep alive
+        chunks, tokens = [[]], 0
+        for g in ordered:
+            if chunks[-1] and tokens + len(g.context) > window_tokens:
+                chunks.append([])
+                tokens = 0
+            chunks[-1].append(g)
+            tokens += len(g.context)
+    else:
+        chunks = list(_batches(ordered, batch_size, max_tokens))
     results: list[float] = [0.0] * len(pairs)
-    score = _score_batch_shared if share_context else _score_batch_full
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in _batches([groups[i] for i in order], batch_size, max_tokens):
-                for group, totals in zip(batch, score(model, batch, pad_id)):
+            for chunk in chunks:
+                if share_context:
+                    chunk_scores = _score_window_shared(
+                        model, chunk, pad_id, batch_size, max_tokens
+                    )
+                else:
+                    chunk_scores = _score_batch_full(model, chunk, pad_id)
+                for group, totals in zip(chunk, chunk_scores):
                     for request_id, total in zip(group.request_ids, totals):
                         results[request_id] = total
     finally:
         model.train(was_training)
     return results
+
+
+def _spans(lengths: list[int], max_rows: int, max_tokens: int, slack: float = 0.05):
+    """Cut lengths sorted longest first into (start, end) batches that stay within
+    ``max_rows`` rows and ``max_tokens`` padded tokens and waste at most ``slack`` on padding
+    (on a CPU, padded tokens cost as much as real ones)."""
+    start = 0
+    while start < len(lengths):
+        width, end, real = lengths[start], start + 1, lengths[start]
+        while end < len(lengths) and end - start < max_rows:
+            padded = (end + 1 - start) * width
+            if padded > max_tokens or padded - (real + lengths[end]) > slack * padded:
+                break
+            real += lengths[end]
+            end += 1
+        yield start, end
+        start = end
 
 
 def _batches(groups: list[_Group], batch_size: int, max_tokens: int):
