@@ -45,6 +45,15 @@ def test_batched_scores_equal_unbatched_reference(lm, share_context, batch_size)
     assert got == pytest.approx(want, abs=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma", "phi3", "gpt2"])
+def test_shared_context_path_on_other_architectures(arch):
+    model, tokenizer = tiny_model(arch), char_tokenizer()
+    requests = [r for r in REQUESTS if len(r[0]) > 1]  # every context leaves a cache
+    got = score_requests(model, tokenizer, requests, batch_size=2)
+    want = [reference_logprob(model, tokenizer, c, x) for c, x in requests]
+    assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_small_token_budget_splits_batches_without_changing_scores(lm):
     model, tokenizer = lm
     small = score_requests(model, tokenizer, REQUESTS, batch_size=16, max_tokens=8)

@@ -114,9 +114,21 @@ def _score_window_shared(
 
     shared = [_shared_prefix(g.continuations) for g in groups]
     prefixes = [(g.context + g.continuations[0][:s])[:-1] for g, s in zip(groups, shared)]
-    if min(len(p) for p in prefixes) == 0:  # a 1-token context: nothing to cache
-        return [t for b in _batches(groups, batch_size, max_tokens)
-                for t in _score_batch_full(model, b, pad_id)]
+    if min(len(p) for p in prefixes) == 0:  # 1-token contexts have nothing to cache
+        out: list[list[float]] = [[] for _ in groups]
+        for keep_cache in (False, True):
+            index = [g for g, p in enumerate(prefixes) if bool(p) == keep_cache]
+            part = [groups[g] for g in index]
+            if not part:
+                continue
+            if keep_cache:
+                part_scores = _score_window_shared(model, part, pad_id, batch_size, max_tokens)
+            else:
+                part_scores = [t for b in _batches(part, batch_size, max_tokens)
+                               for t in _score_batch_full(model, b, pad_id)]
+            for g, totals in zip(index, part_scores):
+                out[g] = totals
+        return out
     kv: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in groups]
     scores: list[list[float]] = [[] for _ in groups]
     shared_lp = [0.0] * len(groups)
