@@ -258,6 +258,8 @@ class _Session:
         from forgetless.eval import evaluate
 
         settings = self.config.eval
+        _say(f"evaluating {name} ({', '.join(settings.suite)}"
+             + (f", {self.target}" if self.target else "") + (", drift" if with_base else "") + ")")
         started, cpu = time.perf_counter(), time.process_time()
         result = evaluate(
             model, self.tokenizer, suite=settings.suite, limit=settings.limit,
@@ -290,7 +292,6 @@ class _Session:
             _say("base: reusing its evaluation")
         else:
             (folder / "compare.json").unlink(missing_ok=True)
-            _say("evaluating the base model")
             self.evaluate(self.base, "base", with_base=False).save(folder / "eval.json")
             record = {"name": "base", "eval_hash": self.eval_hash, "eval_file": "eval.json",
                       "model": self.model_name}
