@@ -37,6 +37,8 @@ def test_values_reach_the_trainer_log(tmp_path, tokenizer):
     assert all(kl > 0 for kl in kls)  # lr 1e-2 moves a random tiny model off its base
     assert all(0 <= h["forgetting/number_mass"] <= 1 for h in monitor.history)
     assert monitor.overhead > 0
+    # the Trainer's own loss logs survive on the steps the monitor logs too
+    assert [h["step"] for h in result.loss_history] == list(range(1, 9))
 
 
 def test_max_kl_stops_the_run(tmp_path, tokenizer):

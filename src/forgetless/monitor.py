@@ -135,7 +135,9 @@ class ForgettingMonitor(TrainerCallback):
         self.seconds += time.perf_counter() - started
         self.history.append({"step": state.global_step, **values})
         if self.trainer is not None:
+            due = control.should_log  # Trainer.log clears it; the loss log of this step is due
             self.trainer.log(dict(values))
+            control.should_log = due
         else:
             state.log_history.append({**values, "step": state.global_step})
         crossed = self.breaches(values)
