@@ -20,7 +20,6 @@ from forgetless.optim.select import CountReduce
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 FILTERS = ("momentum", "gradient", "random")
 TOLERANCE = 0.002  # fast mode: moved count within 0.2 % of k (bin granularity), else refine
-PREVIOUS_HALF_WIDTH = 1 << 19  # bracket around last threshold: +-1/16 octave (+-4.4 %) in value
 
 
 class MoFO(torch.optim.Optimizer):
@@ -43,9 +42,7 @@ class MoFO(torch.optim.Optimizer):
             fast threshold whose count may differ from k by a small documented tolerance.
         seed: seed of the ``"random"`` filter; the mask of step t is a function of (seed, t).
         track_masks: store the number of coordinates that moved at the last step as
-            ``state[p]["moved"]`` (an int64 scalar tensor) for every parameter. (Filtered
-            tensors also keep ``state[p]["threshold"]``, last step's key threshold as a float32
-            scalar, to start the next search near it.)
+            ``state[p]["moved"]`` (an int64 scalar tensor) for every parameter.
         count_reduce: for tensors sharded over processes: sums a count tensor over all shards
             (e.g. ``dist.all_reduce``); every process must then hold its shard of the same
             tensors in the same order. See ``forgetless.optim.select``. Identity by default.
@@ -163,7 +160,7 @@ class MoFO(torch.optim.Optimizer):
         los = torch.zeros(len(params), dtype=torch.int64)
         shifts = torch.full((len(params),), -1, dtype=torch.int64)
         if len(rows):
-            lo, hi = self._first_brackets(batch, states, rows, beta1, k, numel)
+            lo, hi = batch.bracket(rows, beta1, k.double() / numel.double())
             los[rows], shifts[rows] = select.agree_bracket(lo, hi, self.count_reduce)
         counts = batch.moments(beta1, beta2, los, shifts, select.BINS)
 
@@ -177,8 +174,6 @@ class MoFO(torch.optim.Optimizer):
                 tolerance[rows], self.count_reduce,
             )  # fmt: skip
             thresholds[rows] = chosen.threshold
-            for row, bits in zip(rows.tolist(), chosen.threshold.tolist(), strict=True):
-                _remember_threshold(states[row], bits)
         bias2_sqrts = torch.tensor([(1 - beta2**s) ** 0.5 for s in steps], dtype=torch.float64)
         neg_steps = torch.tensor([-lr / (1 - beta1**s) for s in steps], dtype=torch.float64)
         decays = torch.full((len(params),), 1 - lr * weight_decay, dtype=torch.float64)
@@ -195,22 +190,6 @@ class MoFO(torch.optim.Optimizer):
             for state, count in zip(states, moved.tolist(), strict=True):
                 state["moved"] = torch.tensor(count, dtype=torch.int64)
 
-    def _first_brackets(self, batch, states, rows, beta1, k, numel) -> tuple[Tensor, Tensor]:
-        """Where the k-th key likely lies: around last step's threshold (momentum moves little
-        per step, and a miss only costs that tensor one more counting pass), else sampled."""
-        previous = [_last_threshold(states[row]) for row in rows.tolist()]
-        known = torch.tensor([t is not None for t in previous], dtype=torch.bool)
-        lo = torch.zeros(len(rows), dtype=torch.int64)
-        hi = torch.zeros(len(rows), dtype=torch.int64)
-        if not bool(known.all()):
-            fresh = rows[~known]
-            lo[~known], hi[~known] = batch.bracket(fresh, beta1, k.double() / numel.double())
-        if bool(known.any()):
-            centre = torch.tensor([t for t in previous if t is not None], dtype=torch.int64)
-            lo[known] = (centre - PREVIOUS_HALF_WIDTH).clamp(min=0)
-            hi[known] = (centre + PREVIOUS_HALF_WIDTH).clamp(max=select.KEY_END)
-        return lo, hi
-
     def _step_ties(self, batch, row, tie_value, take, *step_args) -> int:
         """Move ``take`` of the coordinates tied at the threshold (the first ones, flat order).
 
@@ -225,24 +204,6 @@ class MoFO(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state
-
-
-def _remember_threshold(state: dict[str, Any], bits: int) -> None:
-    """Keep last step's threshold as the float32 |key| value it is: ``load_state_dict`` casts
-    non-step state to the parameter's dtype, which an int64 of 31 bits would not survive."""
-    if 0 < bits < 0x7F80_0000:  # a finite positive key
-        as_int = torch.tensor([bits], dtype=torch.int32)
-        state["threshold"] = as_int.view(torch.float32).reshape(())
-    else:
-        state.pop("threshold", None)
-
-
-def _last_threshold(state: dict[str, Any]) -> int | None:
-    value = state.get("threshold")
-    if value is None:
-        return None
-    bits = int(value.detach().float().cpu().reshape(1).view(torch.int32))
-    return bits if 0 < bits < 0x7F80_0000 else None
 
 
 def _seed(seed: int, position: int, step: float) -> int:
