@@ -335,9 +335,8 @@ def plot_drift(results: dict, path: Path) -> bool:
     layers = sorted({k for e in entries for k in e["param_drift"]["by_layer"]},
                     key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
     panels = [("module type", "by_type", types), ("layer", "by_layer", layers)]
-    widths = [max(len(types), 3), max(len(layers), 3)]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 2.2 + 0.45 * len(entries)), dpi=110,
-                             gridspec_kw={"width_ratios": widths})
+    # One panel above the other: module types get wide cells with printed values.
+    fig, axes = plt.subplots(2, 1, figsize=(12, 3.6 + 0.9 * len(entries)), dpi=110)
     for ax, (title, key, columns) in zip(axes, panels):
         grid = np.array([[e["param_drift"][key].get(c, {}).get("rel_l2", np.nan) for c in columns]
                          for e in entries], dtype=float)
@@ -346,13 +345,13 @@ def plot_drift(results: dict, path: Path) -> bool:
         norm = LogNorm(positive.min(), positive.max()) if positive.size and (
             positive.max() > positive.min()) else None
         image = ax.imshow(shown, aspect="auto", cmap="viridis", norm=norm)
-        ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=7)
         ax.set_yticks(range(len(entries)), [e["name"] for e in entries], fontsize=8)
         ax.set_title(f"relative weight change by {title} (white: unchanged)", fontsize=9)
         if len(columns) <= 12:  # few cells: print the numbers too
             for (row, col), value in np.ndenumerate(grid):
                 if np.isfinite(value) and value > 0:
-                    ax.text(col, row, f"{value:.1e}", ha="center", va="center", fontsize=6,
+                    ax.text(col, row, f"{value:.1e}", ha="center", va="center", fontsize=7,
                             color="white")
         fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     fig.tight_layout()
