@@ -190,3 +190,23 @@ def test_interpolation_is_linear_and_merges_lora():
     q0 = base.model.layers[0].self_attn.q_proj.weight
     assert not torch.allclose(point.model.layers[0].self_attn.q_proj.weight, q0)
     assert any("lora_B" in n for n, _ in lora.named_parameters())  # the input is untouched
+
+
+def test_interrupted_evaluation_keeps_the_trained_weights(tmp_path, model_dir, monkeypatch):
+    import forgetless.compare
+
+    config = _config(tmp_path, model_dir, ["attn"], target=None)
+    real_evaluate = forgetless.compare._Session.evaluate
+
+    def interrupted(self, model, name, with_base=True):
+        if name == "attn":
+            raise KeyboardInterrupt
+        return real_evaluate(self, model, name, with_base)
+
+    monkeypatch.setattr(forgetless.compare._Session, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compare(config)
+    monkeypatch.setattr(forgetless.compare._Session, "evaluate", real_evaluate)
+    monkeypatch.setattr(forgetless.train, "train", lambda *a, **k: pytest.fail("retrained"))
+    result = compare(config)
+    assert result.results["methods"][0]["train"]["steps"] == 2
