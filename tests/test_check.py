@@ -30,7 +30,7 @@ def test_rule(change, ci_low, ci_high, status):
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "forgetless", "check", *args],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1800)
 
 
 def test_model_against_itself_passes(tmp_path):
