@@ -33,6 +33,7 @@ from typing import Any
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
+from forgetless.compare import MethodEntry
 from forgetless.config import TrainConfig, load_yaml, parse_overrides, validate
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_write_json, atomic_write_text
@@ -52,15 +53,6 @@ class TaskEntry(BaseModel):
     data: str | None = None
     target: str | None = None
     train: dict[str, Any] = Field(default_factory=dict)
-
-
-class MethodEntry(BaseModel):
-    """A method plus per-method TrainConfig overrides (extra keys); ``name`` labels it."""
-
-    model_config = ConfigDict(extra="allow")
-
-    method: str
-    name: str | None = None
 
 
 class ContinualEval(BaseModel):
