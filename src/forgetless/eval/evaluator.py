@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -57,6 +58,7 @@ def evaluate(
         loaded = load_task(spec, task_limit, seed, num_fewshot or 0)
         loaded_tasks.append(loaded)
         records, metrics = score_task(model, tokenizer, loaded, batch_size)
+        _progress(f"{spec.name}: {len(records)} items", started)
         result.per_item[spec.name] = records
         result.metrics.update(metrics)
         accuracies.append(metrics[f"{spec.name}/acc"])
@@ -73,6 +75,7 @@ def evaluate(
         result.per_item[name] = records
         result.metrics.update(metrics)
         provenance["target"] = info
+        _progress(f"target {name}: {len(records)} items", started)
     if base_model is not None:
         check_model_tokenizer(base_model, tokenizer)
         prompts = list(drift_prompts) if drift_prompts else default_drift_prompts(loaded_tasks)
@@ -85,6 +88,12 @@ def evaluate(
     provenance["seconds"] = round(time.perf_counter() - started, 2)
     result.provenance = provenance
     return result
+
+
+def _progress(done: str, started: float) -> None:
+    """One line per finished part, so a long CPU evaluation shows it is moving (stderr)."""
+    print(f"[forgetless eval] {done} ({time.perf_counter() - started:.0f} s)", file=sys.stderr,
+          flush=True)
 
 
 def default_drift_prompts(
