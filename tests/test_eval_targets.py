@@ -33,6 +33,13 @@ def test_normalize_number_rejects_words():
     assert normalize_number("0.50") == "0.5"
 
 
+def test_normalize_number_handles_runaway_digit_strings():
+    # a degenerate generation can emit a 40-digit number; scoring must not crash on it
+    digits = "1234567890" * 4
+    assert normalize_number(digits) == digits
+    assert normalize_number("1,000.00") == "1000"
+
+
 def test_jsonl_target_prompt_response_and_messages(tmp_path):
     path = tmp_path / "t.jsonl"
     rows = [

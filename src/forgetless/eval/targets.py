@@ -43,7 +43,7 @@ def normalize_number(text: str) -> str | None:
     except InvalidOperation:
         return None
     if value == value.to_integral_value():
-        return str(value.quantize(Decimal(1)))
+        return str(int(value))  # exact for any length (quantize fails past 28 digits)
     return format(value.normalize(), "f")
 
 
