@@ -25,7 +25,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from forgetless import __version__
-from forgetless.config import TrainConfig, load_yaml, parse_overrides, validate
+from forgetless.config import (
+    TrainConfig,
+    load_sectioned_config,
+    validate,
+)
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_write_json, atomic_write_text
 
@@ -107,22 +111,7 @@ def load_compare_config(
 ) -> CompareConfig:
     """File or dict + ``key=value`` overrides (dotted keys reach into sections:
     ``train.max_steps=5``, ``eval.limit=50``, ``methods=[full,lora]``)."""
-    if isinstance(config, CompareConfig):
-        data, where = config.model_dump(), "config"
-    elif isinstance(config, str | Path):
-        data, where = load_yaml(config), str(config)
-    else:
-        data, where = dict(config or {}), "config"
-    extra = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
-    for key, value in extra.items():
-        section = data
-        *parents, last = key.split(".")
-        for part in parents:
-            section = section.setdefault(part, {})
-            if not isinstance(section, dict):
-                raise ForgetlessError(f"override '{key}': '{part}' is not a section")
-        section[last] = value
-    return validate(CompareConfig, data, where=where)
+    return load_sectioned_config(CompareConfig, config, overrides)
 
 
 def plan_methods(config: CompareConfig) -> list[PlannedMethod]:

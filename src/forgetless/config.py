@@ -133,3 +133,28 @@ def load_config(
     data = load_yaml(path) if path else {}
     extra = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     return validate(cls, {**data, **extra}, where=str(path) if path else "config")
+
+
+def load_sectioned_config(
+    cls: type[Config],
+    config: BaseModel | dict | str | Path | None = None,
+    overrides: list[str] | dict | None = None,
+) -> Config:
+    """A config with sections (compare, continual): file, dict or object + ``key=value``
+    overrides whose dotted keys reach into sections (``train.max_steps=5``, ``eval.limit=50``)."""
+    if isinstance(config, BaseModel):
+        data, where = config.model_dump(), "config"
+    elif isinstance(config, str | Path):
+        data, where = load_yaml(config), str(config)
+    else:
+        data, where = dict(config or {}), "config"
+    extra = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    for key, value in extra.items():
+        section = data
+        *parents, last = key.split(".")
+        for part in parents:
+            section = section.setdefault(part, {})
+            if not isinstance(section, dict):
+                raise ForgetlessError(f"override '{key}': '{part}' is not a section")
+        section[last] = value
+    return validate(cls, data, where=where)

@@ -34,7 +34,11 @@ import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from forgetless.compare import MethodEntry
-from forgetless.config import TrainConfig, load_yaml, parse_overrides, validate
+from forgetless.config import (
+    TrainConfig,
+    load_sectioned_config,
+    validate,
+)
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_write_json, atomic_write_text
 
@@ -482,20 +486,7 @@ def load_continual_config(
 ) -> ContinualConfig:
     """File or dict + ``key=value`` overrides; dotted keys reach into sections
     (``train.max_steps=20``, ``eval.limit=50``, ``methods=[full,attn]``)."""
-    if isinstance(config, ContinualConfig):
-        data, where = config.model_dump(), "config"
-    elif isinstance(config, str | Path):
-        data, where = load_yaml(config), str(config)
-    else:
-        data, where = dict(config or {}), "config"
-    extra = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
-    for key, value in extra.items():
-        section = data
-        *parents, last = key.split(".")
-        for part in parents:
-            section = section.setdefault(part, {})
-        section[last] = value
-    return validate(ContinualConfig, data, where=where)
+    return load_sectioned_config(ContinualConfig, config, overrides)
 
 
 def continual(
