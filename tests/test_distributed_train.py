@@ -66,3 +66,35 @@ def test_accelerate_launch_train_two_processes(tiny_folder, tmp_path):
         changed = (tuned[name] != weight).double().mean().item()
         if weight.dim() >= 2:  # MoFO: at most the top 10 % per step moved, not all of AdamW
             assert 0 < changed <= STEPS * FRACTION + 1e-3, (name, changed)
+
+
+def test_accelerate_launch_compare_two_processes(tiny_folder, tmp_path):
+    """Both processes train; only the main one evaluates, logs to MLflow and writes the report."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "compare"
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({
+        "train": {"model": str(tiny_folder), "data": str(tiny_folder / "data.jsonl"),
+                  "max_steps": STEPS, "batch_size": 2, "learning_rate": 1e-3,
+                  "report_to": []},
+        "methods": ["full", {"name": "mofo", "method": "mofo", "fraction": FRACTION}],
+        "eval": {"suite": ["arc_easy"], "limit": 4, "target": None, "drift_prompts": 4},
+        "output_dir": str(out),
+    }))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+        "--main_process_port", str(free_port()), "-m", "forgetless", "compare", str(config),
+    ]  # fmt: skip
+    code, output = run(command, TIMEOUT, env={"OMP_NUM_THREADS": "1"})
+    assert code == 0, output[-4000:]
+    assert output.count("[forgetless] mofo: full+mofo") == 2  # both processes trained
+    # base, full, mofo evaluated once each, not once per process
+    assert output.count("[forgetless eval] arc_easy: 4 items") == 3, output[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in results["methods"]] == ["full", "mofo"]
+    client = MlflowClient(tracking_uri=results["tracking"]["uri"])
+    runs = client.search_runs([results["tracking"]["experiment_id"]])
+    assert sorted(run.info.run_name for run in runs) == ["base", "full", "mofo"]
+    assert (out / "report.html").is_file()

@@ -5,6 +5,10 @@ seed, then is evaluated against that base (held-out suite, target task, drift). 
 method leaves ``runs/<name>/compare.json`` (written last, atomically) holding a hash of its
 resolved config, so an interrupted compare re-run reuses finished methods and trains the rest.
 ``results.json`` holds everything the report needs; ``forgetless.report`` redraws from it alone.
+
+Under ``accelerate launch`` every process trains (DDP, FSDP, DeepSpeed), and only the main one
+evaluates, tracks and writes: it evaluates the model the training saved (whole, whatever the
+sharding) while the others wait, so the results equal a one-process run's evaluation.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import copy
 import gc
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -205,7 +210,25 @@ def eval_hash(config: CompareConfig, target: str | None, model: str) -> str:
 
 
 def _say(message: str) -> None:
-    print(f"[forgetless compare] {message}", flush=True)
+    if os.environ.get("RANK", "0") == "0":  # once, not once per process of a launch
+        print(f"[forgetless compare] {message}", flush=True)
+
+
+class _Processes:
+    """Who does what under ``accelerate launch``: all train, the main process does the rest."""
+
+    def __init__(self) -> None:
+        import torch
+        from accelerate import PartialState
+
+        # As the Trainer sets it up (train.py passes use_cpu), so both share one process group.
+        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.count = self.state.num_processes
+        self.main = self.state.is_main_process
+
+    def barrier(self) -> None:
+        if self.count > 1:
+            self.state.wait_for_everyone()
 
 
 def _read_json(path: Path) -> dict | None:
@@ -224,7 +247,11 @@ class _Session:
         self.config = config
         self.out = Path(config.output_dir)
         self.callbacks = callbacks
+        self.procs = _Processes()
         self.plan = plan_methods(config)
+        if self.procs.count > 1 and not all(p.train.save_model for p in self.plan):
+            raise ForgetlessError("compare under accelerate launch evaluates the saved models: "
+                                  "remove save_model=false")
         self.model_name = self.plan[0].train.model
         self.target = target_name(config, self.plan[0].train.data)
         if self.target:
@@ -233,7 +260,9 @@ class _Session:
         self.out.mkdir(parents=True, exist_ok=True)
         uri = tracking_uri or config.tracking_uri or default_tracking_uri(self.out)
         experiment = config.experiment or self.out.resolve().name
-        self.tracker = Tracker(uri, experiment, self.out / "mlartifacts")
+        # One writer: two processes creating one SQLite store collide, and runs would double.
+        self.tracker = (Tracker(uri, experiment, self.out / "mlartifacts")
+                        if self.procs.main else None)
         self.base = self.tokenizer = None
 
     def load_base(self) -> None:
@@ -272,7 +301,13 @@ class _Session:
                            settings.num_fewshot or 0) for name in settings.suite]
         return default_drift_prompts(tasks, settings.drift_prompts) or None
 
-    def base_record(self) -> dict:
+    def base_record(self) -> dict | None:
+        """The base model's evaluation (main process; ``None`` on the others)."""
+        record = self._base_record() if self.procs.main else None
+        self.procs.barrier()
+        return record
+
+    def _base_record(self) -> dict:
         """The base model's evaluation, reused when its eval settings did not change."""
         folder = self.out / "base"
         record = _read_json(folder / "compare.json")
@@ -287,16 +322,22 @@ class _Session:
             atomic_write_json(folder / "compare.json", record)
         return self._tracked(folder, record, params={"model": self.model_name}, train=None)
 
-    def method_record(self, planned: PlannedMethod) -> dict:
-        """Train + evaluate one method, or reuse its finished run folder."""
+    def method_record(self, planned: PlannedMethod) -> dict | None:
+        """Train + evaluate one method, or reuse its finished run folder (``None`` off main)."""
         folder = Path(planned.train.output_dir)
         record = _read_json(folder / "compare.json")
         thash = train_hash(planned)
-        if record and self._complete(folder, record, thash):
+        complete = bool(record) and self._complete(folder, record, thash)
+        self.procs.barrier()  # every process decides on the same files before main changes them
+        if complete:
             _say(f"{planned.name}: reusing the finished run in {folder}")
         else:
-            (folder / "compare.json").unlink(missing_ok=True)
+            if self.procs.main:
+                (folder / "compare.json").unlink(missing_ok=True)
             record = self._train_and_evaluate(planned, folder, thash, record)
+        self.procs.barrier()
+        if not self.procs.main:
+            return None
         params = {"train": planned.train.model_dump(), "eval": self.config.eval.model_dump(),
                   "target": self.target, "interpolate": self.config.interpolate}
         train = _read_json(folder / "metrics.json")
@@ -322,15 +363,21 @@ class _Session:
         )
         if reusable:
             _say(f"{planned.name}: training unchanged, re-evaluating the saved model")
-            tuned = load_model(str(folder / "model"))[0].eval()
         else:
             _say(f"{planned.name}: training ({planned.train.method}, "
                  f"{planned.train.max_steps} steps)")
             result = train(planned.train, callbacks=self.callbacks,
                            model=copy.deepcopy(self.base), tokenizer=self.tokenizer)
-            tuned = result.model.eval()
+            tuned = result.model
+            if not self.procs.main:
+                return None
             # Trained but not evaluated yet: an interruption from here on keeps the weights.
             atomic_write_json(folder / "compare.json", {"name": planned.name, "train_hash": thash})
+        if not self.procs.main:
+            return None
+        if reusable or self.procs.count > 1:  # sharded weights: evaluate what training saved
+            tuned = load_model(str(saved))[0]
+        tuned.eval()
         self.evaluate(tuned, planned.name).save(folder / "eval.json")
         points = {}
         for lam in self.config.interpolate:
@@ -402,15 +449,19 @@ def compare(
     config = load_compare_config(config, overrides)
     session = _Session(config, tracking_uri, callbacks)  # validates everything first
     started, cpu_started = time.perf_counter(), time.process_time()
-    atomic_write_text(session.out / "compare.yaml",
-                      yaml.safe_dump(config.model_dump(), sort_keys=False))
-    (session.out / "results.json").unlink(missing_ok=True)  # the old report is out of date
+    main = session.procs.main
+    if main:
+        atomic_write_text(session.out / "compare.yaml",
+                          yaml.safe_dump(config.model_dump(), sort_keys=False))
+        (session.out / "results.json").unlink(missing_ok=True)  # the old report is out of date
     session.load_base()
     base = session.base_record()
     records = []
     for index, planned in enumerate(session.plan, start=1):
         _say(f"method {index}/{len(session.plan)}: {planned.name}")
         records.append(session.method_record(planned))
+    if not main:  # the main process writes the report; the others only helped train
+        return CompareResult(session.out, {}, {})
     results = build_results(
         config=config.model_dump(), out=session.out, base=base, methods=records,
         plan=[(p.name, p.train.model_dump()) for p in session.plan], target=session.target,
@@ -457,6 +508,8 @@ def compare_command(
         print(f"[forgetless compare] report: {files['html']} (and report.md)")
         return
     result = compare(config, overrides or [], tracking_uri=tracking_uri)
+    if not result.results:  # not the main process of an ``accelerate launch``
+        return
     out = result.output_dir
     uri = result.results["tracking"]["uri"]
     print(f"[forgetless compare] done in {result.results['compare_seconds']:.0f} s "

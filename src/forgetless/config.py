@@ -28,6 +28,7 @@ class TrainConfig(BaseModel):
     # method options (see forgetless.methods)
     fraction: float = Field(0.1, gt=0.0, le=1.0)
     mofo_filter: Literal["momentum", "gradient", "random"] = "momentum"
+    mofo_exact: bool = False  # exactly the top-k set each step (slower); default: fast select
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)

@@ -92,6 +92,7 @@ def _method_options(config: TrainConfig) -> MethodOptions:
     return MethodOptions(
         fraction=config.fraction,
         mofo_filter=config.mofo_filter,
+        mofo_exact=config.mofo_exact,
         lora_r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,

@@ -40,6 +40,7 @@ class MethodOptions:
 
     fraction: float = 0.1
     mofo_filter: str = "momentum"
+    mofo_exact: bool = False
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -76,7 +77,8 @@ class PreparedModel:
 
     def summary(self) -> str:
         optimizer = (
-            f"MoFO(fraction={self.options.fraction}, filter={self.options.mofo_filter})"
+            f"MoFO(fraction={self.options.fraction}, filter={self.options.mofo_filter}"
+            f"{', exact' if self.options.mofo_exact else ''})"
             if self.method.mofo
             else "AdamW"
         )
@@ -118,6 +120,7 @@ class PreparedModel:
                 weight_decay=weight_decay,
                 fraction=self.options.fraction,
                 filter=self.options.mofo_filter,
+                exact=self.options.mofo_exact,
             )
         except ValueError as err:
             raise ForgetlessError(f"method '{self.method.name}': {err}") from err
