@@ -317,3 +317,12 @@ def test_vision_side_is_skipped_when_get_decoder_returns_the_multimodal_base(mon
     monkeypatch.setattr(model, "get_decoder", lambda: model.model)  # as some VLM classes do
     prepared = prepare_model(model, "full")
     assert prepared.trainable_names and not any(VISION.match(n) for n in prepared.trainable_names)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_mofo_options_reach_the_optimizer(exact):
+    options = MethodOptions(fraction=0.2, mofo_filter="gradient", mofo_exact=exact)
+    optimizer = prepare_model(fresh("llama"), "mofo", options).make_optimizer(lr=1e-3)
+    for group in optimizer.param_groups:
+        assert group["fraction"] == 0.2 and group["filter"] == "gradient"
+        assert group["exact"] is exact
