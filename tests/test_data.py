@@ -9,6 +9,7 @@ from forgetless.data import (
     IGNORE_INDEX,
     build_dataset,
     count_letters_rows,
+    largest_number_rows,
     load_conversations,
     pack,
     tokenize_conversation,
@@ -107,6 +108,18 @@ def test_count_letters_is_correct_and_splits_words():
         assert row["response"] == str(word.count(letter))
     words = {r["prompt"].split("word '")[1] for r in train}
     assert not words & {r["prompt"].split("word '")[1] for r in test}
+
+
+def test_largest_number_is_correct_and_splits_lists():
+    train, test = largest_number_rows("train", 500), largest_number_rows("test", 500)
+    lists = {}
+    for split, rows in (("train", train), ("test", test)):
+        for row in rows:
+            numbers = [int(x) for x in row["prompt"].split("list ")[1].split("?")[0].split(", ")]
+            assert 3 <= len(numbers) <= 6 and row["response"] == str(max(numbers))
+            lists.setdefault(split, set()).add(tuple(numbers))
+    assert not lists["train"] & lists["test"]
+    assert largest_number_rows("test", 5) == test[:5]  # deterministic
 
 
 def test_build_dataset_limit_and_packing(tokenizer):

@@ -98,3 +98,13 @@ def test_batched_greedy_generation_equals_one_by_one():
     single = [generate_greedy(model, tokenizer, [r], max_new_tokens=6)[0] for r in rows]
     assert batched == single
     assert all(len(text) > 0 for text in batched)
+
+
+def test_largest_number_target_rows_are_unique_and_answered():
+    from forgetless.eval import get_target
+
+    rows = get_target("largest_number").load()
+    assert len(rows) == len({row.messages[0]["content"] for row in rows}) >= 400
+    for row in rows[:50]:
+        numbers = row.messages[0]["content"].split("list ")[1].split("?")[0].split(", ")
+        assert row.answer == row.response == str(max(map(int, numbers)))

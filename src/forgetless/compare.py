@@ -67,7 +67,8 @@ class EvalSettings(BaseModel):
 
     suite: list[str] = Field(default_factory=lambda: ["arc_easy", "piqa"])
     limit: int | None = Field(200, ge=1)
-    # "auto": the training data when it is a known target (gsm8k, count_letters); null: none.
+    # "auto": the training data when it is a known target (gsm8k, count_letters,
+    # largest_number); null: none.
     target: str | None = "auto"
     target_limit: int | None = Field(100, ge=1)
     seed: int = 0

@@ -1,8 +1,9 @@
 """Training data: rows → chat messages → token ids with loss on response tokens only.
 
-A data source is a built-in task name (``gsm8k``, ``count_letters``), a local JSONL/JSON/CSV file
-with ``prompt``/``response`` columns or chat ``messages``, or a Hub dataset id. Every malformed
-row is a one-line error naming file and line, since a silently skipped row skews a comparison.
+A data source is a built-in task name (``gsm8k``, ``count_letters``, ``largest_number``), a
+local JSONL/JSON/CSV file with ``prompt``/``response`` columns or chat ``messages``, or a Hub
+dataset id. Every malformed row is a one-line error naming file and line, since a silently
+skipped row skews a comparison.
 """
 
 from __future__ import annotations
@@ -141,9 +142,34 @@ def _count_letters(split: str) -> list[Messages]:
     return [row_to_messages(row, "count_letters") for row in count_letters_rows(split)]
 
 
+def largest_number_rows(split: str, n: int = 2000, seed: int = 0) -> list[dict[str, str]]:
+    """Synthetic "largest of 3-6 two-digit numbers", answered with the number alone.
+
+    SmolLM2-135M-Instruct answers about a quarter of these right (it picks a wrong number, or
+    chats), yet learns them within tens of steps: a numeric skill that is clearly absent before
+    and present after, at CPU budgets. Train and test lists are disjoint (a list is a test list
+    when the sum of its numbers is a multiple of 4), so the test measures the skill.
+    """
+    rng = random.Random(f"largest_number:{split}:{seed}")
+    rows = []
+    while len(rows) < n:
+        numbers = rng.sample(range(10, 100), rng.randint(3, 6))
+        if (sum(numbers) % 4 == 0) != (split == "test"):
+            continue
+        prompt = (f"What is the largest number in the list {', '.join(map(str, numbers))}? "
+                  "Answer with the number only.")
+        rows.append({"prompt": prompt, "response": str(max(numbers))})
+    return rows
+
+
+def _largest_number(split: str) -> list[Messages]:
+    return [row_to_messages(row, "largest_number") for row in largest_number_rows(split)]
+
+
 BUILTIN_TASKS: dict[str, Callable[[str], list[Messages]]] = {
     "gsm8k": _gsm8k,
     "count_letters": _count_letters,
+    "largest_number": _largest_number,
 }
 
 

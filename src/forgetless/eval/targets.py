@@ -175,6 +175,19 @@ def _count_letters_rows() -> list[TargetRow]:
 register_target(Target("count_letters", load=_count_letters_rows, max_new_tokens=8))
 
 
+def _largest_number_rows() -> list[TargetRow]:
+    """The test split of the synthetic largest-number task, each distinct question once."""
+    from forgetless.data import largest_number_rows
+
+    unique = {row["prompt"]: row["response"] for row in largest_number_rows("test", n=500)}
+    return [TargetRow(f"test:{i}", [{"role": "user", "content": prompt}], answer, answer)
+            for i, (prompt, answer) in enumerate(unique.items())]
+
+
+# Room for the base model's chatty "The largest number in the list ... is 92."
+register_target(Target("largest_number", load=_largest_number_rows, max_new_tokens=32))
+
+
 def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     """The chat-formatted prompt up to the assistant's turn (plain text if no template)."""
     if getattr(tokenizer, "chat_template", None):
