@@ -56,8 +56,9 @@ def test_jsonl_target_prompt_response_and_messages(tmp_path):
 
 @pytest.mark.parametrize(
     "line,message",
-    [("{not json", "not valid JSON"), ('{"prompt": "p"}', "need 'prompt' and 'response'"),
-     ('{"messages": [{"role": "user", "content": "q"}]}', "assistant turn")],
+    [("{not json", "bad.jsonl:1: invalid JSON"),
+     ('{"prompt": "p"}', "bad.jsonl:1: missing or empty field 'response'"),
+     ('{"messages": [{"role": "user", "content": "q"}]}', "must be the assistant's")],
 )
 def test_bad_jsonl_targets(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"

@@ -101,42 +101,27 @@ def get_target(name_or_path: str | Target) -> Target:
     if name_or_path in _REGISTRY:
         return _REGISTRY[name_or_path]
     path = Path(name_or_path).expanduser()
-    if path.suffix in (".jsonl", ".json"):
+    if path.suffix.lower() in (".jsonl", ".json", ".csv"):
         if not path.is_file():
             raise ForgetlessError(f"target file not found: {path}")
         return Target(str(path), load=lambda: load_jsonl_rows(path))
     raise ForgetlessError(
         f"unknown target '{name_or_path}': registered are {', '.join(registered_targets())}, "
-        "or pass a .jsonl file of prompt/response rows"
+        "or pass a .jsonl/.json/.csv file of prompt/response rows"
     )
 
 
 def load_jsonl_rows(path: Path, extract: Callable[[str], str] = extract_answer) -> list[TargetRow]:
-    """Rows with ``prompt``+``response`` or chat ``messages`` ending in an assistant turn."""
+    """Rows read as training data is (``forgetless.data``: JSONL/JSON/CSV, ``prompt`` +
+    ``response`` or chat ``messages``); an ``answer`` column overrides the extracted answer."""
+    from forgetless.data import read_rows, row_to_messages
+
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ForgetlessError(f"{path}:{number}: not valid JSON: {err}") from err
-        if "messages" in data:
-            messages = data["messages"]
-            if not messages or messages[-1].get("role") != "assistant":
-                raise ForgetlessError(
-                    f"{path}:{number}: 'messages' must end with an assistant turn"
-                )
-            prompt, response = messages[:-1], messages[-1]["content"]
-        elif "prompt" in data and "response" in data:
-            prompt = [{"role": "user", "content": data["prompt"]}]
-            response = data["response"]
-        else:
-            raise ForgetlessError(f"{path}:{number}: need 'prompt' and 'response', or 'messages'")
+    for number, data in read_rows(path):
+        messages = row_to_messages(data, f"{path}:{number}")
+        response = messages[-1]["content"]
         answer = str(data["answer"]) if "answer" in data else extract(response)
-        rows.append(TargetRow(str(data.get("id", number)), prompt, response, answer))
-    if not rows:
-        raise ForgetlessError(f"target file {path} has no rows")
+        rows.append(TargetRow(str(data.get("id", number)), messages[:-1], response, answer))
     return rows
 
 
