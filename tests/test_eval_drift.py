@@ -66,6 +66,9 @@ def test_kl_agreement_and_number_mass_hand_values():
     assert drift["top1_agreement"].value == 0.0  # base argmax is token 0, tuned's the digit
     assert drift["number_mass_base"].value == pytest.approx(10 / v, rel=1e-5)
     assert drift["number_mass"].value == pytest.approx(12 / (v + 2), rel=1e-5)
+    change = drift["number_mass_change"]  # paired per prompt
+    assert change.value == pytest.approx(12 / (v + 2) - 10 / v, rel=1e-4)
+    assert change.stderr == pytest.approx(0.0, abs=1e-6)  # the same change on every prompt
 
 
 def test_param_drift_zero_for_identical_models():

@@ -54,7 +54,7 @@ def summarize(result, base, suite: list[str], target: str | None) -> dict[str, A
             "answer_nll": result.metrics[f"{target}/answer_nll"].to_dict(),
             "delta": _metric(delta) if delta else None,
         }
-    for key in ("kl", "top1_agreement", "number_mass", "number_mass_base"):
+    for key in ("kl", "top1_agreement", "number_mass", "number_mass_base", "number_mass_change"):
         if f"drift/{key}" in result.metrics:
             out["drift"][key] = result.metrics[f"drift/{key}"].to_dict()
     if result.param_drift:
@@ -191,7 +191,10 @@ def _row(results: dict, item: dict, entry: dict) -> list[str]:
     drift = item.get("drift") or {}
     kl = drift.get("kl")
     row.append(f"{kl['value']:.4f} ± {kl['stderr']:.4f}" if kl else "–")
-    if "number_mass" in drift:
+    if "number_mass_change" in drift:  # paired per prompt: value ± SE
+        change = drift["number_mass_change"]
+        row.append(f"{change['value']:+.4f} ± {change['stderr']:.4f}")
+    elif "number_mass" in drift:  # results from before the paired change was recorded
         change = drift["number_mass"]["value"] - drift["number_mass_base"]["value"]
         row.append(f"{change:+.4f}")
     else:

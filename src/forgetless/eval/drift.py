@@ -60,8 +60,8 @@ def kl_and_number_mass(
     """Next-token drift of ``model`` from ``base`` over every position of every prompt.
 
     Returns Metrics over prompts (each prompt's mean over its positions): ``kl`` =
-    KL(base || tuned) in nats per token, ``top1_agreement``, ``number_mass`` (tuned) and
-    ``number_mass_base``.
+    KL(base || tuned) in nats per token, ``top1_agreement``, ``number_mass`` (tuned),
+    ``number_mass_base`` and their paired difference ``number_mass_change``.
     """
     if not prompts:
         raise ForgetlessError("drift needs at least one prompt")
@@ -100,6 +100,9 @@ def kl_and_number_mass(
     finally:
         model.train(states[0])
         base.train(states[1])
+    # Paired per prompt, so the change gets its own standard error.
+    pairs = zip(per_prompt["number_mass"], per_prompt["number_mass_base"], strict=True)
+    per_prompt["number_mass_change"] = [after - before for after, before in pairs]
     return {key: mean_metric(values) for key, values in per_prompt.items()}
 
 
