@@ -239,7 +239,8 @@ def _settings(results: dict) -> list[str]:
         "CI; `*` (bold in HTML) = the CI excludes 0, i.e. a significant change. The held-out "
         "average Δ pools the per-task paired SEs (normal CI).",
         "KL drift = KL(base ‖ tuned) per token on held-out prompts (± SE); Δ number mass = "
-        "change of the probability put on number tokens on those prompts (arXiv 2510.08564).",
+        "change of the probability put on number tokens on those prompts, paired per prompt "
+        "(± SE; arXiv 2510.08564).",
     ]
     if any(e["interpolation"] for e in results["methods"]):
         lines.append("rows `name λ=x` are weight interpolations θ₀ + λ(θ − θ₀) of that method.")
