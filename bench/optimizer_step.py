@@ -106,15 +106,31 @@ def build_optimizers(params, state, reference: bool):
     fused = torch.optim.AdamW(params, lr=1e-5, fused=True)
     fast = MoFO(params, lr=1e-5, fraction=FRACTION)
     exact = MoFO(params, lr=1e-5, fraction=FRACTION, exact=True)
-    for opt in (fused, fast, exact):
+    passes = MoFO(params, lr=1e-5, fraction=FRACTION)
+    for opt in (fused, fast, exact, passes):
         for p in params:
             opt.state[p] = state[p]  # one shared state: same names and layout as AdamW's
-    steps = {"adamw_fused": fused.step, "mofo_fast": fast.step, "mofo_exact": exact.step}
+    steps = {"adamw_fused": fused.step, "mofo_fast": fast.step, "mofo_exact": exact.step,
+             "mofo_fast_passes": in_passes(passes.step)}
     if reference:
         steps["reference_topk"] = lambda: reference_mofo_step(
             params, state, 1e-5, (0.9, 0.999), 1e-8, 1e-2, FRACTION
         )
     return steps
+
+
+def in_passes(step):
+    """The fast step with every tensor in the batched passes (no per-tensor cache reuse): the
+    ablation that shows what stepping cache-sized tensors one by one saves."""
+
+    def run():
+        saved, kernel.CACHE_ELEMENTS = kernel.CACHE_ELEMENTS, 0
+        try:
+            step()
+        finally:
+            kernel.CACHE_ELEMENTS = saved
+
+    return run
 
 
 def time_side_by_side(steps: dict, repeats: int) -> dict[str, float]:

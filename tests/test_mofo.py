@@ -211,6 +211,24 @@ def test_kernel_matches_torch_path(filter_name, exact):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("filter_name", ["momentum", "gradient", "random"])
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_tensor_by_tensor_equals_batched_passes(monkeypatch, filter_name, exact, threads):
+    """Cache-sized tensors take the whole step one by one; the result must be bit-identical to
+    the batched passes (which sharded optimizers use), whatever the thread split."""
+    kernel = pytest.importorskip("forgetless.optim.kernel")
+    if kernel.library() is None:
+        pytest.skip("MoFO C kernel unavailable")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    settings = dict(filter=filter_name, exact=exact, decay_frozen=not exact)
+    one_by_one, _, moved_a = _run("kernel", steps=4, **settings)
+    monkeypatch.setattr(kernel, "CACHE_ELEMENTS", 0)
+    passes, _, moved_b = _run("kernel", steps=4, **settings)
+    assert moved_a == moved_b
+    assert all(torch.equal(x, y) for x, y in zip(one_by_one, passes, strict=True))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_exact_mode_moves_exactly_the_topk_set(backend):
     params, opt, moved = _run(backend, steps=2, exact=True, fraction=0.07)

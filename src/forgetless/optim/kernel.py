@@ -49,7 +49,14 @@ _SIGNATURES = {
     "mofo_ties": [_I64, _P, _P, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint32, _I64, _P],
     "mofo_bracket": [ctypes.c_int, ctypes.c_int, _P, _P, _P, ctypes.c_float, ctypes.c_int, _P,
                      ctypes.c_int, ctypes.c_int, _P, ctypes.c_double, _P, _P],
+    "mofo_step_each": [ctypes.c_int, _P, _P, _P, _P, _P, _P, ctypes.c_float, ctypes.c_float,
+                       ctypes.c_float, ctypes.c_int, _P, _P, _P, _P, _P, _P, ctypes.c_float,
+                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int,
+                       _P, _P, _P, _P, _P],
 }  # fmt: skip
+# Tensors up to this many elements take the whole step one at a time (``Batch.step_each``):
+# their p, g, m, v (16 bytes per element) fit in the L3 cache beside another thread's tensor.
+CACHE_ELEMENTS = 1 << 20
 
 
 def _cpu_tag() -> str:
@@ -207,6 +214,42 @@ class Batch:
             return moved
 
         return _sum(_parallel(self.total, run))
+
+    def step_each(self, rows: list[int], ks: Tensor, tolerances: Tensor, beta1: float,
+                  beta2: float, decays: Tensor, neg_step_sizes: Tensor, bias2_sqrts: Tensor,
+                  eps: float, decay_all: bool, bins: int,
+                  ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """The whole step for ``rows``, one tensor after the other (see ``mofo_step_each``),
+        with the tensors dealt to threads largest first. ``ks[t]`` 0 = not filtered.
+        Returns per tensor (all rows of the batch): moved, tie value (-1: none), tie take."""
+        lib = library()
+        ks, tolerances = ks.to(torch.int64).contiguous(), tolerances.to(torch.int64).contiguous()
+        decays, steps, bc2 = (t.to(torch.float32) for t in (decays, neg_step_sizes, bias2_sqrts))
+        moved = torch.zeros(self.count, dtype=torch.int64)
+        tie_values = torch.full((self.count,), -1, dtype=torch.int64)
+        tie_takes = torch.zeros(self.count, dtype=torch.int64)
+        workers = max(1, min(torch.get_num_threads(), len(rows)))
+        shares: list[list[int]] = [[] for _ in range(workers)]
+        loads = [0] * workers
+        for row in sorted(rows, key=lambda r: -int(self.numels[r])):
+            least = loads.index(min(loads))
+            shares[least].append(row)
+            loads[least] += int(self.numels[row])
+
+        def run(first, _last, _):
+            which = torch.tensor(shares[first], dtype=torch.int32)
+            counts, at_least = _zeros(bins + 1), _zeros(bins + 1)
+            lib.mofo_step_each(
+                len(which), _ptr(which), _ptr(self.numels), _ptr(self.params), _ptr(self.grads),
+                _ptr(self.exp_avgs), _ptr(self.exp_avg_sqs), 1 - beta1, beta2, 1 - beta2,
+                self.mode, _ptr(self.seed_array), _ptr(ks), _ptr(tolerances), _ptr(decays),
+                _ptr(steps), _ptr(bc2), eps, int(decay_all), SAMPLE_SIZE, SAMPLE_RUN,
+                SAMPLE_WIDTH, bins, _ptr(counts), _ptr(at_least), _ptr(moved), _ptr(tie_values),
+                _ptr(tie_takes),
+            )  # fmt: skip
+
+        _parallel(workers, run, workers=workers)
+        return moved, tie_values, tie_takes
 
     def tie_indices(self, row: int, value: int, take: int) -> Tensor:
         """Flat indices of the first ``take`` coordinates of tensor ``row`` with key ``value``."""

@@ -150,45 +150,82 @@ class MoFO(torch.optim.Optimizer):
                 raise RuntimeError(f"MoFO kernel unavailable: {kernel.why_unavailable()}")
             use_kernel = False
         batch_type = kernel.Batch if use_kernel else TorchBatch
-        batch = batch_type(params, grads, exp_avgs, exp_avg_sqs, mode, seeds)
 
         numel = self.count_reduce(torch.tensor([p.numel() for p in params], dtype=torch.int64))
         k = torch.round(group["fraction"] * numel.double()).long().clamp(min=1)
         filtered = torch.tensor([p.dim() >= 2 or group["filter_1d"] for p in params])
-        rows = torch.nonzero(filtered & (k < numel)).squeeze(1)
+        filtered &= k < numel
+        tolerance = torch.zeros_like(k) if group["exact"] else (k * TOLERANCE).long()
+        bias2_sqrts = torch.tensor([(1 - beta2**s) ** 0.5 for s in steps], dtype=torch.float64)
+        neg_steps = torch.tensor([-lr / (1 - beta1**s) for s in steps], dtype=torch.float64)
+        decays = torch.full((len(params),), 1 - lr * weight_decay, dtype=torch.float64)
+        hyper = (beta1, beta2, eps, group["decay_frozen"])
+        lists = (params, grads, exp_avgs, exp_avg_sqs)
 
-        los = torch.zeros(len(params), dtype=torch.int64)
-        shifts = torch.full((len(params),), -1, dtype=torch.int64)
+        # One process, cache-sized tensors: the whole step per tensor while it is in cache.
+        one_by_one = use_kernel and self.count_reduce is select.identity
+        small = [one_by_one and p.numel() <= kernel.CACHE_ELEMENTS for p in params]
+        each = [i for i, is_small in enumerate(small) if is_small]
+        rest = [i for i, is_small in enumerate(small) if not is_small]
+        moved = torch.zeros(len(params), dtype=torch.int64)
+        for part, whole_step in ((each, True), (rest, False)):
+            if not part:
+                continue
+            index = torch.tensor(part, dtype=torch.int64)
+            p, g, m, v = ([xs[i] for i in part] for xs in lists)
+            batch = batch_type(p, g, m, v, mode, [seeds[i] for i in part])
+            args = (batch, numel[index], k[index], filtered[index], tolerance[index],
+                    decays[index], neg_steps[index], bias2_sqrts[index], *hyper)  # fmt: skip
+            moved[index] = self._one_by_one(*args) if whole_step else self._in_passes(*args)
+        if self.track_masks:
+            for state, count in zip(states, moved.tolist(), strict=True):
+                state["moved"] = torch.tensor(count, dtype=torch.int64)
+
+    def _in_passes(self, batch, numel, k, filtered, tolerance, decays, neg_steps, bias2_sqrts,
+                   beta1, beta2, eps, decay_all) -> Tensor:  # fmt: skip
+        """Each pass over all the batch's tensors: bracket, moments + histograms, search (more
+        counting passes if needed), masked step. Counts go through ``count_reduce``."""
+        rows = torch.nonzero(filtered).squeeze(1)
+        los = torch.zeros(len(k), dtype=torch.int64)
+        shifts = torch.full((len(k),), -1, dtype=torch.int64)
         if len(rows):
             lo, hi = batch.bracket(rows, beta1, k.double() / numel.double())
             los[rows], shifts[rows] = select.agree_bracket(lo, hi, self.count_reduce)
         counts = batch.moments(beta1, beta2, los, shifts, select.BINS)
 
-        thresholds = torch.zeros(len(params), dtype=torch.int64)
-        chosen = None
+        thresholds = torch.zeros(len(k), dtype=torch.int64)
+        ties = []
         if len(rows):
-            tolerance = torch.zeros_like(k) if group["exact"] else (k * TOLERANCE).long()
             chosen = select.search(
                 counts[rows], los[rows], shifts[rows], k[rows],
                 lambda sub, lo, shift: batch.counter(rows[sub], lo, shift, select.BINS),
                 tolerance[rows], self.count_reduce,
             )  # fmt: skip
             thresholds[rows] = chosen.threshold
-        bias2_sqrts = torch.tensor([(1 - beta2**s) ** 0.5 for s in steps], dtype=torch.float64)
-        neg_steps = torch.tensor([-lr / (1 - beta1**s) for s in steps], dtype=torch.float64)
-        decays = torch.full((len(params),), 1 - lr * weight_decay, dtype=torch.float64)
-        moved = batch.update(thresholds, decays, neg_steps, bias2_sqrts, eps, group["decay_frozen"])
-        if chosen is not None:
-            for sub in torch.nonzero(chosen.tie_value >= 0).squeeze(1).tolist():
-                row = int(rows[sub])
-                moved[row] += self._step_ties(
-                    batch, row, int(chosen.tie_value[sub]), int(chosen.tie_take[sub]),
-                    float(decays[row]), float(neg_steps[row]), float(bias2_sqrts[row]), eps,
-                    group["decay_frozen"],
-                )  # fmt: skip
-        if self.track_masks:
-            for state, count in zip(states, moved.tolist(), strict=True):
-                state["moved"] = torch.tensor(count, dtype=torch.int64)
+            ties = [(int(rows[sub]), int(chosen.tie_value[sub]), int(chosen.tie_take[sub]))
+                    for sub in torch.nonzero(chosen.tie_value >= 0).squeeze(1).tolist()]
+        moved = batch.update(thresholds, decays, neg_steps, bias2_sqrts, eps, decay_all)
+        for row, value, take in ties:
+            moved[row] += self._step_ties(batch, row, value, take, float(decays[row]),
+                                          float(neg_steps[row]), float(bias2_sqrts[row]), eps,
+                                          decay_all)  # fmt: skip
+        return moved
+
+    def _one_by_one(self, batch, _numel, k, filtered, tolerance, decays, neg_steps, bias2_sqrts,
+                    beta1, beta2, eps, decay_all) -> Tensor:  # fmt: skip
+        """The same step and selection, tensor by tensor in C (one process only)."""
+        ks = torch.where(filtered, k, torch.zeros_like(k))
+        moved, tie_value, tie_take = batch.step_each(
+            list(range(batch.count)), ks, tolerance, beta1, beta2, decays, neg_steps,
+            bias2_sqrts, eps, decay_all, select.BINS,
+        )  # fmt: skip
+        if (moved < 0).any():
+            raise RuntimeError("MoFO threshold search did not converge (inconsistent counts?)")
+        for row in torch.nonzero(tie_value >= 0).squeeze(1).tolist():
+            moved[row] += self._step_ties(batch, row, int(tie_value[row]), int(tie_take[row]),
+                                          float(decays[row]), float(neg_steps[row]),
+                                          float(bias2_sqrts[row]), eps, decay_all)  # fmt: skip
+        return moved
 
     def _step_ties(self, batch, row, tie_value, take, *step_args) -> int:
         """Move ``take`` of the coordinates tied at the threshold (the first ones, flat order).

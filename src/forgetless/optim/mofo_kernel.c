@@ -385,3 +385,125 @@ int64_t mofo_ties(int64_t n, const float *grad, const float *exp_avg, int mode, 
     }
     return found;
 }
+
+/* ---- the whole step, one tensor at a time (one process: counts are not reduced) ---------- */
+
+#define KEY_END 0x80000000LL
+#define REFINE_SHIFT 10
+#define MAX_PASSES 8
+
+/* Smallest s with 2^s >= value (value >= 1). */
+static int ceil_log2_i64(int64_t value) {
+    int s = 0;
+    while (value > 1 && ((int64_t)1 << s) < value) s++;
+    return s;
+}
+
+/* Bin width exponent so that nbins bins cover `width` bit patterns (select.shift_for). */
+static int shift_for(int64_t width, int nbins) {
+    int64_t per_bin = (width + nbins - 1) / nbins;
+    return ceil_log2_i64(per_bin < 1 ? 1 : per_bin);
+}
+
+static void count_one(int mode, const float *g, const float *m, int64_t n, uint32_t seed,
+                      uint32_t lo, int shift, int nbins, int64_t *counts) {
+    memset(counts, 0, sizeof(int64_t) * (nbins + 1));
+#if defined(__AVX512F__)
+    if (mode != 2) {
+        count_avx512(mode == 1 ? g : m, 0, n, lo, shift, nbins, counts);
+        return;
+    }
+#endif
+    uint32_t keys[BLOCK];
+    for (int64_t s = 0; s < n; s += BLOCK) {
+        int len = (int)(n - s < BLOCK ? n - s : BLOCK);
+        key_block(mode, m + s, g + s, s, len, seed, keys);
+        histogram(keys, len, lo, shift, nbins, counts);
+    }
+}
+
+/* For each tensor listed in which[0..count): bracket, moments + histogram, threshold search and
+ * masked step, back to back, so that the step's second sweep finds m and v still in cache (the
+ * batched passes stream every tensor through memory twice). Same keys, same counts and the same
+ * decisions as select.search with identity reduction, so the result is bit-identical.
+ * ks[t] == 0 marks a tensor that is not filtered (every coordinate moves). Per tensor out:
+ * moved, and tie_values/tie_takes (-1 / 0 when no tie at the threshold is left to break). */
+void mofo_step_each(int count, const int32_t *which, const int64_t *numels,
+                    float *const *params, float *const *grads, float *const *exp_avgs,
+                    float *const *exp_avg_sqs, float weight1, float beta2, float weight2,
+                    int mode, const uint32_t *seeds, const int64_t *ks,
+                    const int64_t *tolerances, const float *decays, const float *neg_steps,
+                    const float *bias2_sqrts, float eps, int decay_all, int per_tensor, int run,
+                    double z, int nbins, int64_t *counts, int64_t *at_least, int64_t *moved,
+                    int64_t *tie_values, int64_t *tie_takes) {
+    for (int c = 0; c < count; c++) {
+        const int t = which[c];
+        const int64_t n = numels[t], k = ks[t], tol = tolerances[t];
+        float *p = params[t], *g = grads[t], *m = exp_avgs[t], *v = exp_avg_sqs[t];
+        int64_t zero = 0;
+        uint32_t threshold = 0;
+        tie_values[t] = -1;
+        tie_takes[t] = 0;
+        if (k <= 0) {
+            mofo_moments(1, &n, &g, &m, &v, weight1, beta2, weight2, mode, seeds + t,
+                         (const uint32_t *)&zero, (const int32_t[]){-1}, nbins, 0, n, counts);
+        } else {
+            int64_t lo, hi;
+            double share = (double)k / (double)n;
+            mofo_bracket(0, 1, &n, &g, &m, weight1, mode, seeds + t, per_tensor, run, &share,
+                         z, &lo, &hi);
+            int shift = shift_for(hi - lo > 1 ? hi - lo : 1, nbins);
+            uint32_t lo32 = (uint32_t)lo;
+            int32_t shift32 = shift;
+            memset(counts, 0, sizeof(int64_t) * (nbins + 1));
+            mofo_moments(1, &n, &g, &m, &v, weight1, beta2, weight2, mode, seeds + t, &lo32,
+                         &shift32, nbins, 0, n, counts);
+            int done = 0;
+            for (int pass = 0; pass < MAX_PASSES && !done; pass++) {
+                at_least[nbins] = counts[nbins];
+                for (int j = nbins - 1; j >= 0; j--) at_least[j] = at_least[j + 1] + counts[j];
+                int below = at_least[0] < k, over = at_least[nbins] >= k;
+                int b = 0;
+                while (b + 1 < nbins && at_least[b + 1] >= k) b++;
+                int64_t missing = k - at_least[b + 1], extra = counts[b] - missing;
+                int64_t edge = lo + ((int64_t)b << shift);
+                int64_t next_edge = lo + ((int64_t)(b + 1) << shift);
+                if (!below && !over) {
+                    if (extra <= tol && extra <= missing) {
+                        threshold = (uint32_t)edge;
+                        done = 1;
+                    } else if (missing <= tol) {
+                        threshold = (uint32_t)next_edge;
+                        done = 1;
+                    } else if (shift == 0) {
+                        threshold = (uint32_t)next_edge;
+                        tie_values[t] = edge;
+                        tie_takes[t] = missing;
+                        done = 1;
+                    }
+                }
+                if (done) break;
+                int64_t old_lo = lo;
+                if (below) {
+                    lo = 0;
+                    shift = shift_for(old_lo, nbins);
+                } else if (over) {
+                    lo = next_edge < KEY_END ? next_edge : KEY_END;
+                    shift = shift_for(KEY_END - lo, nbins);
+                } else {
+                    lo = edge;
+                    shift = shift > REFINE_SHIFT ? shift - REFINE_SHIFT : 0;
+                }
+                count_one(mode, g, m, n, seeds[t], (uint32_t)lo, shift, nbins, counts);
+            }
+            if (!done) {  /* cannot happen with consistent counts; make Python raise */
+                moved[t] = -1;
+                continue;
+            }
+        }
+        int64_t got = 0;
+        mofo_update(1, &n, &p, &g, &m, &v, mode, seeds + t, &threshold, decays + t,
+                    neg_steps + t, bias2_sqrts + t, eps, decay_all, 0, n, &got);
+        moved[t] = got;
+    }
+}
