@@ -70,9 +70,16 @@ def test_report_folder_and_mlflow_store(tmp_path, model_dir):
     assert [p["lambda"] for p in full["interpolation"]] == [0.5]
     assert full["param_drift"]["total"]["rel_l2"] > 0
     assert results["methods"][1]["train_config"]["learning_rate"] == 2e-2
+    versus = results["methods"][1]["vs_reference"]  # lora-hi − full on the same 4 items
+    assert versus["reference"] == "full" and "vs_reference" not in full
+    lora_acc = results["methods"][1]["heldout"]["arc_easy"]["acc"]["value"]
+    full_acc = full["heldout"]["arc_easy"]["acc"]["value"]
+    assert versus["heldout"]["arc_easy"]["value"] == pytest.approx(lora_acc - full_acc)
+    assert versus["heldout"]["arc_easy"]["n"] == 4
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "src='http" not in html
     assert "full λ=0.5" in (out / "report.md").read_text()
+    assert "| method − full |" in (out / "report.md").read_text()
     (out / "report.md").unlink()
     assert redraw(config)["markdown"].read_text().startswith("# forgetless compare")
 

@@ -3,7 +3,7 @@
 import json
 import math
 
-from forgetless.report import _pareto, main_table, write_report
+from forgetless.report import _pareto, main_table, versus_table, write_report
 
 
 def _metric(value, half_width, n=100):
@@ -71,6 +71,18 @@ def test_table_marks_significant_changes_only():
     assert by_name["full"]["Δ count_letters (pts)"].startswith("+30.0*")
     assert by_name["full"]["trainable params"] == "1.0 k (25.0%)"
     assert by_name["full λ=0.5"]["train time"] == "–"
+
+
+def test_versus_table_pairs_later_methods_with_the_first():
+    results = fake_results()
+    assert versus_table(results) is None  # no pairing recorded: no table
+    results["methods"][1]["vs_reference"] = {
+        "reference": "full", "heldout_avg": _metric(0.07, 0.03),
+        "heldout": {"arc_easy": _metric(0.07, 0.03)}, "target": _metric(-0.10, 0.2)}
+    header, rows = versus_table(results)
+    assert header == ["method − full", "Δ count_letters (pts)", "Δ held-out avg (pts)",
+                      "Δ arc_easy (pts)"]
+    assert rows == [["attn", "-10.0 [-30.0, +10.0]", "+7.0* [+4.0, +10.0]", "+7.0* [+4.0, +10.0]"]]
 
 
 def test_pareto_front():

@@ -72,7 +72,7 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
     base_eval = EvalResult.load(out / "base" / base["eval_file"])
     suite = list(config["eval"]["suite"])
     train_configs = dict(plan)
-    entries = []
+    entries, reference = [], None
     for record in methods:
         folder = out / "runs" / record["name"]
         tuned = EvalResult.load(folder / record["eval_file"])
@@ -92,6 +92,16 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
         ]
         for point in entry["interpolation"]:
             point.pop("param_drift", None)  # the heat map shows the tuned end only
+        if reference is None:
+            reference = (record["name"], tuned)
+        else:  # "forgets less than full" is a claim about two methods: pair them directly
+            versus = summarize(tuned, reference[1], suite, target)
+            entry["vs_reference"] = {
+                "reference": reference[0],
+                "heldout_avg": (versus.get("heldout_avg") or {}).get("delta"),
+                "heldout": {task: versus["heldout"][task]["delta"] for task in suite},
+                "target": (versus["target"] or {}).get("delta"),
+            }
         entries.append(entry)
     sizes = {task: base_eval.metrics[f"{task}/acc"].n for task in suite}
     if target:
@@ -178,6 +188,25 @@ def main_table(results: dict) -> tuple[list[str], list[list[str]]]:
     for entry in results["methods"]:
         rows.append(_row(results, entry, entry))
         rows += [_row(results, point, entry) for point in entry["interpolation"]]
+    return header, rows
+
+
+def versus_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Every later method minus the first one (e.g. MoFO − full), paired on the same items."""
+    later = [e for e in results["methods"] if e.get("vs_reference")]
+    if not later:
+        return None
+    reference, target = later[0]["vs_reference"]["reference"], results["target"]
+    header = [f"method − {reference}"]
+    header += [f"Δ {target} (pts)"] if target else []
+    header += ["Δ held-out avg (pts)", *[f"Δ {task} (pts)" for task in results["suite"]]]
+    rows = []
+    for entry in later:
+        versus = entry["vs_reference"]
+        row = [entry["name"]] + ([_pts(versus["target"])] if target else [])
+        row.append(_pts(versus["heldout_avg"]))
+        row += [_pts(versus["heldout"][task]) for task in results["suite"]]
+        rows.append(row)
     return header, rows
 
 
@@ -414,10 +443,17 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     title = f"forgetless compare: {results['model']} → {results['target'] or 'no target'}"
     md = [f"# {title}", "", *[f"- {line}" for line in settings], "",
           md_table(base_header, base_rows), "", md_table(header, rows), ""]
+    versus = versus_table(results)
+    if versus:
+        reference = results["methods"][0]["name"]
+        md += [f"Each method against `{reference}`, paired on the same items (`*`: the 95% CI "
+               "excludes 0):", "", md_table(*versus), ""]
     md += [f"## {captions[k]}\n\n![{captions[k]}]({p.name})\n" for k, p in images.items()]
     md.append(_footer(results))
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     tables = html_table(base_header, base_rows) + html_table(header, rows)
+    if versus:
+        tables += html_table(*versus)
     atomic_write_text(out / "report.html",
                       _html(title, settings, tables, images, captions, _footer(results)))
     return {"markdown": out / "report.md", "html": out / "report.html",
