@@ -222,6 +222,7 @@ def test_kernel_tensor_by_tensor_equals_batched_passes(monkeypatch, filter_name,
         pytest.skip("MoFO C kernel unavailable")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     settings = dict(filter=filter_name, exact=exact, decay_frozen=not exact)
+    monkeypatch.setattr(kernel, "CACHE_ELEMENTS", 1 << 20)
     one_by_one, _, moved_a = _run("kernel", steps=4, **settings)
     monkeypatch.setattr(kernel, "CACHE_ELEMENTS", 0)
     passes, _, moved_b = _run("kernel", steps=4, **settings)

@@ -54,9 +54,11 @@ _SIGNATURES = {
                        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int,
                        _P, _P, _P, _P, _P],
 }  # fmt: skip
-# Tensors up to this many elements take the whole step one at a time (``Batch.step_each``):
-# their p, g, m, v (16 bytes per element) fit in the L3 cache beside another thread's tensor.
-CACHE_ELEMENTS = 1 << 20
+# Tensors up to this many elements take the whole step one at a time (``Batch.step_each``), so
+# that the second sweep could find m and v in cache. Off (0) by default: the one measurement so
+# far (docs/performance.md, a contended machine) had it slower than the batched passes; set it
+# to e.g. 1 << 20 to try. Both paths give bit-identical results (tests/test_mofo.py).
+CACHE_ELEMENTS = int(os.environ.get("FORGETLESS_MOFO_CACHE_ELEMENTS", "0"))
 
 
 def _cpu_tag() -> str:
