@@ -111,7 +111,7 @@ def build_optimizers(params, state, reference: bool):
         for p in params:
             opt.state[p] = state[p]  # one shared state: same names and layout as AdamW's
     steps = {"adamw_fused": fused.step, "mofo_fast": fast.step, "mofo_exact": exact.step,
-             "mofo_fast_one_by_one": one_by_one(passes.step)}
+             "mofo_fast_passes": in_passes(passes.step)}
     if reference:
         steps["reference_topk"] = lambda: reference_mofo_step(
             params, state, 1e-5, (0.9, 0.999), 1e-8, 1e-2, FRACTION
@@ -119,12 +119,12 @@ def build_optimizers(params, state, reference: bool):
     return steps
 
 
-def one_by_one(step):
-    """The fast step with tensors of up to 1M elements stepped one at a time in C (whole step
-    per tensor while it is in cache), the experimental alternative to the batched passes."""
+def in_passes(step):
+    """The fast step with every tensor in the batched passes (no per-tensor cache reuse): the
+    ablation that shows what stepping cache-sized tensors one by one saves."""
 
     def run():
-        saved, kernel.CACHE_ELEMENTS = kernel.CACHE_ELEMENTS, 1 << 20
+        saved, kernel.CACHE_ELEMENTS = kernel.CACHE_ELEMENTS, 0
         try:
             step()
         finally:
