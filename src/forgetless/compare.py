@@ -370,10 +370,9 @@ class _Session:
             result = train(planned.train, callbacks=self.callbacks,
                            model=copy.deepcopy(self.base), tokenizer=self.tokenizer)
             tuned = result.model
-            if not self.procs.main:
-                return None
-            # Trained but not evaluated yet: an interruption from here on keeps the weights.
-            atomic_write_json(folder / "compare.json", {"name": planned.name, "train_hash": thash})
+            if self.procs.main:  # trained, not evaluated: an interruption keeps the weights
+                atomic_write_json(folder / "compare.json",
+                                  {"name": planned.name, "train_hash": thash})
         if not self.procs.main:
             return None
         if reusable or self.procs.count > 1:  # sharded weights: evaluate what training saved

@@ -217,29 +217,28 @@ class Batch:
 
         return _sum(_parallel(self.total, run))
 
-    def step_each(self, rows: list[int], ks: Tensor, tolerances: Tensor, beta1: float,
-                  beta2: float, decays: Tensor, neg_step_sizes: Tensor, bias2_sqrts: Tensor,
-                  eps: float, decay_all: bool, bins: int,
-                  ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-        """The whole step for ``rows``, one tensor after the other (see ``mofo_step_each``),
-        with the tensors dealt to threads largest first. ``ks[t]`` 0 = not filtered.
-        Returns per tensor (all rows of the batch): moved, tie value (-1: none), tie take."""
+    def step_each(self, ks: Tensor, tolerances: Tensor, beta1: float, beta2: float,
+                  decays: Tensor, neg_step_sizes: Tensor, bias2_sqrts: Tensor, eps: float,
+                  decay_all: bool, bins: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """The whole step for every tensor of the batch, one after the other (see
+        ``mofo_step_each``), the tensors dealt to threads largest first. ``ks[t]`` 0 = not
+        filtered. Returns per tensor: moved, tie value (-1: none), tie take."""
         lib = library()
         ks, tolerances = ks.to(torch.int64).contiguous(), tolerances.to(torch.int64).contiguous()
         decays, steps, bc2 = (t.to(torch.float32) for t in (decays, neg_step_sizes, bias2_sqrts))
         moved = torch.zeros(self.count, dtype=torch.int64)
         tie_values = torch.full((self.count,), -1, dtype=torch.int64)
         tie_takes = torch.zeros(self.count, dtype=torch.int64)
-        workers = max(1, min(torch.get_num_threads(), len(rows)))
+        workers = max(1, min(torch.get_num_threads(), self.count))
         shares: list[list[int]] = [[] for _ in range(workers)]
         loads = [0] * workers
-        for row in sorted(rows, key=lambda r: -int(self.numels[r])):
+        for row in sorted(range(self.count), key=lambda r: -int(self.numels[r])):
             least = loads.index(min(loads))
             shares[least].append(row)
             loads[least] += int(self.numels[row])
 
-        def run(first, _last, _):
-            which = torch.tensor(shares[first], dtype=torch.int32)
+        def run(_start, _end, worker):
+            which = torch.tensor(shares[worker], dtype=torch.int32)
             counts, at_least = _zeros(bins + 1), _zeros(bins + 1)
             lib.mofo_step_each(
                 len(which), _ptr(which), _ptr(self.numels), _ptr(self.params), _ptr(self.grads),

@@ -205,10 +205,7 @@ class MoFO(torch.optim.Optimizer):
             ties = [(int(rows[sub]), int(chosen.tie_value[sub]), int(chosen.tie_take[sub]))
                     for sub in torch.nonzero(chosen.tie_value >= 0).squeeze(1).tolist()]
         moved = batch.update(thresholds, decays, neg_steps, bias2_sqrts, eps, decay_all)
-        for row, value, take in ties:
-            moved[row] += self._step_ties(batch, row, value, take, float(decays[row]),
-                                          float(neg_steps[row]), float(bias2_sqrts[row]), eps,
-                                          decay_all)  # fmt: skip
+        self._move_ties(batch, ties, moved, decays, neg_steps, bias2_sqrts, eps, decay_all)
         return moved
 
     def _one_by_one(self, batch, _numel, k, filtered, tolerance, decays, neg_steps, bias2_sqrts,
@@ -216,16 +213,24 @@ class MoFO(torch.optim.Optimizer):
         """The same step and selection, tensor by tensor in C (one process only)."""
         ks = torch.where(filtered, k, torch.zeros_like(k))
         moved, tie_value, tie_take = batch.step_each(
-            list(range(batch.count)), ks, tolerance, beta1, beta2, decays, neg_steps,
-            bias2_sqrts, eps, decay_all, select.BINS,
+            ks, tolerance, beta1, beta2, decays, neg_steps, bias2_sqrts, eps, decay_all,
+            select.BINS,
         )  # fmt: skip
         if (moved < 0).any():
             raise RuntimeError("MoFO threshold search did not converge (inconsistent counts?)")
-        for row in torch.nonzero(tie_value >= 0).squeeze(1).tolist():
-            moved[row] += self._step_ties(batch, row, int(tie_value[row]), int(tie_take[row]),
-                                          float(decays[row]), float(neg_steps[row]),
-                                          float(bias2_sqrts[row]), eps, decay_all)  # fmt: skip
+        ties = [(row, int(tie_value[row]), int(tie_take[row]))
+                for row in torch.nonzero(tie_value >= 0).squeeze(1).tolist()]
+        self._move_ties(batch, ties, moved, decays, neg_steps, bias2_sqrts, eps, decay_all)
         return moved
+
+    def _move_ties(self, batch, ties, moved, decays, neg_steps, bias2_sqrts, eps,
+                   decay_all) -> None:  # fmt: skip
+        """After the masked step: move the coordinates tied at each threshold that still count
+        towards k (``ties``: (row, tie value, how many)), adding them to ``moved``."""
+        for row, value, take in ties:
+            moved[row] += self._step_ties(batch, row, value, take, float(decays[row]),
+                                          float(neg_steps[row]), float(bias2_sqrts[row]), eps,
+                                          decay_all)  # fmt: skip
 
     def _step_ties(self, batch, row, tie_value, take, *step_args) -> int:
         """Move ``take`` of the coordinates tied at the threshold (the first ones, flat order).
