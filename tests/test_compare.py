@@ -133,6 +133,24 @@ def test_interrupted_compare_reuses_finished_methods(tmp_path, model_dir, monkey
         assert (out / "runs" / name / "metrics.json").stat().st_mtime_ns == stamp
     assert [m["name"] for m in result.results["methods"]] == ["attn", "mlp-gate-up", "full"]
 
+    evals = {n: (out / "runs" / n / "eval.json").stat().st_mtime_ns for n in stamps}
+    monkeypatch.setattr(forgetless.compare, "METRICS_VERSION", -1)  # a newer metric set
+    real_evaluate = forgetless.compare._Session.evaluate
+
+    def interrupted_evaluate(self, model, name, with_base=True):
+        if name == "mlp-gate-up":
+            raise KeyboardInterrupt
+        return real_evaluate(self, model, name, with_base)
+
+    monkeypatch.setattr(forgetless.compare._Session, "evaluate", interrupted_evaluate)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C while re-evaluating keeps the weights
+        compare(config)
+    monkeypatch.setattr(forgetless.compare._Session, "evaluate", real_evaluate)
+    compare(config)
+    assert trained == ["full"]  # re-evaluated from the saved models, not retrained
+    for name, stamp in evals.items():
+        assert (out / "runs" / name / "eval.json").stat().st_mtime_ns != stamp
+
     trained.clear()  # a changed budget invalidates every method
     compare(config, ["train.learning_rate=5e-3", "methods=[attn]"])
     assert trained == ["attn"]

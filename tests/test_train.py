@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from forgetless.errors import ForgetlessError
-from forgetless.models import resolve_model
+from forgetless.models import load_model, resolve_model
 from forgetless.train import train
 
 
@@ -50,6 +50,21 @@ def test_lora_adapter_and_merge(tmp_path, tokenizer):
     result = _train(tmp_path, tokenizer, method="lora", merge_lora=True)
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert not any("lora" in name for name in result.model.state_dict())
+
+
+def test_saved_lora_adapter_reloads_on_its_base(tmp_path, tokenizer):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    result = train(model=base, tokenizer=tokenizer, method="lora", data="count_letters", limit=8,
+                   batch_size=4, max_steps=2, max_length=64, learning_rate=1e-2, report_to=[],
+                   output_dir=str(tmp_path / "run"))
+    folder = tmp_path / "run" / "model"
+    assert (folder / "adapter_config.json").is_file() and not (folder / "config.json").exists()
+    reloaded, _ = load_model(str(folder))
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, result.model(ids).logits, atol=1e-6)
 
 
 def test_nan_loss_stops_with_error_and_no_metrics(tmp_path, tokenizer):

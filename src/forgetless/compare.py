@@ -36,6 +36,7 @@ from forgetless.config import (
     validate,
 )
 from forgetless.errors import ForgetlessError
+from forgetless.eval.result import METRICS_VERSION
 from forgetless.io import atomic_write_json, atomic_write_text
 
 DEFAULT_METHODS: list[Any] = [
@@ -202,9 +203,11 @@ def train_hash(planned: PlannedMethod) -> str:
 
 
 def eval_hash(config: CompareConfig, target: str | None, model: str) -> str:
-    """Identity of how results were measured: eval settings, target, λs, base model."""
+    """Identity of how results were measured: eval settings, target, λs, base model and the
+    evaluator's metric set (a newer one re-evaluates saved models instead of mixing sets)."""
     settings = {**config.eval.model_dump(), "target": target}
-    return _hash({"eval": settings, "interpolate": config.interpolate, "base": model})
+    return _hash({"eval": settings, "interpolate": config.interpolate, "base": model,
+                  "metrics_version": METRICS_VERSION})
 
 
 # --- orchestration --------------------------------------------------------------------------
@@ -333,8 +336,6 @@ class _Session:
         if complete:
             _say(f"{planned.name}: reusing the finished run in {folder}")
         else:
-            if self.procs.main:
-                (folder / "compare.json").unlink(missing_ok=True)
             record = self._train_and_evaluate(planned, folder, thash, record)
         self.procs.barrier()
         if not self.procs.main:
@@ -362,17 +363,21 @@ class _Session:
             old and old.get("train_hash") == thash and (folder / "metrics.json").is_file()
             and ((saved / "config.json").is_file() or (saved / "adapter_config.json").is_file())
         )
+        trained_only = {"name": planned.name, "train_hash": thash}  # weights kept, not evaluated
         if reusable:
             _say(f"{planned.name}: training unchanged, re-evaluating the saved model")
+            if self.procs.main:  # an interruption now re-evaluates again, never retrains
+                atomic_write_json(folder / "compare.json", trained_only)
         else:
+            if self.procs.main:
+                (folder / "compare.json").unlink(missing_ok=True)
             _say(f"{planned.name}: training ({planned.train.method}, "
                  f"{planned.train.max_steps} steps)")
             result = train(planned.train, callbacks=self.callbacks,
                            model=copy.deepcopy(self.base), tokenizer=self.tokenizer)
             tuned = result.model
             if self.procs.main:  # trained, not evaluated: an interruption keeps the weights
-                atomic_write_json(folder / "compare.json",
-                                  {"name": planned.name, "train_hash": thash})
+                atomic_write_json(folder / "compare.json", trained_only)
         if not self.procs.main:
             return None
         if reusable or self.procs.count > 1:  # sharded weights: evaluate what training saved

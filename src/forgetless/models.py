@@ -83,7 +83,8 @@ def convert_gguf(gguf: Path) -> Path:
 
 
 def resolve_model(name: str = DEFAULT_MODEL) -> str:
-    """Turn an alias or GGUF path into a folder transformers can load; pass Hub ids through."""
+    """Turn an alias or GGUF path into a folder transformers (or PEFT, for a saved adapter)
+    can load; pass Hub ids through."""
     if name in _ALIASES:
         return str(convert_gguf(embedded_gguf(name)))
     path = Path(name).expanduser()
@@ -92,8 +93,9 @@ def resolve_model(name: str = DEFAULT_MODEL) -> str:
             raise ForgetlessError(f"model file not found: {path}")
         return str(convert_gguf(path))
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise ForgetlessError(f"model folder {path} has no config.json")
+        if not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise ForgetlessError(f"model folder {path} has no config.json "
+                                  "(nor adapter_config.json)")
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ForgetlessError(f"model path not found: {name}")

@@ -325,8 +325,12 @@ def plot_tradeoff(results: dict, path: Path) -> None:
             linewidth=1.2, zorder=1, label="Pareto front")
     ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=220,
                facecolors="none", edgecolors="grey", linewidths=1.2, zorder=2)
+    names_at: dict[tuple[float, float], list[str]] = {}  # tied results share one label
     for i in front:
-        ax.annotate(labels[i], points[i], textcoords="offset points", xytext=(6, 6), fontsize=8)
+        names_at.setdefault(points[i], []).append(labels[i])
+    for point, names in names_at.items():
+        ax.annotate(", ".join(names), point, textcoords="offset points", xytext=(6, 6),
+                    fontsize=8)
     ax.axhline(0, color="black", linewidth=0.5)
     ax.axvline(0, color="black", linewidth=0.5)
     ax.set_xlabel("held-out accuracy change vs base (pts, avg over suite) → less forgetting")

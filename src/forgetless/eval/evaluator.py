@@ -15,7 +15,7 @@ import torch
 
 from forgetless.errors import ForgetlessError
 from forgetless.eval.drift import kl_and_number_mass, param_drift
-from forgetless.eval.result import EvalResult
+from forgetless.eval.result import METRICS_VERSION, EvalResult
 from forgetless.eval.scoring import check_model_tokenizer, score_requests
 from forgetless.eval.stats import bootstrap_metric, combine_means, proportion_metric
 from forgetless.eval.targets import Target, answer_nll, generate_greedy, get_target
@@ -182,6 +182,7 @@ def _provenance(model, model_name, base, base_name, seed, limit, num_fewshot) ->
 
     return {
         "forgetless_version": forgetless.__version__,
+        "metrics_version": METRICS_VERSION,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "python": platform.python_version(),

@@ -17,6 +17,11 @@ from typing import Any
 from forgetless.errors import ForgetlessError
 from forgetless.eval.stats import Metric
 
+# Bump when the evaluator records new or changed metrics: ``compare`` re-evaluates (never
+# retrains) results measured by an older version, so one report never mixes metric sets.
+# 1: first release; 2: paired per-prompt number-mass change with a standard error.
+METRICS_VERSION = 2
+
 
 @dataclass
 class EvalResult:
