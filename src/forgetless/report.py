@@ -328,9 +328,9 @@ def plot_tradeoff(results: dict, path: Path) -> None:
     names_at: dict[tuple[float, float], list[str]] = {}  # tied results share one label
     for i in front:
         names_at.setdefault(points[i], []).append(labels[i])
-    for point, names in names_at.items():
-        ax.annotate(", ".join(names), point, textcoords="offset points", xytext=(6, 6),
-                    fontsize=8)
+    for k, (point, names) in enumerate(names_at.items()):  # alternate above/below: neighbours
+        ax.annotate(", ".join(names), point, textcoords="offset points",
+                    xytext=(6, 8 if k % 2 == 0 else -14), fontsize=8)
     ax.axhline(0, color="black", linewidth=0.5)
     ax.axvline(0, color="black", linewidth=0.5)
     ax.set_xlabel("held-out accuracy change vs base (pts, avg over suite) → less forgetting")
