@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
+import forgetless.compare
 import forgetless.train
 from forgetless.compare import (
     DEFAULT_METHODS,
@@ -109,6 +110,19 @@ class _StopAt(TrainerCallback):
             raise KeyboardInterrupt
 
 
+def _stop_evaluating(monkeypatch, name: str):
+    """Simulates Ctrl-C when compare starts evaluating ``name``; returns the undo."""
+    real = forgetless.compare._Session.evaluate
+
+    def interrupted(self, model, label, with_base=True):
+        if label == name:
+            raise KeyboardInterrupt
+        return real(self, model, label, with_base)
+
+    monkeypatch.setattr(forgetless.compare._Session, "evaluate", interrupted)
+    return lambda: monkeypatch.setattr(forgetless.compare._Session, "evaluate", real)
+
+
 def test_interrupted_compare_reuses_finished_methods(tmp_path, model_dir, monkeypatch):
     config = _config(tmp_path, model_dir, ["attn", "mlp-gate-up", "full"], target=None)
     out = tmp_path / "cmp"
@@ -135,17 +149,10 @@ def test_interrupted_compare_reuses_finished_methods(tmp_path, model_dir, monkey
 
     evals = {n: (out / "runs" / n / "eval.json").stat().st_mtime_ns for n in stamps}
     monkeypatch.setattr(forgetless.compare, "METRICS_VERSION", -1)  # a newer metric set
-    real_evaluate = forgetless.compare._Session.evaluate
-
-    def interrupted_evaluate(self, model, name, with_base=True):
-        if name == "mlp-gate-up":
-            raise KeyboardInterrupt
-        return real_evaluate(self, model, name, with_base)
-
-    monkeypatch.setattr(forgetless.compare._Session, "evaluate", interrupted_evaluate)
+    undo = _stop_evaluating(monkeypatch, "mlp-gate-up")
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C while re-evaluating keeps the weights
         compare(config)
-    monkeypatch.setattr(forgetless.compare._Session, "evaluate", real_evaluate)
+    undo()
     compare(config)
     assert trained == ["full"]  # re-evaluated from the saved models, not retrained
     for name, stamp in evals.items():
@@ -218,20 +225,11 @@ def test_interpolation_is_linear_and_merges_lora():
 
 
 def test_interrupted_evaluation_keeps_the_trained_weights(tmp_path, model_dir, monkeypatch):
-    import forgetless.compare
-
     config = _config(tmp_path, model_dir, ["attn"], target=None)
-    real_evaluate = forgetless.compare._Session.evaluate
-
-    def interrupted(self, model, name, with_base=True):
-        if name == "attn":
-            raise KeyboardInterrupt
-        return real_evaluate(self, model, name, with_base)
-
-    monkeypatch.setattr(forgetless.compare._Session, "evaluate", interrupted)
+    undo = _stop_evaluating(monkeypatch, "attn")
     with pytest.raises(KeyboardInterrupt):
         compare(config)
-    monkeypatch.setattr(forgetless.compare._Session, "evaluate", real_evaluate)
+    undo()
     monkeypatch.setattr(forgetless.train, "train", lambda *a, **k: pytest.fail("retrained"))
     result = compare(config)
     assert result.results["methods"][0]["train"]["steps"] == 2
