@@ -355,13 +355,13 @@ class _Session:
 
     def _train_and_evaluate(self, planned, folder: Path, thash: str, old: dict | None) -> dict:
         from forgetless.interpolate import interpolate
-        from forgetless.models import load_model
+        from forgetless.models import is_model_folder, load_model
         from forgetless.train import train
 
         saved = folder / "model"
         reusable = bool(
             old and old.get("train_hash") == thash and (folder / "metrics.json").is_file()
-            and ((saved / "config.json").is_file() or (saved / "adapter_config.json").is_file())
+            and is_model_folder(saved)
         )
         trained_only = {"name": planned.name, "train_hash": thash}  # weights kept, not evaluated
         if reusable:

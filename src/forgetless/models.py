@@ -82,6 +82,11 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
+def is_model_folder(path: Path) -> bool:
+    """A saved model (config.json) or a saved LoRA adapter (adapter_config.json)."""
+    return any((path / name).is_file() for name in ("config.json", "adapter_config.json"))
+
+
 def resolve_model(name: str = DEFAULT_MODEL) -> str:
     """Turn an alias or GGUF path into a folder transformers (or PEFT, for a saved adapter)
     can load; pass Hub ids through."""
@@ -93,7 +98,7 @@ def resolve_model(name: str = DEFAULT_MODEL) -> str:
             raise ForgetlessError(f"model file not found: {path}")
         return str(convert_gguf(path))
     if path.exists():
-        if not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+        if not is_model_folder(path):
             raise ForgetlessError(f"model folder {path} has no config.json "
                                   "(nor adapter_config.json)")
         return str(path)
