@@ -11,15 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
-
-
-def _pearson(a: list[float], b: list[float]) -> float:
-    ma, mb = sum(a) / len(a), sum(b) / len(b)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
-    return cov / math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+from statistics import correlation, fmean
 
 
 def main() -> None:
@@ -49,13 +43,13 @@ def main() -> None:
     print("\n| method | runs | mean target EM % | mean Δ held-out (pts) | mean KL |")
     print("|---|---|---|---|---|")
     for name, runs in by_method.items():
-        mean = {key: sum(r[key] for r in runs) / len(runs) for key in ("target", "heldout", "kl")}
+        mean = {key: fmean(r[key] for r in runs) for key in ("target", "heldout", "kl")}
         print(f"| {name} | {len(runs)} | {mean['target']:.1f} | {mean['heldout']:+.1f} "
               f"| {mean['kl']:.3f} |")
     held = [r["heldout"] for r in rows]
     print(f"\n{len(rows)} runs: r(Δ held-out, Δ number mass) = "
-          f"{_pearson(held, [r['number_mass'] for r in rows]):+.2f}, "
-          f"r(Δ held-out, KL) = {_pearson(held, [r['kl'] for r in rows]):+.2f}")
+          f"{correlation(held, [r['number_mass'] for r in rows]):+.2f}, "
+          f"r(Δ held-out, KL) = {correlation(held, [r['kl'] for r in rows]):+.2f}")
 
 
 if __name__ == "__main__":
