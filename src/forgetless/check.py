@@ -87,18 +87,24 @@ def check(
     max_drop: float = 2.0,
     seed: int = 0,
     batch_size: int = 16,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> CheckResult:
     """Evaluate ``model`` and ``base`` (names, folders, or in-memory models with ``tokenizer``)
-    on the same held-out items and judge every benchmark's paired change."""
+    on the same held-out items and judge every benchmark's paired change. Models given by name
+    load in ``dtype`` on ``device``; in-memory ones are evaluated where they are."""
+    from forgetless.devices import resolve_device, resolve_dtype
     from forgetless.eval import evaluate, load_spec, paired_difference
 
     if max_drop < 0:
         raise ForgetlessError("--max-drop must be >= 0 (points of accuracy)")
     if not suite:
         raise ForgetlessError("--suite: give at least one benchmark")
+    place = resolve_device(device)
+    precision = resolve_dtype(dtype, place)
     results = []
     for which in (base, model):
-        loaded, tok = _load(which, tokenizer)
+        loaded, tok = _load(which, tokenizer, precision, place)
         results.append(evaluate(loaded, tok, suite=list(suite), limit=limit, seed=seed,
                                 batch_size=batch_size))
     before, after = results
@@ -113,11 +119,11 @@ def check(
     return outcome
 
 
-def _load(which: Any, tokenizer: Any):
+def _load(which: Any, tokenizer: Any, dtype: Any, device: Any):
     if isinstance(which, str):
         from forgetless.models import load_model
 
-        return load_model(which)
+        return load_model(which, dtype=dtype, device=device)
     if tokenizer is None:
         raise ForgetlessError("check(): pass tokenizer= with in-memory models")
     return which, tokenizer
@@ -132,6 +138,10 @@ def check_command(
     seed: int = typer.Option(0, "--seed", help="Item sampling seed."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available, else CPU), "
+                               "cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), "
+                              "bfloat16, float16 or float32."),
 ) -> None:
     """Retention gate for CI: exit 1 when a held-out benchmark dropped by more than --max-drop.
 
@@ -141,7 +151,7 @@ def check_command(
     """
     names = [s.strip() for s in suite.split(",") if s.strip()]
     result = check(model, base, suite=names, limit=limit, max_drop=max_drop, seed=seed,
-                   batch_size=batch_size)
+                   batch_size=batch_size, device=device, dtype=dtype)
     print(json.dumps(result.to_dict(), indent=1) if as_json else result.table())
     if not result.passed:
         raise typer.Exit(code=1)

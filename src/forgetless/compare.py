@@ -44,10 +44,16 @@ DEFAULT_METHODS: list[Any] = [
     "attn+mofo",
 ]
 # Shared by every method, so that the comparison is fair: set them under ``train:`` only.
+# ``device``/``dtype``/``attn_implementation`` also say how the shared base loads and is evaluated.
 SHARED_KEYS = {"model", "data", "seed", "max_steps", "batch_size", "grad_accum", "limit",
-               "max_length", "packing", "output_dir"}
-# Keys that change where or how a run is logged, not what it learns (left out of the hash).
-_UNHASHED_KEYS = {"output_dir", "report_to", "logging_steps", "save_steps", "resume"}
+               "max_length", "packing", "output_dir", "device", "dtype", "attn_implementation"}
+# Keys that change where or how a run is logged or computed, not what it learns (left out of the
+# hash).
+_UNHASHED_KEYS = {"output_dir", "report_to", "logging_steps", "save_steps", "resume", "device",
+                  "gradient_checkpointing"}
+# Keys added after compare folders existed: hashed only away from the value earlier runs used
+# (dtype resolved first: "auto" is bfloat16 on a CUDA device), so those runs stay reusable.
+_HASHED_IF_NOT = {"dtype": "float32", "fp32_master_weights": True, "attn_implementation": "sdpa"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -199,13 +205,28 @@ def _hash(data: Any) -> str:
 def train_hash(planned: PlannedMethod) -> str:
     """Identity of what a method learns: the resolved TrainConfig minus logging/output keys."""
     data = planned.train.model_dump()
-    return _hash({k: v for k, v in data.items() if k not in _UNHASHED_KEYS})
+    data["dtype"] = _run_dtype(planned.train)
+    if data["dtype"] == "float32":
+        data.pop("fp32_master_weights")  # master weights only exist for a half dtype
+    return _hash({k: v for k, v in data.items() if k not in _UNHASHED_KEYS
+                  and not (k in _HASHED_IF_NOT and v == _HASHED_IF_NOT[k])})
 
 
-def eval_hash(config: CompareConfig, target: str | None, model: str) -> str:
-    """Identity of how results were measured: eval settings, target, λs, base model and the
-    evaluator's metric set (a newer one re-evaluates saved models instead of mixing sets)."""
+def _run_dtype(train: TrainConfig) -> str:
+    """The dtype a run's weights load in, ``auto`` resolved for its device."""
+    from forgetless.devices import dtype_name, resolve_device, resolve_dtype
+
+    return dtype_name(resolve_dtype(train.dtype, resolve_device(train.device)))
+
+
+def eval_hash(config: CompareConfig, target: str | None, model: str,
+              dtype: str = "float32") -> str:
+    """Identity of how results were measured: eval settings, target, λs, base model, the
+    evaluation dtype and the evaluator's metric set (a newer one re-evaluates saved models
+    instead of mixing sets)."""
     settings = {**config.eval.model_dump(), "target": target}
+    if dtype != "float32":  # float32 is what every earlier compare evaluated in
+        settings["dtype"] = dtype
     return _hash({"eval": settings, "interpolate": config.interpolate, "base": model,
                   "metrics_version": METRICS_VERSION})
 
@@ -221,12 +242,11 @@ def _say(message: str) -> None:
 class _Processes:
     """Who does what under ``accelerate launch``: all train, the main process does the rest."""
 
-    def __init__(self) -> None:
-        import torch
+    def __init__(self, device) -> None:
         from accelerate import PartialState
 
         # As the Trainer sets it up (train.py passes use_cpu), so both share one process group.
-        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.state = PartialState(cpu=device.type == "cpu")
         self.count = self.state.num_processes
         self.main = self.state.is_main_process
 
@@ -246,13 +266,17 @@ class _Session:
     """The state one compare run shares across methods: base model, eval settings, tracker."""
 
     def __init__(self, config: CompareConfig, tracking_uri: str | None, callbacks: list | None):
+        from forgetless.devices import resolve_device, resolve_dtype
         from forgetless.tracking import Tracker, default_tracking_uri
 
         self.config = config
         self.out = Path(config.output_dir)
         self.callbacks = callbacks
-        self.procs = _Processes()
         self.plan = plan_methods(config)
+        # One device and dtype (train: section) for training and evaluation alike.
+        self.device = resolve_device(self.plan[0].train.device)
+        self.dtype = resolve_dtype(self.plan[0].train.dtype, self.device)
+        self.procs = _Processes(self.device)
         if self.procs.count > 1 and not all(p.train.save_model for p in self.plan):
             raise ForgetlessError("compare under accelerate launch evaluates the saved models: "
                                   "remove save_model=false")
@@ -260,7 +284,8 @@ class _Session:
         self.target = target_name(config, self.plan[0].train.data)
         if self.target:
             ensure_target(self.target)
-        self.eval_hash = eval_hash(config, self.target, self.model_name)
+        self.eval_hash = eval_hash(config, self.target, self.model_name,
+                                   _run_dtype(self.plan[0].train))
         self.out.mkdir(parents=True, exist_ok=True)
         uri = tracking_uri or config.tracking_uri or default_tracking_uri(self.out)
         experiment = config.experiment or self.out.resolve().name
@@ -273,7 +298,10 @@ class _Session:
         from forgetless.models import load_model
 
         _say(f"loading base model {self.model_name}")
-        self.base, self.tokenizer = load_model(self.model_name)
+        self.base, self.tokenizer = load_model(
+            self.model_name, dtype=self.dtype, device=self.device,
+            attn_implementation=self.plan[0].train.attn_implementation,
+        )
         self.base.eval()
 
     def evaluate(self, model, name: str, with_base: bool = True):
@@ -381,7 +409,7 @@ class _Session:
         if not self.procs.main:
             return None
         if reusable or self.procs.count > 1:  # sharded weights: evaluate what training saved
-            tuned = load_model(str(saved))[0]
+            tuned = load_model(str(saved), dtype=self.dtype, device=self.device)[0]
         tuned.eval()
         self.evaluate(tuned, planned.name).save(folder / "eval.json")
         points = {}

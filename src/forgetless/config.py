@@ -60,6 +60,26 @@ class TrainConfig(BaseModel):
     monitor_max_kl: float | None = Field(None, gt=0.0)
     monitor_max_number_mass_gain: float | None = Field(None, gt=0.0)
     monitor_action: Literal["stop", "warn"] = "stop"
+    # devices and precision (forgetless.devices; README "Devices and dtypes")
+    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on CUDA
+    fp32_master_weights: bool = True  # half dtype: trainable weights float32, autocast compute
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        from forgetless.devices import check_device_name
+
+        return check_device_name(value)
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attn_available(cls, value: str) -> str:
+        from forgetless.devices import check_attn_implementation
+
+        return check_attn_implementation(value)
 
     @field_validator("method")
     @classmethod

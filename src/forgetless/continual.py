@@ -253,14 +253,26 @@ class _Run:
     """Shared state of one continual run: base model, stages, eval settings."""
 
     def __init__(self, config: ContinualConfig, callbacks: list | None):
+        import torch
+
+        from forgetless.devices import dtype_name, resolve_device, resolve_dtype
+
         self.config = config
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.stages = resolve_stages(config, self.out)
         self.methods = plan_methods(config)
         self.callbacks = callbacks
-        self.eval_key = _hash({"eval": config.eval.model_dump(), "model": config.model,
-                               "targets": [s.target for s in self.stages]})
+        # One device and dtype (train: section) for training and evaluation alike.
+        shared = validate(TrainConfig, {**config.train, "model": config.model}, where="train")
+        self.device = resolve_device(shared.device)
+        self.dtype = resolve_dtype(shared.dtype, self.device)
+        self.attn_implementation = shared.attn_implementation
+        key = {"eval": config.eval.model_dump(), "model": config.model,
+               "targets": [s.target for s in self.stages]}
+        if self.dtype != torch.float32:  # float32 is what every earlier run evaluated in
+            key["dtype"] = dtype_name(self.dtype)
+        self.eval_key = _hash(key)
         self.base = self.tokenizer = None
 
     def load_base(self) -> None:
@@ -268,7 +280,10 @@ class _Run:
 
         if self.base is None:
             _say(f"loading base model {self.config.model}")
-            self.base, self.tokenizer = load_model(self.config.model)
+            self.base, self.tokenizer = load_model(
+                self.config.model, dtype=self.dtype, device=self.device,
+                attn_implementation=self.attn_implementation,
+            )
             self.base.eval()
 
     def evaluate(self, model, label: str):
@@ -359,7 +374,7 @@ class _Run:
                 f"{folder}/model is gone (keep_models: false) but a later stage must be re-run: "
                 f"delete {folder.parent} to restart this method"
             )
-        return load_model(str(folder / "model"))[0]
+        return load_model(str(folder / "model"), dtype=self.dtype, device=self.device)[0]
 
 
 def summarize(base, per_method: dict[str, list], stages: list[Stage]) -> dict[str, Any]:

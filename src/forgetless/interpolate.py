@@ -37,5 +37,5 @@ def interpolate(base: nn.Module, tuned: nn.Module, lam: float) -> nn.Module:
             raise ForgetlessError(
                 f"cannot interpolate {name}: shape {tuple(other.shape)} vs {tuple(param.shape)}"
             )
-        param.add_(other.to(param.dtype) - param, alpha=lam)
+        param.add_(other.to(param.device, param.dtype) - param, alpha=lam)  # on θ₀'s device
     return out.eval()

@@ -107,25 +107,50 @@ def resolve_model(name: str = DEFAULT_MODEL) -> str:
     return name  # a Hub id; transformers reports a missing one itself
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)``; the tokenizer gets a pad token if it lacks one."""
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str | None = None,
+    attn_implementation: str | None = None,
+):
+    """Load ``(model, tokenizer)``; the tokenizer gets a pad token if it lacks one.
+
+    ``dtype`` is a torch dtype or a name (``auto`` = bfloat16 on a CUDA ``device`` that supports
+    it, else float32); ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; None = the CPU) is
+    where the model is moved after loading; ``attn_implementation`` goes to transformers
+    (None = its default).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from forgetless.devices import check_attn_implementation, resolve_device, resolve_dtype
+
+    place = resolve_device(device) if device is not None else None
+    dtype = resolve_dtype(dtype, place or torch.device("cpu"))
+    kwargs: dict = {"dtype": dtype}
+    if check_attn_implementation(attn_implementation):
+        kwargs["attn_implementation"] = attn_implementation
     folder = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if (Path(folder) / "adapter_config.json").is_file():
-            model = _load_adapter(Path(folder), dtype)
+            model = _load_adapter(Path(folder), kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except OSError as err:
         raise ForgetlessError(f"cannot load model '{name}': {str(err).splitlines()[0]}") from err
+    except ValueError as err:  # e.g. an attention kernel the architecture does not implement
+        if attn_implementation is None:
+            raise
+        raise ForgetlessError(f"cannot load model '{name}' with attn_implementation "
+                              f"{attn_implementation}: {str(err).splitlines()[0]}") from err
+    if place is not None:
+        model.to(place)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def _load_adapter(folder: Path, dtype: torch.dtype):
+def _load_adapter(folder: Path, kwargs: dict):
     """A saved LoRA run: its base model (resolved like any model name) with the adapter on top."""
     import json
 
@@ -133,5 +158,5 @@ def _load_adapter(folder: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base = AutoModelForCausalLM.from_pretrained(resolve_model(base_name), dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(base_name), **kwargs)
     return PeftModel.from_pretrained(base, folder)

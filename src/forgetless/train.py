@@ -8,6 +8,7 @@ so a folder without it is an unfinished run.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from transformers import (
 from forgetless import __version__
 from forgetless.config import TrainConfig, load_config
 from forgetless.data import build_dataset
+from forgetless.devices import dtype_name, resolve_device, resolve_dtype
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_dir, atomic_write_json, atomic_write_text
 from forgetless.methods import MethodOptions, merge_lora, prepare_model
@@ -100,7 +102,60 @@ def _method_options(config: TrainConfig) -> MethodOptions:
     )
 
 
-def _training_arguments(config: TrainConfig, trainer_dir: Path) -> TrainingArguments:
+def _sharded_launch() -> bool:
+    """FSDP or DeepSpeed under ``accelerate launch``: they place, shard and cast the weights."""
+    return any(os.environ.get(key, "").lower() == "true"
+               for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
+def _check_device(device: torch.device, dtype: torch.dtype, config: TrainConfig) -> None:
+    """Settings the Trainer cannot honour fail here, before a model loads."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    if device.type == "cuda" and device.index not in (None, 0) and not launched:
+        raise ForgetlessError(
+            f"device {device}: the Trainer trains one process on cuda:0 (one GPU per process "
+            f"under accelerate launch); run with CUDA_VISIBLE_DEVICES={device.index} device=cuda"
+        )
+    if dtype == torch.float16 and not config.fp32_master_weights:
+        raise ForgetlessError("dtype float16 needs fp32_master_weights=true (the loss scaler "
+                              "cannot unscale float16 gradients); or use dtype bfloat16")
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ForgetlessError(f"dtype float16 trains on CUDA only (device {device}); "
+                              "use bfloat16 or float32")
+
+
+def _floating_dtype(model) -> torch.dtype:
+    """The dtype of a model's (first) floating-point weights."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _cast_trainable(model, dtype: torch.dtype) -> None:
+    """Cast the trainable parameters in place: the same Parameter objects, so the anchor and the
+    optimizer built later still hold them."""
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def _checkpointing(enabled: bool) -> dict[str, Any]:
+    """Activation checkpointing as this transformers spells it (``gradient_checkpointing`` is
+    the pre-5.x name). Non-reentrant, so it works with frozen embeddings (PEFT, narrow presets)
+    without ``enable_input_require_grads``."""
+    if not enabled:
+        return {}
+    fields = TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else (
+        "gradient_checkpointing")
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def _training_arguments(
+    config: TrainConfig, trainer_dir: Path, device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> TrainingArguments:
+    """Trainer settings; ``dtype`` bf16/fp16 turns on the Trainer's autocast (``bf16=``/``fp16=``)
+    and ``device`` its placement (``use_cpu``)."""
+    device = device or resolve_device(config.device)
     return TrainingArguments(
         output_dir=str(trainer_dir),
         per_device_train_batch_size=config.batch_size,
@@ -117,7 +172,10 @@ def _training_arguments(config: TrainConfig, trainer_dir: Path) -> TrainingArgum
         save_steps=config.save_steps or 500,
         report_to=config.report_to,
         seed=config.seed,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device.type == "cpu",
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        **_checkpointing(config.gradient_checkpointing),
         remove_unused_columns=False,
         dataloader_drop_last=False,
     )
@@ -155,12 +213,34 @@ def train(
     (run_dir / "metrics.json").unlink(missing_ok=True)  # this run is not finished yet
     set_seed(config.seed)
 
+    # Device and precision (README "Devices and dtypes"): the weights load in ``dtype`` on
+    # ``device``; with a half dtype the trainable ones train in float32 (fp32_master_weights)
+    # under the Trainer's autocast, and go back to ``dtype`` before saving and evaluation.
+    device = resolve_device(config.device)
+    sharded = _sharded_launch()
     if model is None:
-        model, tokenizer = load_model(config.model)
+        dtype = resolve_dtype(config.dtype, device)
+        _check_device(device, dtype, config)
+        model, tokenizer = load_model(
+            config.model, dtype=dtype, device=None if sharded else device,
+            attn_implementation=config.attn_implementation,
+        )
     elif tokenizer is None:
         raise ForgetlessError("train(): pass the tokenizer together with an in-memory model")
+    else:  # dtype auto keeps an in-memory model's own dtype; an explicit one casts it
+        dtype = _floating_dtype(model) if config.dtype == "auto" else resolve_dtype(config.dtype)
+        _check_device(device, dtype, config)
+        model.to(dtype)
+    half = dtype in (torch.bfloat16, torch.float16)
+    master = torch.float32 if half and config.fp32_master_weights else dtype
+    if sharded and master != dtype:
+        model.to(master)  # FSDP / DeepSpeed keep float32 shards and compute in half themselves
     prepared = prepare_model(model, config.method, _method_options(config))
-    print(f"[forgetless] {config.method}: {prepared.summary()}", flush=True)
+    if not sharded:
+        _cast_trainable(prepared.model, master)
+    precision = dtype_name(dtype) + (" (float32 master weights)" if master != dtype else "")
+    print(f"[forgetless] {config.method}: {prepared.summary()}; {device}, {precision}",
+          flush=True)
 
     dataset = build_dataset(
         tokenizer, config.data, config.max_length, config.limit, config.seed, config.packing
@@ -174,7 +254,7 @@ def train(
     trainer_dir = run_dir / "trainer"
     trainer = _ForgetlessTrainer(
         model=prepared.model,
-        args=_training_arguments(config, trainer_dir),
+        args=_training_arguments(config, trainer_dir, device, dtype),
         train_dataset=dataset,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         processing_class=tokenizer,
@@ -196,6 +276,8 @@ def train(
         if "loss" in log
     ]
     tuned = prepared.model
+    if not sharded:
+        _cast_trainable(tuned, dtype)  # saved and evaluated in the run's dtype, on its device
     model_dir = None
     if config.save_model and distributed:  # all processes gather shards, the main one writes
         model_dir = run_dir / "model"
@@ -224,6 +306,8 @@ def train(
         "loss_history": losses,
         "forgetless_version": __version__,
         "resumed": bool(resume),
+        "device": str(trainer.args.device),
+        "dtype": dtype_name(dtype),
         "monitor": [monitor.summary() for monitor in monitors],
     }
     if trainer.is_world_process_zero():

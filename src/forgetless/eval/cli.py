@@ -31,8 +31,13 @@ def eval_command(
     num_fewshot: int | None = typer.Option(None, "--num-fewshot", help="Few-shot examples."),
     batch_size: int = typer.Option(16, "--batch-size", help="Contexts per forward pass."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the result JSON."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available, else CPU), "
+                               "cpu, cuda or cuda:N: where both models run."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), "
+                              "bfloat16, float16 or float32: the precision both models load in."),
 ) -> None:
     """Measure held-out accuracy, target skill and drift from the base model."""
+    from forgetless.devices import resolve_device, resolve_dtype
     from forgetless.eval.evaluator import DEFAULT_SUITE, evaluate
     from forgetless.eval.targets import get_target
     from forgetless.eval.tasks import load_spec
@@ -46,8 +51,10 @@ def eval_command(
     specs = [load_spec(t) for t in tasks]  # a bad task file fails before any model loads
     if target is not None:
         get_target(target)
-    tuned, tokenizer = load_model(model)
-    base_model = load_model(base)[0] if base else None
+    place = resolve_device(device)
+    precision = resolve_dtype(dtype, place)
+    tuned, tokenizer = load_model(model, dtype=precision, device=place)
+    base_model = load_model(base, dtype=precision, device=place)[0] if base else None
     result = evaluate(
         tuned, tokenizer, suite=specs, limit=limit or None, seed=seed, target=target,
         target_limit=target_limit or None, base_model=base_model, batch_size=batch_size,

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from forgetless.devices import model_device
 from forgetless.errors import ForgetlessError
 from forgetless.eval.stats import Metric, mean_metric
 
@@ -65,7 +66,8 @@ def kl_and_number_mass(
     """
     if not prompts:
         raise ForgetlessError("drift needs at least one prompt")
-    number_ids = torch.tensor(number_token_ids(tokenizer), dtype=torch.long)
+    device, base_device = model_device(model), model_device(base)
+    number_ids = torch.tensor(number_token_ids(tokenizer), dtype=torch.long, device=device)
     encoded = [tokenizer.encode(p)[:max_length] for p in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     per_prompt: dict[str, list[float]] = defaultdict(list)
@@ -81,8 +83,11 @@ def kl_and_number_mass(
                 mask = torch.zeros_like(ids)
                 for r, e in enumerate(chunk):
                     ids[r, : len(e)], mask[r, : len(e)] = torch.tensor(e), 1
+                ids, mask = ids.to(device), mask.to(device)
+                logits_b = base(input_ids=ids.to(base_device),
+                                attention_mask=mask.to(base_device)).logits.to(device)
                 log_t = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-                log_b = F.log_softmax(base(input_ids=ids, attention_mask=mask).logits.float(), -1)
+                log_b = F.log_softmax(logits_b.float(), -1)
                 if log_t.shape[-1] != log_b.shape[-1]:
                     raise ForgetlessError(
                         f"model and base vocabularies differ ({log_t.shape[-1]} vs "
@@ -140,7 +145,10 @@ def _layer_and_type(name: str) -> tuple[str, str]:
 
 
 def param_drift(model, base) -> ParamDrift:
-    """Relative L2 change and share of changed coordinates per parameter, layer and type."""
+    """Relative L2 change and share of changed coordinates per parameter, layer and type.
+
+    Each pair is compared where the model's parameter lives (the base's copy moves there), and
+    one row of sums crosses to the host per parameter."""
     tuned = dict(_merged(model).named_parameters())
     reference = dict(_merged(base).named_parameters())
     names = [n for n in tuned if n in reference]
@@ -149,17 +157,20 @@ def param_drift(model, base) -> ParamDrift:
     rows = []
     with torch.no_grad():
         for name in names:
-            w, w0 = tuned[name].detach().float(), reference[name].detach().float()
+            w = tuned[name].detach()
+            w0 = reference[name].detach().to(w.device).float()
+            w = w.float()
             if w.shape != w0.shape:
                 raise ForgetlessError(
                     f"parameter {name} has shape {tuple(w.shape)} in the model but "
                     f"{tuple(w0.shape)} in the base"
                 )
             layer, module_type = _layer_and_type(name)
+            sums = torch.stack([(w - w0).pow(2).sum().double(), w0.pow(2).sum().double(),
+                                (w != w0).sum().double()]).tolist()
             rows.append({
                 "name": name, "layer": layer, "type": module_type, "numel": w.numel(),
-                "diff_sq": float((w - w0).pow(2).sum()), "base_sq": float(w0.pow(2).sum()),
-                "changed": int((w != w0).sum()),
+                "diff_sq": sums[0], "base_sq": sums[1], "changed": int(sums[2]),
             })
     by_layer, by_type = _aggregate(rows, "layer"), _aggregate(rows, "type")
     total = _aggregate(rows, None)["all"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from forgetless.devices import model_device
 from forgetless.errors import ForgetlessError
 
 
@@ -64,7 +65,9 @@ def _groups(pairs: Sequence[tuple[list[int], list[int]]]) -> list[_Group]:
     return list(groups.values())
 
 
-def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(rows: list[list[int]], pad_id: int, left: bool,
+         device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded ids and attention mask, built on the host and moved to ``device`` in one copy."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -74,7 +77,7 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
         span = slice(width - len(r), width) if left else slice(0, len(r))
         ids[i, span] = torch.tensor(r)
         mask[i, span] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -105,13 +108,15 @@ def _forward(model, keep: int | None = None, **inputs):
 
 
 def _score_window_shared(
-    model, groups: list[_Group], pad_id: int, batch_size: int, max_tokens: int
+    model, groups: list[_Group], pad_id: int, batch_size: int, max_tokens: int,
+    device: torch.device | None = None,
 ) -> list[list[float]]:
     """Score a window of groups in two phases, each sorted by its own length so little padding
     is computed: (1) contexts plus the choices' common opening tokens, keeping each one's KV
     cache; (2) the rest of every choice, its context's cache left-padded into the batch."""
     from transformers import DynamicCache
 
+    device = device or model_device(model)
     shared = [_shared_prefix(g.continuations) for g in groups]
     prefixes = [(g.context + g.continuations[0][:s])[:-1] for g, s in zip(groups, shared)]
     if min(len(p) for p in prefixes) == 0:  # 1-token contexts have nothing to cache
@@ -122,10 +127,11 @@ def _score_window_shared(
             if not part:
                 continue
             if keep_cache:
-                part_scores = _score_window_shared(model, part, pad_id, batch_size, max_tokens)
+                part_scores = _score_window_shared(model, part, pad_id, batch_size, max_tokens,
+                                                   device)
             else:
                 part_scores = [t for b in _batches(part, batch_size, max_tokens)
-                               for t in _score_batch_full(model, b, pad_id)]
+                               for t in _score_batch_full(model, b, pad_id, device)]
             for g, totals in zip(index, part_scores):
                 out[g] = totals
         return out
@@ -136,7 +142,7 @@ def _score_window_shared(
     lengths_1 = [len(prefixes[g]) for g in by_prefix]
     for lo, hi in _spans(lengths_1, batch_size, max_tokens):
         batch = by_prefix[lo:hi]
-        pre_ids, pre_mask = _pad([prefixes[g] for g in batch], pad_id, left=True)
+        pre_ids, pre_mask = _pad([prefixes[g] for g in batch], pad_id, left=True, device=device)
         keep = max(max(shared[g] for g in batch), 1)
         logits, cache = _forward(
             model, keep, input_ids=pre_ids, attention_mask=pre_mask,
@@ -146,7 +152,7 @@ def _score_window_shared(
             n, s = len(prefixes[g]), shared[g]
             kv[g] = [(layer.keys[r, :, -n:], layer.values[r, :, -n:]) for layer in cache.layers]
             if s:
-                target = torch.tensor(groups[g].continuations[0][:s], dtype=torch.long)
+                target = torch.tensor(groups[g].continuations[0][:s], device=device)
                 shared_lp[g] = float(_token_logprobs(logits[r, keep - s :], target).sum())
     rows = []  # (group, choice, input ids, target ids)
     for g, (group, s) in enumerate(zip(groups, shared)):
@@ -158,11 +164,12 @@ def _score_window_shared(
     for lo, hi in _spans([len(row[2]) for row in rows], len(rows), max_tokens):
         batch_rows = rows[lo:hi]
         owners = [row[0] for row in batch_rows]
-        cont_ids, cont_mask = _pad([row[2] for row in batch_rows], pad_id, left=False)
-        target_ids, _ = _pad([row[3] for row in batch_rows], pad_id, left=False)
-        lengths = torch.tensor([len(prefixes[g]) for g in owners])
-        width_p = int(lengths.max())
-        pre_mask = (torch.arange(width_p).unsqueeze(0) >= width_p - lengths.unsqueeze(-1)).long()
+        cont_ids, cont_mask = _pad([row[2] for row in batch_rows], pad_id, False, device)
+        target_ids, _ = _pad([row[3] for row in batch_rows], pad_id, False, device)
+        width_p = max(len(prefixes[g]) for g in owners)
+        lengths = torch.tensor([len(prefixes[g]) for g in owners], device=device)
+        positions = torch.arange(width_p, device=device).unsqueeze(0)
+        pre_mask = (positions >= width_p - lengths.unsqueeze(-1)).long()
         cache = DynamicCache()
         for layer in range(len(kv[owners[0]])):
             k0, v0 = kv[owners[0]][layer]
@@ -176,7 +183,8 @@ def _score_window_shared(
             model,
             input_ids=cont_ids,
             attention_mask=torch.cat([pre_mask, cont_mask], dim=-1),
-            position_ids=lengths.unsqueeze(-1) + torch.arange(cont_ids.shape[1]).unsqueeze(0),
+            position_ids=lengths.unsqueeze(-1)
+            + torch.arange(cont_ids.shape[1], device=device).unsqueeze(0),
             past_key_values=cache,
             use_cache=True,
         )
@@ -186,18 +194,20 @@ def _score_window_shared(
     return scores
 
 
-def _score_batch_full(model, batch: list[_Group], pad_id: int) -> list[list[float]]:
+def _score_batch_full(model, batch: list[_Group], pad_id: int,
+                      device: torch.device | None = None) -> list[list[float]]:
     """Reference path: every (context + continuation) as its own right-padded sequence."""
+    device = device or model_device(model)
     wholes, owners = [], []
     for gi, g in enumerate(batch):
         for cont in g.continuations:
             wholes.append((g.context + cont, len(g.context)))
             owners.append(gi)
-    ids, mask = _pad([w[:-1] for w, _ in wholes], pad_id, left=False)
+    ids, mask = _pad([w[:-1] for w, _ in wholes], pad_id, left=False, device=device)
     logits = model(input_ids=ids, attention_mask=mask).logits
     scores: list[list[float]] = [[] for _ in batch]
     for r, ((whole, n_context), gi) in enumerate(zip(wholes, owners)):
-        target = torch.tensor(whole[n_context:])
+        target = torch.tensor(whole[n_context:], device=device)
         lp = _token_logprobs(logits[r, n_context - 1 : len(whole) - 1], target)
         scores[gi].append(float(lp.sum()))
     return scores
@@ -251,6 +261,7 @@ def score_token_pairs(
     else:
         chunks = list(_batches(ordered, batch_size, max_tokens))
     results: list[float] = [0.0] * len(pairs)
+    device = model_device(model)  # inputs go where the model is; the model never moves
     was_training = model.training
     model.eval()
     try:
@@ -258,10 +269,10 @@ def score_token_pairs(
             for chunk in chunks:
                 if share_context:
                     chunk_scores = _score_window_shared(
-                        model, chunk, pad_id, batch_size, max_tokens
+                        model, chunk, pad_id, batch_size, max_tokens, device
                     )
                 else:
-                    chunk_scores = _score_batch_full(model, chunk, pad_id)
+                    chunk_scores = _score_batch_full(model, chunk, pad_id, device)
                 for group, totals in zip(chunk, chunk_scores):
                     for request_id, total in zip(group.request_ids, totals):
                         results[request_id] = total

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from forgetless.devices import model_device
 from forgetless.errors import ForgetlessError
 from forgetless.eval.scoring import score_token_pairs
 from forgetless.paths import shared_data_dir
@@ -204,6 +205,7 @@ def generate_greedy(
     stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
             if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
     outputs: list[str] = [""] * len(rows)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -217,12 +219,14 @@ def generate_greedy(
                     ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
                     mask[r, width - len(encoded[i]) :] = 1
                 generated = model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                    input_ids=ids.to(device), attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
                     do_sample=False, temperature=None, top_p=None, top_k=None,
                     pad_token_id=pad_id, eos_token_id=stop or None,
                 )
+                new_tokens = generated[:, width:].cpu()  # one copy to the host per batch
                 for r, i in enumerate(chunk):
-                    outputs[i] = tokenizer.decode(generated[r, width:], skip_special_tokens=True)
+                    outputs[i] = tokenizer.decode(new_tokens[r], skip_special_tokens=True)
     finally:
         model.train(was_training)
     return outputs
