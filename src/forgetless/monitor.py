@@ -9,15 +9,10 @@ symptom of arXiv 2510.08564), optionally a quick held-out accuracy, and logs the
 The base is a frozen copy of the model taken when training begins (also for LoRA: merged
 adapters change the weights the KL is measured against, so a copy is the honest reference).
 At the end it prints its own cost as a share of the training time.
-
-It measures where the model trains (its device) and, when the Trainer runs bf16/fp16 mixed
-precision, under the same autocast, since float32 master weights beside half-precision frozen
-ones only multiply together under autocast.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from collections.abc import Sequence
@@ -79,7 +74,6 @@ class ForgettingMonitor(TrainerCallback):
         self.seconds = 0.0
         self._started = 0.0
         self.train_seconds = 0.0
-        self._autocast: Any = None  # the Trainer's mixed-precision dtype, set at train begin
 
     def attach(self, trainer) -> ForgettingMonitor:
         """Add to ``trainer`` (if not yet there) and log through it."""
@@ -131,15 +125,13 @@ class ForgettingMonitor(TrainerCallback):
             self.base = copy.deepcopy(model).eval().requires_grad_(False)
         if self.prompts is None:
             self.prompts = default_probe_prompts()
-        self._autocast = _mixed_precision(args)
         self._started = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every:
             return control
         started = time.perf_counter()
-        with self._precision(model):
-            values = self.measure(model)
+        values = self.measure(model)
         self.seconds += time.perf_counter() - started
         self.history.append({"step": state.global_step, **values})
         if self.trainer is not None:
@@ -167,16 +159,6 @@ class ForgettingMonitor(TrainerCallback):
         _say(f"{len(self.history)} checks took {self.seconds:.1f} s = "
              f"{100 * self.overhead:.1f}% of the {self.train_seconds:.0f} s of training")
 
-    def _precision(self, model):
-        """The Trainer's autocast around a measurement (nothing when it trains in one dtype)."""
-        if self._autocast is None:
-            return contextlib.nullcontext()
-        import torch
-
-        from forgetless.devices import model_device
-
-        return torch.autocast(model_device(model).type, dtype=self._autocast)
-
     @property
     def overhead(self) -> float:
         """Monitor time / training time without the monitor."""
@@ -186,17 +168,6 @@ class ForgettingMonitor(TrainerCallback):
         return {"every": self.every, "max_kl": self.max_kl, "checks": len(self.history),
                 "seconds": round(self.seconds, 2), "overhead": round(self.overhead, 4),
                 "stopped": self.stopped, "last": self.history[-1] if self.history else None}
-
-
-def _mixed_precision(args) -> Any:
-    """torch.bfloat16 / torch.float16 when the TrainingArguments ask for autocast, else None."""
-    import torch
-
-    if getattr(args, "bf16", False):
-        return torch.bfloat16
-    if getattr(args, "fp16", False):
-        return torch.float16
-    return None
 
 
 def install_monitors(trainer, config) -> list[ForgettingMonitor]:

@@ -207,6 +207,7 @@ def train(
     else:
         config = load_config(TrainConfig, config, overrides)
 
+    device = resolve_device(config.device)  # a GPU that is not there fails before anything
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
@@ -216,7 +217,6 @@ def train(
     # Device and precision (README "Devices and dtypes"): the weights load in ``dtype`` on
     # ``device``; with a half dtype the trainable ones train in float32 (fp32_master_weights)
     # under the Trainer's autocast, and go back to ``dtype`` before saving and evaluation.
-    device = resolve_device(config.device)
     sharded = _sharded_launch()
     if model is None:
         dtype = resolve_dtype(config.dtype, device)
