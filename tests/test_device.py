@@ -230,3 +230,23 @@ def test_eval_cli_device_error_is_one_line():
     assert done.stderr.strip().splitlines() == [
         "forgetless: error: device 'gpu' is not one of auto (CUDA when available, else CPU), "
         "cpu, cuda or cuda:N"]
+
+
+def test_compare_shares_device_and_dtype_and_keeps_old_hashes(monkeypatch):
+    from forgetless import compare
+    from forgetless.errors import ForgetlessError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto = float32 on the CPU
+
+    plan = compare.plan_methods(compare.load_compare_config(None, ["methods=[attn]"]))[0]
+    new = {"device", "dtype", "fp32_master_weights", "gradient_checkpointing",
+           "attn_implementation"}
+    before = {k: v for k, v in plan.train.model_dump().items()
+              if k not in compare._UNHASHED_KEYS and k not in new}
+    assert compare.train_hash(plan) == compare._hash(before)  # earlier runs stay reusable
+    bf16 = compare.load_compare_config(None, ["methods=[attn]", "train.dtype=bfloat16"])
+    assert compare.train_hash(compare.plan_methods(bf16)[0]) != compare.train_hash(plan)
+    per_method = compare.load_compare_config(None, {"methods": [{"method": "attn",
+                                                                 "dtype": "bfloat16"}]})
+    with pytest.raises(ForgetlessError, match="dtype must be the same for every method"):
+        compare.plan_methods(per_method)
