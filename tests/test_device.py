@@ -250,3 +250,23 @@ def test_compare_shares_device_and_dtype_and_keeps_old_hashes(monkeypatch):
                                                                  "dtype": "bfloat16"}]})
     with pytest.raises(ForgetlessError, match="dtype must be the same for every method"):
         compare.plan_methods(per_method)
+
+
+def test_load_model_takes_dtype_device_and_attention(tmp_path):
+    import importlib.util
+
+    from forgetless.config import TrainConfig, load_config
+    from forgetless.errors import ForgetlessError
+    from forgetless.models import load_model
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    model, _ = load_model(str(tmp_path), dtype="bfloat16", device="cpu",
+                          attn_implementation="eager")
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
+    assert load_model(str(tmp_path), dtype="auto", device="cpu")[0].dtype == torch.float32
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ForgetlessError, match="needs the flash-attn package"):
+            load_config(TrainConfig, None, ["attn_implementation=flash_attention_2"])
+        with pytest.raises(ForgetlessError, match="needs the flash-attn package"):
+            load_model(str(tmp_path), attn_implementation="flash_attention_2")

@@ -44,7 +44,8 @@ def evaluate(
 ) -> EvalResult:
     """Score ``model`` on the held-out ``suite``, optionally a ``target`` task and drift from
     ``base_model``. ``limit`` is items per task (an int, or task -> int; None = all), chosen
-    with ``seed``. See the package docstring for the metric names."""
+    with ``seed``. See the package docstring for the metric names. Both models are evaluated
+    where they are (inputs go to their device; nothing moves them) in their own dtype."""
     check_model_tokenizer(model, tokenizer)
     started = time.perf_counter()
     result = EvalResult()
