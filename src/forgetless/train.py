@@ -230,7 +230,8 @@ def train(
     else:  # dtype auto keeps an in-memory model's own dtype; an explicit one casts it
         dtype = _floating_dtype(model) if config.dtype == "auto" else resolve_dtype(config.dtype)
         _check_device(device, dtype, config)
-        model.to(dtype)
+        if _floating_dtype(model) != dtype:  # .to() would also recast float32 buffers (RoPE)
+            model.to(dtype)
     half = dtype in (torch.bfloat16, torch.float16)
     master = torch.float32 if half and config.fp32_master_weights else dtype
     if sharded and master != dtype:
