@@ -46,6 +46,10 @@ def eval_command(
     specs = [load_spec(t) for t in tasks]  # a bad task file fails before any model loads
     if target is not None:
         get_target(target)
+    if output is not None:  # an output that cannot be written fails now, not after the run
+        from forgetless.runs import make_dir
+
+        make_dir(Path(output).parent or Path("."), "folder for --output")
     tuned, tokenizer = load_model(model)
     base_model = load_model(base)[0] if base else None
     result = evaluate(

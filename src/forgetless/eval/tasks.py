@@ -32,11 +32,13 @@ from typing import Any
 
 import jinja2
 import yaml
+from jinja2.sandbox import SandboxedEnvironment
 
 from forgetless.errors import ForgetlessError
 from forgetless.paths import shared_data_dir
 
-_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+# Sandboxed: a task file is data, and its expressions must not reach Python internals.
+_JINJA = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
 @dataclass(frozen=True)
