@@ -500,7 +500,8 @@ def redraw(config: CompareConfig | dict | str | Path | None = None,
     results = runs.read_json(out / "results.json")
     if results is None:
         raise ForgetlessError(f"no finished compare in {out}: results.json is missing")
-    return write_report(results, out)
+    with runs.RunLock(out, "compare --report-only"):
+        return write_report(results, out)
 
 
 def compare_command(
