@@ -92,6 +92,8 @@ class _CheckpointMarker(TrainerCallback):
         fault_point("train.step")
 
     def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's shards are written before the marker
         if state.is_world_process_zero:
             runs.mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}",
                                  state.global_step)
