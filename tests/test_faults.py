@@ -460,3 +460,14 @@ def test_debug_flag_shows_the_traceback_of_an_input_error(monkeypatch, capsys):
     code, err = _main(monkeypatch, capsys, "--debug", "train", "method=sgd")
     assert code == 2 and "Traceback" in err
     assert err.strip().splitlines()[-1].startswith("forgetless: error: ")
+
+
+def test_only_forgetless_temporaries_are_removed(tmp_path):
+    keep = [".bashrc", ".viminfo.tmp12345", "notes.txt", ".git/x.json.abcdefgh", "a.json"]
+    gone = [".metrics.json.k2j4_9zq", "run/.model.ab12cd34/config.json", ".report.md.zz99yy88"]
+    for name in keep + gone:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    assert runs.remove_temporaries(tmp_path) == 3
+    assert all((tmp_path / name).exists() for name in keep)
+    assert not any((tmp_path / name).exists() for name in gone)

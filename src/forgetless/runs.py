@@ -36,8 +36,9 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Weights a Trainer checkpoint may hold (full model, sharded index, or a PEFT adapter).
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
             "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
-# Temporary names made by forgetless.io (``.<name>.<8 random chars>``) and models.convert_gguf.
-_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}$")
+# Temporary names forgetless.io makes for the files and folders jobs write
+# (``.<name>.<8 random chars>``); nothing else in a folder is ever removed.
+_TEMPORARY = re.compile(r"^\.(model|[^/]+\.(json|jsonl|yaml|md|html|png|txt))\.[a-z0-9_]{8}$")
 
 
 # --- identity and safe reads ------------------------------------------------------------------
@@ -165,16 +166,20 @@ def remove_temporaries(folder: str | Path) -> int:
     """Delete temporary files and folders a killed writer left (``.<name>.<random>``); only call
     while holding the folder's ``RunLock``. Returns how many were removed."""
     removed = 0
+    top = len(Path(folder).parts)
     for root, dirs, files in os.walk(folder):
         for name in [*dirs, *files]:
-            if _TEMPORARY.match(name) and name != LOCK_NAME:
+            if _TEMPORARY.match(name):
                 path = Path(root) / name
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
                 removed += 1
-        dirs[:] = [d for d in dirs if not _TEMPORARY.match(d)]
+        # a run folder is shallow (<out>/<method>/<stage>/model); never walk hidden or deep trees
+        deep = len(Path(root).parts) - top >= 4
+        dirs[:] = [] if deep else [d for d in dirs if not d.startswith(".")
+                                   and d not in ("mlartifacts", "trainer")]
     return removed
 
 
