@@ -266,7 +266,7 @@ def _write(path: Path, data: dict) -> str:
 
 
 def _compare_config(model_dir: Path, folder: Path, out: Path) -> str:
-    return _write(folder / "compare.yaml", {
+    return _write(folder / f"compare-{out.name}.yaml", {
         "train": dict(model=str(model_dir), data="count_letters", limit=8, batch_size=4,
                       max_steps=2, max_length=64, learning_rate=1e-2, report_to=[],
                       logging_steps=1, save_steps=1),
@@ -311,7 +311,7 @@ def _continual_config(model_dir: Path, folder: Path, out: Path) -> str:
         return str(path)
 
     sums = [(f"What is {a} plus {b}?", str(a + b)) for a in range(5) for b in range(5)]
-    return _write(folder / "continual.yaml", {
+    return _write(folder / f"continual-{out.name}.yaml", {
         "model": str(model_dir),
         "tasks": [{"name": "sums", "data": task("sums", sums[:20]),
                    "target": task("sums_test", sums[20:])},
