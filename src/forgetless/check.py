@@ -102,14 +102,15 @@ def check(
         raise ForgetlessError("--suite: give at least one benchmark")
     place = resolve_device(device)
     precision = resolve_dtype(dtype, place)
+    specs = [load_spec(task) for task in suite]  # a bad task fails before any model loads
     results = []
     for which in (base, model):
         loaded, tok = _load(which, tokenizer, precision, place)
-        results.append(evaluate(loaded, tok, suite=list(suite), limit=limit, seed=seed,
+        results.append(evaluate(loaded, tok, suite=specs, limit=limit, seed=seed,
                                 batch_size=batch_size))
     before, after = results
     outcome = CheckResult(max_drop=max_drop)
-    for key in [load_spec(task).name for task in suite]:
+    for key in [spec.name for spec in specs]:
         delta = paired_difference(before, after, key)
         change, low, high = (100 * x for x in (delta.value, delta.ci_low, delta.ci_high))
         outcome.rows.append(CheckRow(

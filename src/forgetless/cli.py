@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+import traceback
 
 import typer
 
+from forgetless import __version__
 from forgetless.check import check_command
 from forgetless.compare import compare_command
 from forgetless.continual import continual_command
@@ -15,13 +19,20 @@ from forgetless.eval.cli import eval_command
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # --debug tracebacks: locals may hold whole tensors
     help="Fine-tune language models without catastrophic forgetting, and measure it.",
 )
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: bool = typer.Option(
+        False, "--debug", help="Show full tracebacks (also: FORGETLESS_DEBUG=1), for bug reports."
+    ),
+) -> None:
     """Keep sub-commands even while only one is registered (typer would otherwise flatten)."""
+    if debug:
+        os.environ["FORGETLESS_DEBUG"] = "1"
 
 
 @app.command("train")
@@ -57,10 +68,70 @@ app.command("check")(check_command)
 app.command("compare")(compare_command)
 
 
+def _debug() -> bool:
+    return os.environ.get("FORGETLESS_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
 def main() -> None:
-    """Console entry point: a ForgetlessError becomes one line on stderr and exit code 2."""
+    """Console entry point: every failure is one line on stderr unless ``--debug`` is given.
+
+    * ``ForgetlessError`` (bad input): the message, exit code 2;
+    * Ctrl-C: "interrupted", exit code 130 (a re-run resumes what was finished);
+    * ``OSError`` / ``MemoryError`` (disk full, no permission, out of memory): the reason, exit 1;
+    * anything else is a bug: one line naming it, exit 1; its full traceback goes to a file at
+      once (re-running a long job with ``--debug`` just to see it would cost the job again).
+    """
     try:
         app()
     except ForgetlessError as err:
-        print(f"forgetless: error: {err}", file=sys.stderr)
+        if _debug():
+            traceback.print_exc()
+        print(f"forgetless: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
+    except SystemExit as done:
+        if done.code == 130:  # typer turns Ctrl-C into exit 130, silently
+            print("forgetless: interrupted", file=sys.stderr)
+        raise
+    except KeyboardInterrupt:
+        print("forgetless: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (OSError, MemoryError) as err:
+        if _debug():
+            raise
+        print(f"forgetless: error: {_describe(err)}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as err:
+        if _debug():
+            raise
+        where = _save_traceback()
+        print(f"forgetless: error: internal error, this is a bug ({type(err).__name__}: "
+              f"{_first_line(err)}); traceback in {where} (or rerun with --debug)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else "no message"
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, MemoryError):
+        return "out of memory (try a smaller batch_size or max_length)"
+    if isinstance(err, OSError) and err.strerror:
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror}{where}"
+    return f"{type(err).__name__}: {_first_line(err)}"
+
+
+def _save_traceback() -> str:
+    """Write the current exception's traceback to a temporary file; returns its path."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="forgetless-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(f"forgetless {__version__}, python {sys.version.split()[0]}\n")
+            handle.write(" ".join(sys.argv) + "\n\n")
+            traceback.print_exc(file=handle)
+        return path
+    except OSError:
+        return "(could not be saved)"

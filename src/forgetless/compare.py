@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
-import json
 import os
 import re
 import time
@@ -29,7 +27,7 @@ import typer
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from forgetless import __version__
+from forgetless import __version__, runs
 from forgetless.config import (
     TrainConfig,
     load_sectioned_config,
@@ -37,7 +35,7 @@ from forgetless.config import (
 )
 from forgetless.errors import ForgetlessError
 from forgetless.eval.result import METRICS_VERSION
-from forgetless.io import atomic_write_json, atomic_write_text
+from forgetless.io import atomic_write_json, atomic_write_text, fault_point
 
 DEFAULT_METHODS: list[Any] = [
     "full", "lora", "attn", "mlp-gate-up", {"name": "mofo", "method": "mofo", "fraction": 0.1},
@@ -197,19 +195,14 @@ def ensure_target(name: str) -> None:
     register_target(Target(name, load=rows, max_new_tokens=min(256, max(32, longest + 16))))
 
 
-def _hash(data: Any) -> str:
-    text = json.dumps(data, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def train_hash(planned: PlannedMethod) -> str:
     """Identity of what a method learns: the resolved TrainConfig minus logging/output keys."""
     data = planned.train.model_dump()
     data["dtype"] = _run_dtype(planned.train)
     if data["dtype"] == "float32":
         data.pop("fp32_master_weights")  # master weights only exist for a half dtype
-    return _hash({k: v for k, v in data.items() if k not in _UNHASHED_KEYS
-                  and not (k in _HASHED_IF_NOT and v == _HASHED_IF_NOT[k])})
+    return runs.config_hash({k: v for k, v in data.items() if k not in _UNHASHED_KEYS
+                             and not (k in _HASHED_IF_NOT and v == _HASHED_IF_NOT[k])})
 
 
 def _run_dtype(train: TrainConfig) -> str:
@@ -227,7 +220,7 @@ def eval_hash(config: CompareConfig, target: str | None, model: str,
     settings = {**config.eval.model_dump(), "target": target}
     if dtype != "float32":  # float32 is what every earlier compare evaluated in
         settings["dtype"] = dtype
-    return _hash({"eval": settings, "interpolate": config.interpolate, "base": model,
+    return runs.config_hash({"eval": settings, "interpolate": config.interpolate, "base": model,
                   "metrics_version": METRICS_VERSION})
 
 
@@ -255,13 +248,6 @@ class _Processes:
             self.state.wait_for_everyone()
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 class _Session:
     """The state one compare run shares across methods: base model, eval settings, tracker."""
 
@@ -284,6 +270,7 @@ class _Session:
         self.target = target_name(config, self.plan[0].train.data)
         if self.target:
             ensure_target(self.target)
+        _check_inputs(config, self.plan[0].train.data)  # before the base model loads
         self.eval_hash = eval_hash(config, self.target, self.model_name,
                                    _run_dtype(self.plan[0].train))
         self.out.mkdir(parents=True, exist_ok=True)
@@ -308,6 +295,7 @@ class _Session:
         from forgetless.eval import evaluate
 
         settings = self.config.eval
+        fault_point("compare.evaluate")
         _say(f"evaluating {name} ({', '.join(settings.suite)}"
              + (f", {self.target}" if self.target else "") + (", drift" if with_base else "") + ")")
         started, cpu = time.perf_counter(), time.process_time()
@@ -342,7 +330,7 @@ class _Session:
     def _base_record(self) -> dict:
         """The base model's evaluation, reused when its eval settings did not change."""
         folder = self.out / "base"
-        record = _read_json(folder / "compare.json")
+        record = runs.read_json(folder / "compare.json")
         done = record and (folder / record.get("eval_file", "eval.json")).is_file()
         if done and record.get("eval_hash") == self.eval_hash:
             _say("base: reusing its evaluation")
@@ -357,7 +345,7 @@ class _Session:
     def method_record(self, planned: PlannedMethod) -> dict | None:
         """Train + evaluate one method, or reuse its finished run folder (``None`` off main)."""
         folder = Path(planned.train.output_dir)
-        record = _read_json(folder / "compare.json")
+        record = runs.read_json(folder / "compare.json")
         thash = train_hash(planned)
         complete = bool(record) and self._complete(folder, record, thash)
         self.procs.barrier()  # every process decides on the same files before main changes them
@@ -370,15 +358,14 @@ class _Session:
             return None
         params = {"train": planned.train.model_dump(), "eval": self.config.eval.model_dump(),
                   "target": self.target, "interpolate": self.config.interpolate}
-        train = _read_json(folder / "metrics.json")
+        train = runs.read_json(folder / "metrics.json")
         return self._tracked(folder, record, params=params, train=train)
 
     def _complete(self, folder: Path, record: dict, thash: str) -> bool:
         files = [record.get("eval_file"), *record.get("interpolation", {}).values()]
         return (
             record.get("train_hash") == thash and record.get("eval_hash") == self.eval_hash
-            and (folder / "metrics.json").is_file()
-            and all(name and (folder / name).is_file() for name in files)
+            and runs.has_files(folder, ["metrics.json", *files])
         )
 
     def _train_and_evaluate(self, planned, folder: Path, thash: str, old: dict | None) -> dict:
@@ -423,6 +410,7 @@ class _Session:
         gc.collect()
         record = {"name": planned.name, "method": planned.train.method, "train_hash": thash,
                   "eval_hash": self.eval_hash, "eval_file": "eval.json", "interpolation": points}
+        fault_point("compare.method_done")
         atomic_write_json(folder / "compare.json", record)  # last: marks the method complete
         return record
 
@@ -448,8 +436,19 @@ class _Session:
             record["name"], params, metrics, series, artifacts,
             tags={"forgetless.compare": str(self.out.resolve())},
         )
+        fault_point("compare.tracked")
         atomic_write_json(folder / "compare.json", record)
         return record
+
+
+def _check_inputs(config: CompareConfig, data: str) -> None:
+    """Training data and held-out task files read and parse (a typo fails in a second)."""
+    from forgetless.data import load_conversations
+    from forgetless.eval import load_spec
+
+    load_conversations(data, "train")
+    for name in config.eval.suite:
+        load_spec(name)
 
 
 def _headline(result) -> str:
@@ -477,9 +476,17 @@ def compare(
 
     ``callbacks`` (transformers ``TrainerCallback``) go to every method's training.
     """
+    config = load_compare_config(config, overrides)
+    plan_methods(config)  # a bad entry fails before the output folder is made or locked
+    with runs.RunLock(config.output_dir, "compare"):
+        return _compare(config, tracking_uri, callbacks)
+
+
+def _compare(config: CompareConfig, tracking_uri: str | None,
+             callbacks: list | None) -> CompareResult:
+    """``compare`` once this process owns the output folder."""
     from forgetless.report import build_results, write_report
 
-    config = load_compare_config(config, overrides)
     session = _Session(config, tracking_uri, callbacks)  # validates everything first
     started, cpu_started = time.perf_counter(), time.process_time()
     main = session.procs.main
@@ -506,6 +513,7 @@ def compare(
     # CPU seconds over all threads: with a busy machine, wall time says little about the cost.
     results["compare_cpu_seconds"] = round(time.process_time() - cpu_started, 1)
     files = write_report(results, session.out)
+    fault_point("compare.report")
     atomic_write_json(session.out / "results.json", results)  # last: the compare is complete
     files["results"] = session.out / "results.json"
     return CompareResult(session.out, results, files)
@@ -517,10 +525,11 @@ def redraw(config: CompareConfig | dict | str | Path | None = None,
     from forgetless.report import write_report
 
     out = Path(load_compare_config(config, overrides).output_dir)
-    results = _read_json(out / "results.json")
+    results = runs.read_json(out / "results.json")
     if results is None:
         raise ForgetlessError(f"no finished compare in {out}: results.json is missing")
-    return write_report(results, out)
+    with runs.RunLock(out, "compare --report-only"):
+        return write_report(results, out)
 
 
 def compare_command(

@@ -102,8 +102,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _scalar(text: str) -> Any:
-    """YAML scalar, but ``1e-4`` is a float (YAML 1.1 would keep it a string)."""
-    value = yaml.safe_load(text) if text else ""
+    """YAML scalar, but ``1e-4`` is a float (YAML 1.1 would keep it a string); text that is
+    not valid YAML (``name=my run: {x``) stays the string it is."""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except (yaml.YAMLError, RecursionError):
+        return text
     if isinstance(value, str):
         try:
             return float(value)
@@ -118,9 +122,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ForgetlessError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ForgetlessError(f"{path}: not a UTF-8 text file (byte {err.start}); "
+                              "a config is a YAML text file") from None
+    except OSError as err:
+        raise ForgetlessError(f"{path}: cannot read ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise ForgetlessError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from err
+    except RecursionError:
+        raise ForgetlessError(f"{path}: invalid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ForgetlessError(f"{path}: the config must be a mapping of key: value")
     return data
@@ -128,6 +139,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def validate(cls: type[Config], data: dict[str, Any], where: str = "config") -> Config:
     """Build ``cls`` from ``data``; the first problem becomes one line with the valid choices."""
+    odd = [key for key in data if not isinstance(key, str)]
+    if odd:
+        raise ForgetlessError(f"{where}: keys must be names, not {odd[0]!r}")
     try:
         return cls(**data)
     except ForgetlessError:
@@ -142,9 +156,9 @@ def validate(cls: type[Config], data: dict[str, Any], where: str = "config") -> 
         if isinstance(cause, ForgetlessError):
             raise cause from None
         message = first["msg"]
-        raise ForgetlessError(
-            f"{where}: bad value for '{key}': {first.get('input')!r} ({message})"
-        ) from None
+        value = repr(first.get("input"))
+        value = value if len(value) <= 200 else value[:200] + "..."
+        raise ForgetlessError(f"{where}: bad value for '{key}': {value} ({message})") from None
 
 
 def load_config(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import json
 import shutil
 import time
@@ -33,6 +32,7 @@ from typing import Any
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
+from forgetless import runs
 from forgetless.compare import MethodEntry
 from forgetless.config import (
     TrainConfig,
@@ -40,7 +40,7 @@ from forgetless.config import (
     validate,
 )
 from forgetless.errors import ForgetlessError
-from forgetless.io import atomic_write_json, atomic_write_text
+from forgetless.io import atomic_write_json, atomic_write_text, fault_point
 
 ARC_LETTER = "arc_easy_letter"
 BUILTIN_SEQUENCE = ["count_letters", "gsm8k", ARC_LETTER]
@@ -96,17 +96,6 @@ class Stage:
 
 def _say(message: str) -> None:
     print(f"[forgetless continual] {message}", flush=True)
-
-
-def _hash(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # --- built-in third task: ARC-Easy as "answer with the letter" chat rows ----------------------
@@ -262,6 +251,7 @@ class _Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.stages = resolve_stages(config, self.out)
         self.methods = plan_methods(config)
+        _check_inputs(config, self.stages)  # before the base model loads
         self.callbacks = callbacks
         # One device and dtype (train: section) for training and evaluation alike.
         shared = validate(TrainConfig, {**config.train, "model": config.model}, where="train")
@@ -272,7 +262,7 @@ class _Run:
                "targets": [s.target for s in self.stages]}
         if self.dtype != torch.float32:  # float32 is what every earlier run evaluated in
             key["dtype"] = dtype_name(self.dtype)
-        self.eval_key = _hash(key)
+        self.eval_key = runs.config_hash(key)
         self.base = self.tokenizer = None
 
     def load_base(self) -> None:
@@ -291,6 +281,7 @@ class _Run:
         from forgetless.eval import evaluate
 
         settings = self.config.eval
+        fault_point("continual.evaluate")
         started = time.perf_counter()
         is_base = model is self.base
         result = evaluate(
@@ -318,8 +309,7 @@ class _Run:
         from forgetless.eval import EvalResult
 
         folder = self.out / "base"
-        record = _read_json(folder / "stage.json")
-        if record and record.get("key") == self.eval_key and (folder / "eval.json").is_file():
+        if runs.finished(folder, "stage.json", ("eval.json",), key=self.eval_key):
             return EvalResult.load(folder / "eval.json")
         self.load_base()
         result = self.evaluate(self.base, "base")
@@ -336,10 +326,9 @@ class _Run:
         for index, stage in enumerate(self.stages, start=1):
             folder = self.out / name / f"stage{index}-{stage.name}"
             settings = {**keys, **stage.train, "data": stage.data, "output_dir": str(folder)}
-            key = _hash({"previous": key, "train": {k: v for k, v in settings.items()
+            key = runs.config_hash({"previous": key, "train": {k: v for k, v in settings.items()
                                                     if k != "output_dir"}})
-            record = _read_json(folder / "stage.json")
-            if record and record.get("key") == key and (folder / "eval.json").is_file():
+            if runs.finished(folder, "stage.json", ("eval.json",), key=key):
                 _say(f"{name} stage {index} ({stage.name}): finished before, loading its result")
                 results.append(EvalResult.load(folder / "eval.json"))
                 model, previous = None, folder
@@ -356,6 +345,7 @@ class _Run:
             result.provenance["train"] = {k: trained.metrics[k] for k in
                                           ("train_seconds", "steps", "first_loss", "last_loss")}
             result.save(folder / "eval.json")
+            fault_point("continual.stage_done")
             atomic_write_json(folder / "stage.json", {"key": key, "method": name,
                                                       "stage": index, "task": stage.name})
             if previous is not None and not self.config.keep_models:
@@ -375,6 +365,17 @@ class _Run:
                 f"delete {folder.parent} to restart this method"
             )
         return load_model(str(folder / "model"), dtype=self.dtype, device=self.device)[0]
+
+
+def _check_inputs(config: ContinualConfig, stages: list[Stage]) -> None:
+    """Every stage's training data and the held-out task files read and parse."""
+    from forgetless.data import load_conversations
+    from forgetless.eval import load_spec
+
+    for stage in stages:
+        load_conversations(stage.data, "train")
+    for name in config.eval.suite:
+        load_spec(name)
 
 
 def summarize(base, per_method: dict[str, list], stages: list[Stage]) -> dict[str, Any]:
@@ -472,10 +473,10 @@ def _track(run: _Run, summary: dict[str, Any], files: dict[str, Path]) -> None:
 
     uri = run.config.tracking_uri or default_tracking_uri(run.out)
     tracker = Tracker(uri, run.config.experiment or run.out.resolve().name, run.out / "mlartifacts")
-    logged = _read_json(run.out / "mlflow.json") or {}
+    logged = runs.read_json(run.out / "mlflow.json") or {}
     for name, keys in run.methods:
         data = summary["methods"][name]
-        key = _hash(data)
+        key = runs.config_hash(data)
         if logged.get(name, {}).get("key") == key and tracker.has_run(logged[name]["run_id"]):
             continue
         metrics = {k: data[k] for k in ("acc", "bwt", "fwt", "forgetting")}
@@ -490,6 +491,7 @@ def _track(run: _Run, summary: dict[str, Any], files: dict[str, Path]) -> None:
         artifacts = [files["markdown"], files[f"heatmap_{name}"], files["heldout"]]
         run_id = tracker.log_run(name, params, metrics, series, artifacts,
                                  tags={"forgetless.continual": str(run.out.resolve())})
+        fault_point("continual.tracked")
         logged[name] = {"key": key, "run_id": run_id}
         atomic_write_json(run.out / "mlflow.json", logged)
     summary["tracking"] = {"uri": uri, "experiment_id": tracker.experiment_id}
@@ -513,6 +515,13 @@ def continual(
     """Run (or resume) every method through the task sequence; returns the summary that is
     also written to ``<output_dir>/continual.json`` (last, atomically)."""
     config = load_continual_config(config, overrides)
+    plan_methods(config)  # a bad entry fails before the output folder is made or locked
+    with runs.RunLock(config.output_dir, "continual"):
+        return _continual(config, callbacks, track)
+
+
+def _continual(config: ContinualConfig, callbacks: list | None, track: bool) -> dict[str, Any]:
+    """``continual`` once this process owns the output folder."""
     run = _Run(config, callbacks)
     started = time.perf_counter()
     atomic_write_text(run.out / "continual.yaml", json.dumps(config.model_dump(), indent=1))
@@ -525,6 +534,7 @@ def continual(
         _track(run, summary, files)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["files"] = {k: str(v) for k, v in files.items()}
+    fault_point("continual.report")
     atomic_write_json(run.out / "continual.json", summary)
     return summary
 

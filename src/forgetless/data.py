@@ -29,8 +29,28 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """Rows of a JSONL, JSON (list of objects) or CSV file, each with its 1-based line number."""
     if not path.is_file():
         raise ForgetlessError(f"data file not found: {path}")
+    try:
+        rows = _read_rows(path)
+    except UnicodeDecodeError as err:
+        raise ForgetlessError(f"{path}: not UTF-8 text (bad byte at offset {err.start}); "
+                              "save the file as UTF-8") from None
+    except csv.Error as err:
+        raise ForgetlessError(f"{path}: invalid CSV ({err})") from None
+    except RecursionError:
+        raise ForgetlessError(f"{path}: JSON nested too deeply") from None
+    except OSError as err:
+        raise ForgetlessError(f"{path}: cannot read ({err.strerror})") from None
+    if not rows:
+        raise ForgetlessError(f"{path}: no rows")
+    for number, row in rows:
+        if not isinstance(row, dict):
+            raise ForgetlessError(f"{path}:{number}: a row must be an object")
+    return rows
+
+
+def _read_rows(path: Path) -> list[tuple[int, Any]]:
     suffix = path.suffix.lower()
-    rows: list[tuple[int, dict[str, Any]]] = []
+    rows: list[tuple[int, Any]] = []
     with path.open(encoding="utf-8-sig", newline="") as handle:
         if suffix == ".jsonl":
             for number, line in enumerate(handle, start=1):
@@ -40,12 +60,16 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ForgetlessError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+                except ValueError as err:  # e.g. an integer beyond Python's digit limit
+                    raise ForgetlessError(f"{path}:{number}: invalid JSON ({err})") from None
                 rows.append((number, row))
         elif suffix == ".json":
             try:
                 data = json.load(handle)
             except json.JSONDecodeError as err:
                 raise ForgetlessError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+            except ValueError as err:
+                raise ForgetlessError(f"{path}: invalid JSON ({err})") from None
             if not isinstance(data, list):
                 raise ForgetlessError(f"{path}: expected a JSON list of rows")
             rows = [(index + 1, row) for index, row in enumerate(data)]
@@ -54,11 +78,6 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
             rows = [(reader.line_num, dict(row)) for row in reader]
         else:
             raise ForgetlessError(f"{path}: unsupported data format '{suffix}' (jsonl, json, csv)")
-    if not rows:
-        raise ForgetlessError(f"{path}: no rows")
-    for number, row in rows:
-        if not isinstance(row, dict):
-            raise ForgetlessError(f"{path}:{number}: a row must be an object")
     return rows
 
 
@@ -71,7 +90,7 @@ def row_to_messages(row: dict[str, Any], where: str) -> Messages:
         for message in messages:
             if not isinstance(message, dict) or not isinstance(message.get("content"), str):
                 raise ForgetlessError(f"{where}: each message needs a string 'content'")
-            if message.get("role") not in {"system", "user", "assistant"}:
+            if message.get("role") not in ("system", "user", "assistant"):
                 raise ForgetlessError(f"{where}: message role must be system, user or assistant")
         if messages[-1]["role"] != "assistant":
             raise ForgetlessError(f"{where}: the last message must be the assistant's")

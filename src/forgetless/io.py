@@ -44,3 +44,31 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- fault injection (tests only; nothing happens unless the variables are set) ---------------
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A named moment where the fault tests may kill this process.
+
+    ``FORGETLESS_FAULT_AT=<name>:<n>`` sends SIGKILL to this process the ``n``-th time ``name``
+    is reached, ``@<k>`` at the ``k``-th point of any name (a real, uncatchable kill, as from the
+    OOM killer or a pre-empted node); ``FORGETLESS_FAULT_LOG=<file>`` appends every point
+    reached, so a test can count them. Unset (always, outside tests), this is two dict lookups.
+    """
+    at = os.environ.get("FORGETLESS_FAULT_AT")
+    log = os.environ.get("FORGETLESS_FAULT_LOG")
+    if not at and not log:
+        return
+    count = _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    total = _FAULT_COUNTS[""] = _FAULT_COUNTS.get("", 0) + 1
+    if log:
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(f"{name}:{count}\n")
+    if at in (f"{name}:{count}", f"@{total}"):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

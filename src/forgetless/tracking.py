@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from forgetless.io import fault_point
+
 _BAD_CHARS = re.compile(r"[^0-9A-Za-z_\-. /:]")
 _MAX_PARAM = 6000  # MLflow's limit on a parameter value
 
@@ -104,6 +106,7 @@ class Tracker:
             for path in artifacts:
                 if Path(path).is_file():
                     self.client.log_artifact(run_id, str(path))
+            fault_point("mlflow.log")  # logged, not yet marked FINISHED
         except BaseException:
             self.client.set_terminated(run_id, "FAILED")
             raise

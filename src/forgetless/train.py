@@ -9,6 +9,7 @@ so a folder without it is an unfinished run.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,12 @@ from transformers import (
     set_seed,
 )
 
-from forgetless import __version__
+from forgetless import __version__, runs
 from forgetless.config import TrainConfig, load_config
-from forgetless.data import build_dataset
+from forgetless.data import build_dataset, load_conversations
 from forgetless.devices import dtype_name, resolve_device, resolve_dtype
 from forgetless.errors import ForgetlessError
-from forgetless.io import atomic_dir, atomic_write_json, atomic_write_text
+from forgetless.io import atomic_dir, atomic_write_json, atomic_write_text, fault_point
 from forgetless.methods import MethodOptions, merge_lora, prepare_model
 from forgetless.models import load_model
 from forgetless.monitor import install_monitors
@@ -78,6 +79,27 @@ class _ForgetlessTrainer(Trainer):
                 "lower learning_rate or check the data"
             )
         return (loss, outputs) if return_outputs else loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if _internal_call:
+            fault_point("train.checkpoint")  # weights written, optimizer and state not yet
+
+
+class _CheckpointMarker(TrainerCallback):
+    """Marks each checkpoint complete once the Trainer has written all of it (see runs.py),
+    and gives the fault tests a point between training steps."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        fault_point("train.step")
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's shards are written before the marker
+        if state.is_world_process_zero:
+            runs.mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}",
+                                 state.global_step)
+            fault_point("train.checkpoint_marked")
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -181,8 +203,14 @@ def _training_arguments(
     )
 
 
-def _has_checkpoint(trainer_dir: Path) -> bool:
-    return any(trainer_dir.glob("checkpoint-*"))
+def _check_model_name(name: str) -> None:
+    """A missing model folder or file fails now; aliases and GGUF files resolve (and convert,
+    once) only when the model loads."""
+    from forgetless.models import _ALIASES, resolve_model
+
+    path = Path(name).expanduser()
+    if name not in _ALIASES and not (path.suffix == ".gguf" and path.is_file()):
+        resolve_model(name)
 
 
 def train(
@@ -207,9 +235,19 @@ def train(
     else:
         config = load_config(TrainConfig, config, overrides)
 
-    device = resolve_device(config.device)  # a GPU that is not there fails before anything
+    resolve_device(config.device)  # a GPU that is not there fails before anything
+    if model is None:  # a bad name or data fails in a second, before a model loads for minutes
+        _check_model_name(config.model)
+        load_conversations(config.data, "train")
+    with runs.RunLock(config.output_dir, "train"):
+        return _train_locked(config, callbacks, model, tokenizer)
+
+
+def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, model: Any,
+                  tokenizer: Any) -> TrainResult:
+    """``train`` once the config is valid and this process owns the run folder."""
+    device = resolve_device(config.device)
     run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
     (run_dir / "metrics.json").unlink(missing_ok=True)  # this run is not finished yet
     set_seed(config.seed)
@@ -259,7 +297,8 @@ def train(
         train_dataset=dataset,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         processing_class=tokenizer,
-        callbacks=[*(callbacks or []), ZeroLayoutCallback()],  # MoFO under DeepSpeed ZeRO
+        # ZeroLayoutCallback: MoFO under DeepSpeed ZeRO; _CheckpointMarker: complete checkpoints
+        callbacks=[*(callbacks or []), ZeroLayoutCallback(), _CheckpointMarker()],
         regularizer=prepared.regularizer,
         optimizer_factory=make_optimizer,
     )
@@ -267,9 +306,14 @@ def train(
     if distributed and config.save_model and config.merge_lora:
         raise ForgetlessError("merge_lora under accelerate launch: train, then merge in 1 process")
     monitors = install_monitors(trainer, config)  # ForgettingMonitor, if asked for
-    resume = config.resume and _has_checkpoint(trainer_dir)
+    # Only a complete checkpoint counts; a fresh run clears old ones (they would be overwritten
+    # one by one, and a kill in between would leave two runs' files in one checkpoint).
+    resume = runs.resume_checkpoint(trainer_dir) if config.resume else None
+    if not config.resume and trainer.is_world_process_zero():
+        for old in runs.checkpoints(trainer_dir):
+            shutil.rmtree(old)
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=True if resume else None)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
 
     losses = [
@@ -290,6 +334,7 @@ def train(
         to_save = merge_lora(tuned) if config.merge_lora else tuned
         with atomic_dir(model_dir) as tmp:
             to_save.save_pretrained(tmp)
+            fault_point("train.save_model")  # weights in a temporary folder, not in place yet
             tokenizer.save_pretrained(tmp)
         if config.merge_lora:
             tuned = to_save
@@ -312,5 +357,6 @@ def train(
         "monitor": [monitor.summary() for monitor in monitors],
     }
     if trainer.is_world_process_zero():
+        fault_point("train.metrics")
         atomic_write_json(run_dir / "metrics.json", metrics)
     return TrainResult(config, run_dir, model_dir, metrics, losses, tuned, tokenizer)

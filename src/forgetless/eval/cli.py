@@ -51,6 +51,10 @@ def eval_command(
     specs = [load_spec(t) for t in tasks]  # a bad task file fails before any model loads
     if target is not None:
         get_target(target)
+    if output is not None:  # an output that cannot be written fails now, not after the run
+        from forgetless.runs import make_dir
+
+        make_dir(Path(output).parent or Path("."), "folder for --output")
     place = resolve_device(device)
     precision = resolve_dtype(dtype, place)
     tuned, tokenizer = load_model(model, dtype=precision, device=place)

@@ -32,11 +32,13 @@ from typing import Any
 
 import jinja2
 import yaml
+from jinja2.sandbox import SandboxedEnvironment
 
 from forgetless.errors import ForgetlessError
 from forgetless.paths import shared_data_dir
 
-_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+# Sandboxed: a task file is data, and its expressions must not reach Python internals.
+_JINJA = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class TaskSpec:
             return _JINJA.compile_expression(source, undefined_to_none=False)
         except jinja2.TemplateSyntaxError as err:
             raise ForgetlessError(f"task '{self.name}': bad {key} {source!r}: {err}") from err
+        except (jinja2.TemplateError, RecursionError, MemoryError, ValueError) as err:
+            raise ForgetlessError(f"task '{self.name}': bad {key} {source!r}: "
+                                  f"{type(err).__name__}") from None
 
     @cached_property
     def _compiled(self) -> dict[str, Any]:
@@ -150,7 +155,8 @@ def load_spec(name_or_path: str | TaskSpec) -> TaskSpec:
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ForgetlessError(f"task file not found: {path}")
-        return spec_from_yaml(path.read_text(), source=str(path), base_dir=path.parent)
+        return spec_from_yaml(_text(path, path.read_bytes()), source=str(path),
+                              base_dir=path.parent)
     builtin = resources.files("forgetless") / "tasks" / f"{name_or_path}.yaml"
     if not builtin.is_file():
         raise ForgetlessError(
@@ -167,6 +173,8 @@ def spec_from_yaml(text: str, source: str, base_dir: Path | None) -> TaskSpec:
     except yaml.YAMLError as err:
         first = str(err).replace("\n", " ")
         raise ForgetlessError(f"task file {source} is not valid YAML: {first}") from err
+    except RecursionError:
+        raise ForgetlessError(f"task file {source} is not valid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise ForgetlessError(f"task file {source} must hold a mapping of task fields")
     known = {f.name for f in fields(TaskSpec)}
@@ -177,10 +185,46 @@ def spec_from_yaml(text: str, source: str, base_dir: Path | None) -> TaskSpec:
         raise ForgetlessError(f"task file {source}: missing 'name'")
     if base_dir is not None and "base_dir" not in data:
         data["base_dir"] = str(base_dir)
+    for key, value in data.items():
+        kind = _FIELD_KINDS[key]
+        if value is None and kind.endswith("?"):
+            continue
+        if not _is_kind(value, kind.rstrip("?")):
+            raise ForgetlessError(f"task file {source}: '{key}' must be {_KIND_NAMES[kind]}")
     try:
         return TaskSpec(**data)
     except TypeError as err:
         raise ForgetlessError(f"task file {source}: {err}") from err
+
+
+# What each TaskSpec field holds in a task file ("?": may be null), checked before use so that a
+# wrong type is one line instead of an error deep inside Jinja or a file reader.
+_FIELD_KINDS = {
+    "name": "str", "text": "str?", "choices": "str?", "gold": "str", "contexts": "str?",
+    "continuation": "str?", "data_files": "dict", "labels_files": "dict", "dataset": "str?",
+    "dataset_name": "str?", "split": "str", "columns": "list?", "fields": "dict", "id": "str?",
+    "description": "str", "target_delimiter": "str", "fewshot_delimiter": "str",
+    "fewshot_split": "str?", "fewshot_sampler": "str", "fewshot_match": "str?",
+    "metrics": "list", "base_dir": "str?",
+}
+_KIND_NAMES = {"str": "a string", "str?": "a string or null", "dict": "a mapping of strings",
+               "list": "a list of strings", "list?": "a list of strings or null"}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "dict":
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _text(path: Path, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ForgetlessError(f"{path}: not UTF-8 text (bad byte at offset {err.start})") from None
 
 
 def load_task(
@@ -239,7 +283,11 @@ def _qa(spec: TaskSpec, row: dict) -> tuple[list[str], list[str], int]:
     """(contexts, continuations, gold) of a row without few-shot examples or description."""
     gold = _evaluate(spec, "gold", row)
     if spec.contexts is not None:
-        contexts = list(_evaluate(spec, "contexts", row))
+        contexts = _evaluate(spec, "contexts", row)
+        if isinstance(contexts, str) or not isinstance(contexts, list | tuple):
+            raise ForgetlessError(f"task '{spec.name}': contexts must give a list, "
+                                  f"got {contexts!r:.80}")
+        contexts = [str(c) for c in contexts]
         continuations = [_evaluate(spec, "continuation", row)] * len(contexts)
     else:
         choices = _evaluate(spec, "choices", row)
@@ -249,7 +297,7 @@ def _qa(spec: TaskSpec, row: dict) -> tuple[list[str], list[str], int]:
         contexts = [_evaluate(spec, "text", row)] * len(continuations)
     try:
         gold = int(gold)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise ForgetlessError(f"task '{spec.name}': gold must be an index, got {gold!r}") from err
     if not 0 <= gold < len(contexts):
         raise ForgetlessError(
@@ -301,13 +349,13 @@ def _read_split(spec: TaskSpec, split: str) -> tuple[list[dict], dict[str, str]]
     if label_paths and len(label_paths) != len(paths):
         raise ForgetlessError(f"task '{spec.name}': need one labels file per data file")
     for i, path in enumerate(paths):
-        raw = path.read_bytes()
+        raw = _read_bytes(spec, path)
         files[str(path)] = hashlib.sha256(raw).hexdigest()
-        file_rows = _parse(spec, path, raw.decode("utf-8-sig"))
+        file_rows = _parse(spec, path, _text(path, raw))
         if label_paths:
-            labels_raw = label_paths[i].read_bytes()
+            labels_raw = _read_bytes(spec, label_paths[i])
             files[str(label_paths[i])] = hashlib.sha256(labels_raw).hexdigest()
-            labels = labels_raw.decode().split()
+            labels = _text(label_paths[i], labels_raw).split()
             if len(labels) != len(file_rows):
                 raise ForgetlessError(
                     f"task '{spec.name}': {label_paths[i]} has {len(labels)} labels for "
@@ -321,6 +369,13 @@ def _read_split(spec: TaskSpec, split: str) -> tuple[list[dict], dict[str, str]]
                 row[name] = _evaluate_field(spec, name, row)
         rows += file_rows
     return rows, files
+
+
+def _read_bytes(spec: TaskSpec, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ForgetlessError(f"task '{spec.name}': cannot read {path}: {err.strerror}") from None
 
 
 def _evaluate_field(spec: TaskSpec, name: str, row: dict) -> Any:
@@ -350,10 +405,16 @@ def _parse(spec: TaskSpec, path: Path, text: str) -> list[dict]:
             return [dict(zip(header, r)) for r in body]
         if path.suffix == ".json":
             data = json.loads(text)
-            return list(data if isinstance(data, list) else data["data"])
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (json.JSONDecodeError, csv.Error, KeyError, ValueError) as err:
-        raise ForgetlessError(f"task '{spec.name}': cannot parse {path}: {err}") from err
+            rows = data if isinstance(data, list) else data["data"]
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (json.JSONDecodeError, csv.Error, KeyError, ValueError, TypeError,
+            RecursionError) as err:
+        raise ForgetlessError(f"task '{spec.name}': cannot parse {path}: "
+                              f"{type(err).__name__}: {err}") from None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ForgetlessError(f"task '{spec.name}': {path} must hold a list of objects (rows)")
+    return rows
 
 
 def _read_hub(spec: TaskSpec, split: str) -> tuple[list[dict], dict[str, str]]:
