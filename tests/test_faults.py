@@ -471,3 +471,25 @@ def test_only_forgetless_temporaries_are_removed(tmp_path):
     assert runs.remove_temporaries(tmp_path) == 3
     assert all((tmp_path / name).exists() for name in keep)
     assert not any((tmp_path / name).exists() for name in gone)
+
+
+def test_a_killed_conversion_leaves_nothing_behind_for_long(tmp_path):
+    """A dead process's half-written cache folder is removed by the next one; a live one's and
+    foreign names are kept."""
+    dead = _pid_of_a_finished_process()
+    stale = tmp_path / f".convert-{dead}-abc"
+    live = tmp_path / f".convert-{os.getpid()}-xyz"
+    other = tmp_path / ".convert-notapid"
+    for folder in (stale, live, other):
+        folder.mkdir()
+    fresh = runs.cache_temporary(tmp_path, ".convert-")
+    assert not stale.exists() and live.exists() and other.exists()
+    assert fresh.name.startswith(f".convert-{os.getpid()}-") and fresh.is_dir()
+
+
+def _pid_of_a_finished_process() -> int:
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid

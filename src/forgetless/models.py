@@ -12,11 +12,11 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from forgetless import runs
 from forgetless.errors import ForgetlessError
 from forgetless.paths import cache_dir
 
@@ -61,8 +61,7 @@ def convert_gguf(gguf: Path) -> Path:
 
     if importlib.util.find_spec("gguf") is None:
         raise ForgetlessError("loading a .gguf file needs the 'gguf' package: pip install gguf")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    tmp = runs.cache_temporary(target.parent, ".convert-")
     try:
         kwargs = {"gguf_file": gguf.name}
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)

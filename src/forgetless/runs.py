@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,18 @@ def remove_temporaries(folder: str | Path) -> int:
         dirs[:] = [] if deep else [d for d in dirs if not d.startswith(".")
                                    and d not in ("mlartifacts", "trainer")]
     return removed
+
+
+def cache_temporary(folder: Path, prefix: str) -> Path:
+    """A fresh temporary folder ``<prefix><pid>-<random>`` inside a shared cache ``folder``,
+    after removing those whose process has died: a killed conversion or build leaves its
+    half-written folder behind, while a live process's folder is work in progress."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in folder.glob(f"{prefix}*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder))
 
 
 def _alive(pid: int) -> bool:
