@@ -37,6 +37,7 @@ _CTX.set_forkserver_preload([
     "forgetless.eval", "forgetless.report", "forgetless.tracking", "mlflow.tracking",
     "transformers.trainer", "transformers.models.llama.modeling_llama", "test_faults",
 ])
+TIMED_FROM = "train.step:1"  # timed kills land after this point: in steps, checkpoints, saving
 SEED = 20261202  # every random kill below is drawn from this seed
 SUMMARY: dict[str, dict] = {}  # job -> kill points exercised (printed, and saved when asked)
 
@@ -66,6 +67,7 @@ class Done:
     code: int  # -9: killed
     output: str
     points: list[str]  # fault points reached, in order
+    after_anchor: float = 0.0  # seconds from the anchor point to the end
 
     @property
     def killed(self) -> bool:
@@ -76,31 +78,43 @@ _RUNS = [0]
 
 
 def run(argv: list[str], logs: Path, fault: str = "", kill_after: float | None = None,
-        timeout: float = 900, interrupt_at: str | None = None) -> Done:
-    """``forgetless <argv>`` in a forked child; killed at ``fault`` or after ``kill_after`` s."""
+        timeout: float = 900, interrupt_at: str | None = None, anchor: str | None = None,
+        ) -> Done:
+    """``forgetless <argv>`` in a forked child; killed at ``fault`` or ``kill_after`` s after
+    the start (after the point ``anchor`` was reached, when given)."""
     logs.mkdir(parents=True, exist_ok=True)
     _RUNS[0] += 1
     log, out = logs / f"points-{_RUNS[0]}.log", logs / f"out-{_RUNS[0]}.txt"
     env = {"FORGETLESS_FAULT_LOG": str(log), "FORGETLESS_FAULT_AT": fault}
     process = _CTX.Process(target=_child, args=(argv, env, str(out)))
     process.start()
+    if anchor is not None:
+        _wait_for_point(process, log, anchor, timeout)
+    anchored = time.perf_counter()
     if kill_after is not None:
         process.join(kill_after)
         if process.is_alive():
             os.kill(process.pid, signal.SIGKILL)
-    if interrupt_at is not None:  # Ctrl-C once the named point was reached
-        deadline = time.time() + timeout
-        while process.is_alive() and time.time() < deadline:
-            if log.is_file() and interrupt_at in log.read_text().split():
-                os.kill(process.pid, signal.SIGINT)
-                break
-            time.sleep(0.05)
+    # Ctrl-C once the named point was reached
+    if interrupt_at is not None and _wait_for_point(process, log, interrupt_at, timeout):
+        os.kill(process.pid, signal.SIGINT)
     process.join(timeout)
     if process.is_alive():
         process.kill()
         raise AssertionError(f"forgetless {argv} hung")
+    after = time.perf_counter() - anchored
     points = log.read_text().split() if log.is_file() else []
-    return Done(process.exitcode, out.read_text() if out.is_file() else "", points)
+    return Done(process.exitcode, out.read_text() if out.is_file() else "", points, after)
+
+
+def _wait_for_point(process, log: Path, point: str, timeout: float) -> bool:
+    """Poll the child's fault log until ``point`` appears (True) or the child ends (False)."""
+    deadline = time.time() + timeout
+    while process.is_alive() and time.time() < deadline:
+        if log.is_file() and point in log.read_text().split():
+            return True
+        time.sleep(0.01)
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -145,15 +159,16 @@ def train_reference(model_dir, tmp_path_factory):
     warm = _CTX.Process(target=time.sleep, args=(0,))  # start the fork server outside the timing
     warm.start()
     warm.join()
-    started = time.perf_counter()
-    done = run(_train_args(model_dir, base / "run"), base / "logs")
+    done = run(_train_args(model_dir, base / "run"), base / "logs", anchor=TIMED_FROM)
     assert done.code == 0, done.output
-    return _weights(base / "run" / "model"), done.points, time.perf_counter() - started
+    return _weights(base / "run" / "model"), done.points, done.after_anchor
 
 
 def _kill_and_resume(model_dir, tmp_path, reference, fault="", kill_after=None) -> Done:
     out = tmp_path / "run"
-    killed = run(_train_args(model_dir, out), tmp_path / "logs", fault, kill_after)
+    anchor = TIMED_FROM if kill_after is not None else None
+    killed = run(_train_args(model_dir, out), tmp_path / "logs", fault, kill_after,
+                 anchor=anchor)
     if killed.killed:
         _assert_train_folder_honest(out)
     again = run(_train_args(model_dir, out), tmp_path / "logs")
@@ -246,11 +261,11 @@ def test_train_every_kill_point_and_timed_kills(model_dir, tmp_path, train_refer
         exercised.append(fault)
     rng = random.Random(SEED)
     timed = []
-    for index in range(4):
-        after = rng.uniform(0.05, 1.0) * seconds
+    for index in range(6):
+        after = rng.uniform(0.0, 1.0) * seconds
         killed = _kill_and_resume(model_dir, tmp_path / f"t{index}", reference,
                                   kill_after=after)
-        timed.append({"after_s": round(after, 2), "killed": killed.killed,
+        timed.append({f"after_{TIMED_FROM}_s": round(after, 2), "killed": killed.killed,
                       "last_point": killed.points[-1] if killed.points else None})
     _record("train", exercised, timed)
 
