@@ -174,6 +174,17 @@ def test_unknown_method_fails_before_any_training(tmp_path, model_dir, monkeypat
     assert not (tmp_path / "cmp").exists()
 
 
+def test_missing_benchmark_data_fails_before_the_base_model_loads(tmp_path, model_dir,
+                                                                   monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded a model before validating the held-out tasks")
+
+    monkeypatch.setattr(forgetless.models, "load_model", no_loading)
+    monkeypatch.setenv("FORGETLESS_DATA", str(tmp_path))
+    with pytest.raises(ForgetlessError, match="data file not found"):
+        compare(_config(tmp_path, model_dir, ["attn"]))
+
+
 @pytest.mark.parametrize(
     ("methods", "message"),
     [

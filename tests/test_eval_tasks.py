@@ -132,4 +132,4 @@ def test_unknown_task_and_missing_task_file():
 def test_missing_benchmark_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("FORGETLESS_DATA", str(tmp_path))
     with pytest.raises(ForgetlessError, match="arc_easy.*ARC-Easy-Test.jsonl"):
-        load_task(load_spec("arc_easy"))
+        load_spec("arc_easy")  # at once, before any job loads a model

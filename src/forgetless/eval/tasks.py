@@ -148,22 +148,34 @@ def builtin_tasks() -> list[str]:
 
 
 def load_spec(name_or_path: str | TaskSpec) -> TaskSpec:
-    """A built-in task name, a path to a task YAML, or a ready ``TaskSpec``."""
+    """A built-in task name, a path to a task YAML, or a ready ``TaskSpec``; its data files
+    must exist (jobs call this before loading a model, so a missing file fails in a second)."""
     if isinstance(name_or_path, TaskSpec):
         return name_or_path
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ForgetlessError(f"task file not found: {path}")
-        return spec_from_yaml(_text(path, path.read_bytes()), source=str(path),
-                              base_dir=path.parent)
+        return check_task_files(spec_from_yaml(_text(path, path.read_bytes()),
+                                               source=str(path), base_dir=path.parent))
     builtin = resources.files("forgetless") / "tasks" / f"{name_or_path}.yaml"
     if not builtin.is_file():
         raise ForgetlessError(
             f"unknown task '{name_or_path}': built-ins are {', '.join(builtin_tasks())}, "
             "or pass a task .yaml file"
         )
-    return spec_from_yaml(builtin.read_text(), source=f"built-in {name_or_path}", base_dir=None)
+    return check_task_files(spec_from_yaml(builtin.read_text(), source=f"built-in {name_or_path}",
+                                           base_dir=None))
+
+
+def check_task_files(spec: TaskSpec) -> TaskSpec:
+    """The data files ``spec`` reads exist (not read yet): a missing benchmark folder must fail
+    before a model loads, not after it."""
+    if not spec.dataset:
+        for files in (spec.data_files, spec.labels_files):
+            for split in {spec.split, spec.fewshot_split} & set(files):
+                _resolve(spec, files[split])
+    return spec
 
 
 def spec_from_yaml(text: str, source: str, base_dir: Path | None) -> TaskSpec:
