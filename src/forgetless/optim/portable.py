@@ -202,12 +202,22 @@ class TorchBatch:
         return lo, hi
 
     def moments(self, beta1, beta2, los: Tensor, shifts: Tensor, bins: int = BINS) -> Tensor:
-        """AdamW's moment update (foreach ops, as ``torch.optim.AdamW``), then the histograms
-        [T, bins + 1] of the rows with ``shifts >= 0`` (zeros elsewhere)."""
-        if self.m:
-            torch._foreach_lerp_(self.m, self.g, 1 - beta1)
-            torch._foreach_mul_(self.v, beta2)
-            torch._foreach_addcmul_(self.v, self.g, self.g, value=1 - beta2)
+        """AdamW's moment update, then the histograms [T, bins + 1] of the rows with
+        ``shifts >= 0`` (zeros elsewhere).
+
+        The moments follow ``torch.optim.AdamW``'s default on each device: foreach ops off the
+        CPU (one launch per op for the group), single-tensor ops on the CPU, where AdamW does
+        not default to foreach and where ``_foreach_mul_`` rounds float16 differently."""
+        on_cpu = [row for row, m in enumerate(self.m) if m.device.type == "cpu"]
+        for row in on_cpu:
+            self.m[row].lerp_(self.g[row], 1 - beta1)
+            self.v[row].mul_(beta2).addcmul_(self.g[row], self.g[row], value=1 - beta2)
+        others = [row for row, m in enumerate(self.m) if m.device.type != "cpu"]
+        if others:
+            m, g, v = ([xs[row] for row in others] for xs in (self.m, self.g, self.v))
+            torch._foreach_lerp_(m, g, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, g, g, value=1 - beta2)
         counts = torch.zeros(len(self.p), bins + 1, dtype=torch.int64)
         rows = [row for row in range(len(self.p)) if int(shifts[row]) >= 0]
         if rows:
