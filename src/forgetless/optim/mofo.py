@@ -206,7 +206,8 @@ class MoFO(torch.optim.Optimizer):
                     for sub in torch.nonzero(chosen.tie_value >= 0).squeeze(1).tolist()]
         ties = self._tie_quotas(batch, ties)
         if getattr(batch, "moves_ties", False):  # the torch path: ties inside the masked step
-            return batch.update(thresholds, decays, neg_steps, bias2_sqrts, eps, decay_all, ties)
+            return batch.update(thresholds, decays, neg_steps, bias2_sqrts, eps, decay_all, ties,
+                                count=self.track_masks)  # fmt: skip
         moved = batch.update(thresholds, decays, neg_steps, bias2_sqrts, eps, decay_all)
         self._move_ties(batch, ties, moved, decays, neg_steps, bias2_sqrts, eps, decay_all)
         return moved

@@ -55,10 +55,12 @@ def float_bits(values: Tensor) -> Tensor:
 
 
 def bits32(values: Tensor) -> Tensor:
-    """:func:`float_bits` as int32 (every key is below 2**31): half the bytes of a chunk."""
+    """:func:`float_bits` as int32 (every key is below 2**31): half the bytes of a chunk.
+    One pass for float32: the bit pattern with its sign bit cleared (what ``abs`` gives)."""
     flat = values.detach().reshape(-1)
-    absolute = flat.float().abs_() if flat.dtype != torch.float32 else flat.abs()
-    return absolute.view(torch.int32).bitwise_and_(0x7FFF_FFFF)
+    if flat.dtype == torch.float32:
+        return flat.view(torch.int32) & 0x7FFF_FFFF
+    return flat.float().abs_().view(torch.int32)
 
 
 def hash_bits(index: Tensor, seed: int) -> Tensor:
@@ -131,9 +133,13 @@ class TorchBatch:
         if lo >= KEY_END:  # every key is below the bracket: nothing to count
             return
         one = torch.ones(1, dtype=out.dtype, device=out.device)
+        width = 1 << shift
         for start, end, _p, g, m, _v in self._pieces(row):
             slot = self._keys(row, start, end, g, m)
-            slot.sub_(lo).bitwise_right_shift_(shift).clamp_(-1, bins).add_(1)
+            if lo >= width:  # (key - lo + width) >> shift == ((key - lo) >> shift) + 1, no overflow
+                slot.sub_(lo - width).bitwise_right_shift_(shift).clamp_(0, bins + 1)
+            else:
+                slot.sub_(lo).bitwise_right_shift_(shift).clamp_(-1, bins).add_(1)
             out.index_add_(0, slot, one.expand(len(slot)))
 
     def _by_device(self, rows: list[int]) -> dict[torch.device, list[int]]:
@@ -248,9 +254,10 @@ class TorchBatch:
         return out
 
     def update(self, thresholds, decays, neg_step_sizes, bias2_sqrts, eps, decay_all,
-               ties: list[Tie] = ()) -> Tensor:  # fmt: skip
+               ties: list[Tie] = (), count: bool = True) -> Tensor:  # fmt: skip
         """Masked AdamW step: keys >= threshold move, and per tie (row, value, take) the first
-        ``take`` keys equal to ``value`` in flat order. Returns moved counts per tensor."""
+        ``take`` keys equal to ``value`` in flat order. Returns moved counts per tensor
+        (``count=False``: the masked tensors' counts are skipped, a pass and a copy saved)."""
         tie_of = {row: (value, take) for row, value, take in ties if take > 0}
         moved = torch.zeros(len(self.p), dtype=torch.int64)
         masked = []
@@ -268,17 +275,18 @@ class TorchBatch:
             for i, row in enumerate(which):
                 self._masked_step(row, int(thresholds[row]), tie_of.get(row), float(decays[row]),
                                   float(neg_step_sizes[row]), float(bias2_sqrts[row]), eps,
-                                  decay_all, counts[i])  # fmt: skip
+                                  decay_all, counts[i] if count else None)  # fmt: skip
             parts[device], order[device] = counts, which
-        for device, counts in _to_host(parts).items():
-            moved[order[device]] = counts
+        if count:
+            for device, counts in _to_host(parts).items():
+                moved[order[device]] = counts
         return moved
 
     def _masked_step(self, row: int, threshold: int, tie: tuple[int, int] | None, decay: float,
                      step: float, bias2_sqrt: float, eps: float, decay_all: bool,
-                     moved: Tensor) -> None:  # fmt: skip
+                     moved: Tensor | None) -> None:  # fmt: skip
         """The masked step of one tensor, piece by piece; adds the moved count to ``moved``."""
-        seen = torch.zeros((), dtype=torch.int64, device=moved.device)  # tie keys before piece
+        seen = torch.zeros((), dtype=torch.int64, device=self.p[row].device)  # earlier tie keys
         for start, end, p, g, m, v in self._pieces(row):
             keys = self._keys(row, start, end, g, m)
             take = keys > min(threshold, KEY_END) - 1  # keys >= threshold, in int32's range
@@ -289,9 +297,10 @@ class TorchBatch:
                 take |= tied & (running <= tie_take)
                 seen = running[-1]
             take = take.view(p.shape)
-            denom = (v.sqrt() / bias2_sqrt).add_(eps)
+            denom = v.sqrt().div_(bias2_sqrt).add_(eps)
             stepped = (p * decay).addcdiv_(m, denom, value=step)
             if decay_all:
                 p.mul_(decay)
             torch.where(take, stepped, p, out=p)
-            moved += take.sum()
+            if moved is not None:
+                moved += take.sum()
