@@ -1,6 +1,7 @@
 """MoFO optimizer step vs torch AdamW (fused) vs a reference-style top-k MoFO, side by side.
 
     .venv/bin/python bench/optimizer_step.py [--repeats 5] [--threads 2] [--skip-large]
+    .venv/bin/python bench/optimizer_step.py --backend torch [--repeats 7] [--threads 2]
 
 Part 1, the embedded SmolLM2-135M: a few real AdamW steps on GSM8K examples give real moments
 and a real gradient. All optimizers then share those parameters, gradient and state (the same
@@ -12,6 +13,11 @@ Part 2, a 1B-parameter Llama-3.2-shaped model needs 16 bytes per parameter (weig
 two moments) = 20 GB, more than this machine can spare, so it uses the real tensor shapes of
 the embedding (128256 x 2048, the largest tensor) and 2 of the 16 decoder layers: 385 M
 parameters, random gradients.
+
+``--backend torch`` times instead MoFO's portable torch path (the one every CUDA or bf16 user
+runs) against ``torch.optim.AdamW(foreach=True)`` on the CPU, interleaved, on the SmolLM2-135M
+tensors with seeded random gradients and moments, and counts what that path would hand to the
+host on an accelerator: one step on a simulated device (``forgetless.optim.devicecheck``).
 
 Peak extra memory of a step: the process's peak RSS is reset (/proc/self/clear_refs) before the
 step and read (VmHWM) after; glibc is told to mmap every allocation >= 64 KiB so freed
@@ -208,6 +214,65 @@ def report(title, params, steps, repeats, quality):
         print(f"  target {name:30s} {'met' if ok else 'NOT met'}")
 
 
+def torch_backend(params, repeats: int) -> None:
+    """The portable path vs AdamW foreach, side by side, and its host traffic on a device."""
+    from forgetless.optim.devicecheck import HostTraffic, on_device
+
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+        state[p] = {
+            "step": torch.tensor(10.0),
+            "exp_avg": torch.randn(p.shape, generator=generator) * 1e-3,
+            "exp_avg_sq": torch.rand(p.shape, generator=generator) * 1e-6,
+        }
+    numel = sum(p.numel() for p in params)
+    print(f"\n== MoFO torch path on {len(params)} tensors, {numel / 1e6:.1f} M parameters "
+          f"(SmolLM2-135M shapes, random gradients and moments), fraction {FRACTION}")  # fmt: skip
+
+    foreach = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    fast = MoFO(params, lr=1e-5, fraction=FRACTION, backend="torch")
+    exact = MoFO(params, lr=1e-5, fraction=FRACTION, exact=True, backend="torch")
+    for opt in (foreach, fast, exact):
+        for p in params:
+            opt.state[p] = state[p]
+    steps = {"adamw_foreach": foreach.step, "mofo_torch_fast": fast.step,
+             "mofo_torch_exact": exact.step}  # fmt: skip
+    for step in steps.values():
+        step()  # warm-up
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    base = times["adamw_foreach"]
+    for name, values in times.items():
+        ratios = [t / b for t, b in zip(values, base, strict=True)]  # per interleaved round
+        print(f"  {name:17s} median {statistics.median(values):7.3f} s/step "
+              f"[{min(values):.3f}, {max(values):.3f}]  / AdamW foreach: median "
+              f"{statistics.median(ratios):5.2f}x [{min(ratios):.2f}, {max(ratios):.2f}] "
+              f"over {repeats} rounds")  # fmt: skip
+
+    for exact_mode in (False, True):
+        traffic = HostTraffic(simulate=True)
+        with traffic:
+            wrapped = [on_device(p) for p in params]
+            probe = MoFO(wrapped, lr=1e-5, fraction=FRACTION, exact=exact_mode, backend="torch")
+            for w, p in zip(wrapped, params, strict=True):
+                probe.state[w] = {"step": state[p]["step"].clone(),
+                                  "exp_avg": on_device(state[p]["exp_avg"]),
+                                  "exp_avg_sq": on_device(state[p]["exp_avg_sq"])}  # fmt: skip
+            traffic.reset()
+            probe.step()
+        mode = "exact" if exact_mode else "fast"
+        print(f"  simulated device, {mode:5s}: elements handed to the host per step "
+              f"{traffic.to_host:,} = {traffic.to_host / numel:.4%} of the parameters "
+              f"(goal <= 1%); host syncs {traffic.syncs} {dict(traffic.events)}; ops mixing "
+              f"CPU and device tensors: {sum(traffic.mixed.values())}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -215,6 +280,10 @@ def main() -> None:
     parser.add_argument("--real-steps", type=int, default=4)
     parser.add_argument("--examples", type=int, default=4)
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument(
+        "--backend", choices=("kernel", "torch"), default="kernel",
+        help="torch: time the portable path vs AdamW foreach and count its host traffic",
+    )  # fmt: skip
     parser.add_argument(
         "--reference-large", action="store_true", help="also time the reference on the 1B shapes"
     )
@@ -227,6 +296,11 @@ def main() -> None:
     from forgetless.models import load_model
 
     model, tokenizer = load_model()
+    if args.backend == "torch":
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            torch_backend(params, args.repeats)
+        return
     print("short real fine-tune for real moments:")
     state = real_state(model, tokenizer, args.real_steps, args.examples)
     params = [p for p in model.parameters() if p.requires_grad]

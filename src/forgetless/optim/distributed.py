@@ -63,9 +63,13 @@ class ShardGroup:
 
     def earlier(self, count: int) -> int:
         """Sum of ``count`` over the shards before this one (one small all-reduce)."""
-        slots = torch.zeros(self.size, dtype=torch.int64)
-        slots[self.rank] = count
-        return int(self.sum(slots)[: self.rank].sum())
+        return self.earlier_each([count])[0]
+
+    def earlier_each(self, counts: list[int]) -> list[int]:
+        """:meth:`earlier` of several counts at once, in one all-reduce."""
+        slots = torch.zeros(len(counts), self.size, dtype=torch.int64)
+        slots[:, self.rank] = torch.tensor(counts, dtype=torch.int64)
+        return self.sum(slots)[:, : self.rank].sum(1).tolist()
 
 
 def shard_group_of(param: Tensor) -> ShardGroup | None:
@@ -244,10 +248,14 @@ class ShardedMoFO(MoFO):
         self._views.append((state, view, dict(view)))
         return view
 
-    def _step_ties(self, batch, row, tie_value, take, *step_args) -> int:
-        """Of the ``take`` tied coordinates to move, earlier shards (lower indices) go first."""
-        if self._shards is None:
-            return super()._step_ties(batch, row, tie_value, take, *step_args)
-        found = len(batch.tie_indices(row, tie_value, take))
-        quota = min(found, max(0, take - self._shards.earlier(found)))
-        return super()._step_ties(batch, row, tie_value, quota, *step_args) if quota else 0
+    def _tie_quotas(self, batch, ties: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """Of the ``take`` tied coordinates to move, earlier shards (lower indices) go first:
+        one count per tie on this shard, one all-reduce for all the group's ties."""
+        if self._shards is None or not ties:
+            return ties
+        found = batch.tie_counts(ties)
+        before = self._shards.earlier_each(found)
+        return [
+            (row, value, min(here, max(0, take - earlier)))
+            for (row, value, take), here, earlier in zip(ties, found, before, strict=True)
+        ]

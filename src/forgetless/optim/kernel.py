@@ -261,6 +261,10 @@ class Batch:
         )  # fmt: skip
         return out[:found]
 
+    def tie_counts(self, ties: list[tuple[int, int, int]]) -> list[int]:
+        """Per tie (row, value, take): how many keys of the tensor equal value, at most take."""
+        return [len(self.tie_indices(row, value, take)) for row, value, take in ties]
+
     def counter(self, rows: Tensor, los: Tensor, shifts: Tensor, bins: int) -> Tensor:
         """Key histograms [len(rows), bins + 1] of a subset of the tensors (a refinement pass)."""
         lib = library()

@@ -204,6 +204,10 @@ class MoFO(torch.optim.Optimizer):
             thresholds[rows] = chosen.threshold
             ties = [(int(rows[sub]), int(chosen.tie_value[sub]), int(chosen.tie_take[sub]))
                     for sub in torch.nonzero(chosen.tie_value >= 0).squeeze(1).tolist()]
+        ties = self._tie_quotas(batch, ties)
+        if getattr(batch, "moves_ties", False):  # the torch path: ties inside the masked step
+            return batch.update(thresholds, decays, neg_steps, bias2_sqrts, eps, decay_all, ties,
+                                count=self.track_masks)  # fmt: skip
         moved = batch.update(thresholds, decays, neg_steps, bias2_sqrts, eps, decay_all)
         self._move_ties(batch, ties, moved, decays, neg_steps, bias2_sqrts, eps, decay_all)
         return moved
@@ -228,16 +232,16 @@ class MoFO(torch.optim.Optimizer):
         """After the masked step: move the coordinates tied at each threshold that still count
         towards k (``ties``: (row, tie value, how many)), adding them to ``moved``."""
         for row, value, take in ties:
-            moved[row] += self._step_ties(batch, row, value, take, float(decays[row]),
-                                          float(neg_steps[row]), float(bias2_sqrts[row]), eps,
-                                          decay_all)  # fmt: skip
+            if take > 0:
+                moved[row] += _step_ties(batch, row, value, take, float(decays[row]),
+                                         float(neg_steps[row]), float(bias2_sqrts[row]), eps,
+                                         decay_all)  # fmt: skip
 
-    def _step_ties(self, batch, row, tie_value, take, *step_args) -> int:
-        """Move ``take`` of the coordinates tied at the threshold (the first ones, flat order).
-
-        A hook: optimizers over sharded tensors override it to count ties on earlier shards.
-        """
-        return _step_ties(batch, row, tie_value, take, *step_args)
+    def _tie_quotas(self, batch, ties: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """How many tied coordinates this process moves per tie (row, value, take): all of them
+        here. A hook: optimizers over sharded tensors override it so earlier shards (lower
+        indices) take theirs first; both backends then move the first ``take`` in flat order."""
+        return ties
 
     def _state(self, param: Tensor) -> dict[str, Any]:
         state = self.state[param]

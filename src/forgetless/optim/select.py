@@ -83,12 +83,21 @@ def sample_bracket(sample: Tensor, share: float, width: float = SAMPLE_WIDTH) ->
     """
     keys = torch.sort(sample, descending=True).values
     size = len(keys)
-    mid = share * size
-    margin = width * math.sqrt(size * share * (1 - share)) + 2
-    upper, lower = math.ceil(mid - margin), math.floor(mid + margin)
+    upper, lower = bracket_ranks(size, share, width)
     lo = 0 if lower >= size else int(keys[lower - 1])
     hi = KEY_END if upper < 1 else int(keys[upper - 1]) + 1
     return lo, hi
+
+
+def bracket_ranks(size: int, share: float, width: float = SAMPLE_WIDTH) -> tuple[int, int]:
+    """(upper, lower): 1-based ranks, in descending order, of the sampled keys that bound the
+    bracket of :func:`sample_bracket`; ``lo`` is the key of rank ``lower`` (0 when
+    ``lower >= size``), ``hi`` one above the key of rank ``upper`` (``KEY_END`` when
+    ``upper < 1``). Split out so the device path can pick the two keys where they were sorted
+    and hand only those to the host."""
+    mid = share * size
+    margin = width * math.sqrt(size * share * (1 - share)) + 2
+    return math.ceil(mid - margin), math.floor(mid + margin)
 
 
 def agree_bracket(lo: Tensor, hi: Tensor, reduce: CountReduce = identity) -> tuple[Tensor, Tensor]:
