@@ -291,7 +291,7 @@ def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
 
 
 def plan(
-    model: str = "smollm2-135m",
+    model: str | Any = "smollm2-135m",
     methods: Sequence[str] | None = None,
     batch_size: int = 8,
     max_length: int = 512,
@@ -302,6 +302,8 @@ def plan(
     options: Any = None,
 ) -> Plan:
     """Plan the memory of each of ``methods`` for ``model`` at ``batch_size`` x ``max_length``.
+
+    ``model`` is a name as for ``load_config`` or a transformers config object.
 
     ``dtype`` as in ``TrainConfig``, except that ``auto`` means bfloat16 here: a plan is for
     the GPU, where ``train`` picks bfloat16. ``options`` is a ``methods.MethodOptions``
@@ -331,8 +333,9 @@ def plan(
         from forgetless.train import _method_options
 
         options = _method_options(TrainConfig())
-    config = load_config(model)
-    result = Plan(model=model, architecture=type(config).__name__.removesuffix("Config"),
+    config = load_config(model) if isinstance(model, str | Path) else model
+    name = str(model) if isinstance(model, str | Path) else type(model).__name__
+    result = Plan(model=name, architecture=type(config).__name__.removesuffix("Config"),
                   dtype=dtype_name(dtype), master_dtype=dtype_name(master), batch_size=batch_size,
                   max_length=max_length, attn_implementation=attn_implementation,
                   gpu_mem_bytes=budget)
