@@ -41,6 +41,15 @@ def test_values_reach_the_trainer_log(tmp_path, tokenizer):
     assert [h["step"] for h in result.loss_history] == list(range(1, 9))
 
 
+def test_bf16_run_measures_against_a_real_copy(tmp_path, tokenizer):
+    """With bf16 the Trainer wraps the model's forward in autocast; the base copy must not
+    keep calling the live model through that wrapper (KL was always 0)."""
+    monitor = ForgettingMonitor(every=2, prompts=PROBES, action="warn")
+    _train(tmp_path, tokenizer, monitor, dtype="bfloat16", max_steps=4)
+    assert all(h["forgetting/kl"] > 0 for h in monitor.history)
+    assert "forward" not in monitor.base.__dict__
+
+
 def test_max_kl_stops_the_run(tmp_path, tokenizer):
     monitor = ForgettingMonitor(every=1, max_kl=1e-6, prompts=PROBES)
     result = _train(tmp_path, tokenizer, monitor, max_steps=20)

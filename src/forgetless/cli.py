@@ -15,6 +15,7 @@ from forgetless.compare import compare_command
 from forgetless.continual import continual_command
 from forgetless.errors import ForgetlessError
 from forgetless.eval.cli import eval_command
+from forgetless.plan import plan_command
 
 app = typer.Typer(
     add_completion=False,
@@ -66,6 +67,7 @@ app.command("eval")(eval_command)
 app.command("continual")(continual_command)
 app.command("check")(check_command)
 app.command("compare")(compare_command)
+app.command("plan")(plan_command)
 
 
 def _debug() -> bool:

@@ -13,11 +13,13 @@ At the end it prints its own cost as a share of the training time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from transformers import TrainerCallback
 
 from forgetless.errors import ForgetlessError
@@ -74,6 +76,7 @@ class ForgettingMonitor(TrainerCallback):
         self.seconds = 0.0
         self._started = 0.0
         self.train_seconds = 0.0
+        self._autocast: torch.dtype | None = None
 
     def attach(self, trainer) -> ForgettingMonitor:
         """Add to ``trainer`` (if not yet there) and log through it."""
@@ -86,10 +89,15 @@ class ForgettingMonitor(TrainerCallback):
 
     def measure(self, model) -> dict[str, float]:
         """Drift of ``model`` from the frozen base on the probe prompts (plain floats)."""
+        from forgetless.devices import model_device
         from forgetless.eval import kl_and_number_mass
 
-        drift = kl_and_number_mass(model, self.base, self.tokenizer, self.prompts,
-                                   max_length=self.max_length)
+        device = model_device(model).type
+        autocast = (torch.autocast(device, dtype=self._autocast) if self._autocast is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            drift = kl_and_number_mass(model, self.base, self.tokenizer, self.prompts,
+                                       max_length=self.max_length)
         values = {f"forgetting/{k}": m.value for k, m in drift.items()}
         values["forgetting/number_mass_gain"] = (
             values["forgetting/number_mass"] - values["forgetting/number_mass_base"]
@@ -122,7 +130,11 @@ class ForgettingMonitor(TrainerCallback):
             if state.global_step > 0:
                 _say(f"resumed at step {state.global_step}: KL is measured against the weights "
                      "of the resume point (pass base_model= for the original base)")
-            self.base = copy.deepcopy(model).eval().requires_grad_(False)
+            self.base = _own_forward(copy.deepcopy(model)).eval().requires_grad_(False)
+        # The Trainer's mixed precision (bf16=/fp16=, TRL's SFTConfig default) is an autocast
+        # wrapper around the model's forward; measure() runs both models under the same one.
+        self._autocast = (torch.bfloat16 if getattr(args, "bf16", False)
+                          else torch.float16 if getattr(args, "fp16", False) else None)
         if self.prompts is None:
             self.prompts = default_probe_prompts()
         self._started = time.perf_counter()
@@ -168,6 +180,20 @@ class ForgettingMonitor(TrainerCallback):
         return {"every": self.every, "max_kl": self.max_kl, "checks": len(self.history),
                 "seconds": round(self.seconds, 2), "overhead": round(self.overhead, 4),
                 "stopped": self.stopped, "last": self.history[-1] if self.history else None}
+
+
+def _own_forward(model):
+    """``model`` (a fresh deep copy) with its class's forward again.
+
+    Mixed precision in accelerate (the Trainer's ``bf16=``/``fp16=``) sets ``model.forward`` to
+    an autocast wrapper that closes over the *original* model's bound forward; ``deepcopy``
+    copies the wrapper but not what it closes over, so the copy would silently run the live
+    model and every KL would be 0. ``measure`` applies the autocast itself instead.
+    """
+    if "_original_forward" in model.__dict__:
+        model.__dict__.pop("forward", None)
+        model.__dict__.pop("_original_forward", None)
+    return model
 
 
 def install_monitors(trainer, config) -> list[ForgettingMonitor]:
