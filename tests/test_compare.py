@@ -81,8 +81,13 @@ def test_report_folder_and_mlflow_store(tmp_path, model_dir):
     assert "data:image/png;base64," in html and "src='http" not in html
     assert "full λ=0.5" in (out / "report.md").read_text()
     assert "| method − full |" in (out / "report.md").read_text()
+    gold = full["heldout"]["arc_easy"]["gold_logprob"]  # continuous, paired per item
+    assert gold["delta"]["n"] == 4 and gold["value"]["value"] <= 0
+    assert "Δ held-out avg gold log-prob (nats)" in (out / "report.md").read_text()
     (out / "report.md").unlink()
     assert redraw(config)["markdown"].read_text().startswith("# forgetless compare")
+    redrawn = redraw(config, ["report.forgetting_measure=margin"])["markdown"].read_text()
+    assert "Δ arc_easy margin (nats)" in redrawn
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment(result.results["tracking"]["experiment_id"])
