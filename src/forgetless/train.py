@@ -35,6 +35,7 @@ from forgetless.methods import MethodOptions, merge_lora, prepare_model
 from forgetless.models import load_model
 from forgetless.monitor import install_monitors
 from forgetless.optim.zero import ZeroLayoutCallback
+from forgetless.updates import install_update_analytics
 
 
 @dataclass
@@ -306,6 +307,8 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
     if distributed and config.save_model and config.merge_lora:
         raise ForgetlessError("merge_lora under accelerate launch: train, then merge in 1 process")
     monitors = install_monitors(trainer, config)  # ForgettingMonitor, if asked for
+    # UpdateAnalytics compare whole tensors: not with FSDP / DeepSpeed shards
+    analytics = [] if sharded else install_update_analytics(trainer, config)
     # Only a complete checkpoint counts; a fresh run clears old ones (they would be overwritten
     # one by one, and a kill in between would leave two runs' files in one checkpoint).
     resume = runs.resume_checkpoint(trainer_dir) if config.resume else None
@@ -355,6 +358,7 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
         "device": str(trainer.args.device),
         "dtype": dtype_name(dtype),
         "monitor": [monitor.summary() for monitor in monitors],
+        "update_analytics": analytics[0].summary() if analytics else None,
     }
     if trainer.is_world_process_zero():
         fault_point("train.metrics")
