@@ -59,7 +59,7 @@ def test_report_folder_and_mlflow_store(tmp_path, model_dir):
     result = compare(config)
     out = tmp_path / "cmp"
     for name in ("report.md", "report.html", "results.json", "learning_vs_forgetting.png",
-                 "drift_heatmap.png", "loss_curves.png", "mlflow.db"):
+                 "drift_heatmap.png", "loss_curves.png", "update_coverage.png", "mlflow.db"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert [m["name"] for m in results["methods"]] == ["full", "lora-hi"]
@@ -68,6 +68,7 @@ def test_report_folder_and_mlflow_store(tmp_path, model_dir):
     assert results["sample_sizes"] == {"arc_easy": 4, "count_letters": 2, "drift_prompts": 3}
     assert full["heldout"]["arc_easy"]["delta"]["n"] == 4
     assert full["train"]["steps"] == 2 and len(full["train"]["loss_history"]) == 2
+    assert [h["step"] for h in full["train"]["updates"]] == [1, 2]  # first and last step
     assert [p["lambda"] for p in full["interpolation"]] == [0.5]
     assert full["param_drift"]["total"]["rel_l2"] > 0
     assert results["methods"][1]["train_config"]["learning_rate"] == 2e-2

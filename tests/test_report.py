@@ -161,3 +161,16 @@ def test_report_and_summary_with_a_continuous_measure(tmp_path):
     assert "| held-out avg gold log-prob (nats) | -1.000 |" in md
     text = summary_text(results)
     assert text.splitlines()[0].startswith("method") and "attn" in text and "|" not in text
+
+
+def test_coverage_plot_only_with_update_analytics(tmp_path):
+    results = fake_results()
+    files = write_report(results, tmp_path / "without")
+    assert "plot_coverage" not in files
+    for share, entry in zip((1.0, 0.1), results["methods"]):
+        entry["train"]["updates"] = [
+            {"step": s, "moved": share, "moved_ever": min(1.0, share * s), "rms": 1e-3,
+             "drift": 1e-3 * s} for s in (1, 2, 4)]
+    files = write_report(results, tmp_path / "with")
+    assert files["plot_coverage"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Update coverage" in files["markdown"].read_text()

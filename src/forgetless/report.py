@@ -19,6 +19,7 @@ PLOTS = {
     "tradeoff": "learning_vs_forgetting.png",
     "drift": "drift_heatmap.png",
     "loss": "loss_curves.png",
+    "coverage": "update_coverage.png",
 }
 # Held-out forgetting measures a report can lead with (``report.forgetting_measure``):
 # accuracy in points, or the continuous per-item twins from ``forgetless.eval`` in nats.
@@ -122,6 +123,8 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
                      "last_loss", "loss_history")},
                  "mlflow_run_id": record.get("mlflow_run_id"),
                  **summarize(tuned, base_eval, suite, target)}
+        # moved / ever-moved share per measured step (forgetless.updates), if recorded
+        entry["train"]["updates"] = (metrics.get("update_analytics") or {}).get("history")
         entry["interpolation"] = [
             {"lambda": float(lam),
              **summarize(EvalResult.load(folder / file), base_eval, suite, target)}
@@ -541,6 +544,35 @@ def plot_losses(results: dict, path: Path) -> bool:
     return drawn
 
 
+def plot_coverage(results: dict, path: Path) -> bool:
+    """Share of trainable coordinates ever moved from θ₀ over the steps (solid), and moved in
+    the measured step (dotted), one colour per method. False when no run recorded them."""
+    import matplotlib.pyplot as plt
+
+    entries = [e for e in results["methods"] if (e.get("train") or {}).get("updates")]
+    if not entries:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    cmap = plt.get_cmap("tab10")
+    for i, entry in enumerate(entries):
+        history = entry["train"]["updates"]
+        steps = [h["step"] for h in history]
+        ax.plot(steps, [100 * h["moved_ever"] for h in history], marker=".", color=cmap(i % 10),
+                label=f"{entry['name']} (ever moved)")
+        ax.plot(steps, [100 * h["moved"] for h in history], ":", color=cmap(i % 10),
+                label=f"{entry['name']} (this step)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("% of trainable coordinates")
+    ax.set_ylim(0, 102)
+    ax.set_title("Update coverage: coordinates moved from θ₀ (solid) and per step (dotted)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 # --- writing --------------------------------------------------------------------------------
 
 
@@ -553,7 +585,8 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = {}
-    for kind, draw in (("tradeoff", plot_tradeoff), ("drift", plot_drift), ("loss", plot_losses)):
+    for kind, draw in (("tradeoff", plot_tradeoff), ("drift", plot_drift), ("loss", plot_losses),
+                       ("coverage", plot_coverage)):
         path = out / PLOTS[kind]
         if draw(results, path) is not False:
             images[kind] = path
@@ -563,7 +596,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     base_header, base_rows = base_table(results)
     settings = _settings(results)
     captions = {"tradeoff": "Learning vs forgetting", "drift": "Where the weights moved",
-                "loss": "Training loss"}
+                "loss": "Training loss", "coverage": "Update coverage"}
     title = f"forgetless compare: {results['model']} → {results['target'] or 'no target'}"
     md = [f"# {title}", "", *[f"- {line}" for line in settings], "",
           md_table(base_header, base_rows), "", md_table(header, rows), ""]

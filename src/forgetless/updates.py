@@ -2,9 +2,9 @@
 
 Methods differ in *which* coordinates they let move (MoFO: a top-k share per step; LoRA and
 module presets: some tensors only; full: everything), and that is the mechanism behind how much
-they forget. Every ``every`` optimizer steps (and at step 1) this callback logs, per module type
-(q, k, v, o, gate, up, down, embed, norm, lm_head, ...; ``.lora`` for adapters), per layer and
-in total, over the trainable tensors:
+they forget. Every ``every`` optimizer steps (and at the first and the last) this callback logs,
+per module type (q, k, v, o, gate, up, down, embed, norm, lm_head, ...; ``.lora`` for adapters),
+per layer and in total, over the trainable tensors:
 
 * ``moved``: share of coordinates that changed in this optimizer step (a snapshot taken just
   before the step is compared with the weights just after it: exact for every optimizer,
@@ -76,8 +76,8 @@ class UpdateAnalytics(TrainerCallback):
         self.trainer = trainer
         return self
 
-    def _due(self, step: int) -> bool:
-        return step == 1 or step % self.every == 0
+    def _due(self, step: int, last: int) -> bool:
+        return step == 1 or step % self.every == 0 or step == last
 
     # --- Trainer events -------------------------------------------------------------------
 
@@ -92,7 +92,7 @@ class UpdateAnalytics(TrainerCallback):
         self.seconds += time.perf_counter() - started
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self._due(state.global_step + 1):
+        if self._due(state.global_step + 1, state.max_steps):
             started = time.perf_counter()
             with torch.no_grad():
                 self._before = [p.detach().clone() for p in self._params]
