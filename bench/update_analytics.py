@@ -54,10 +54,15 @@ def main() -> None:
                              update_stats_every=args.every if mode == "on" else None),
                         model=copy.deepcopy(base), tokenizer=tokenizer,
                     )
-                times[mode].append(result.metrics["train_seconds"])
+                seconds = result.metrics["train_seconds"]
+                times[mode].append(seconds)
+                line = f"  {method} analytics {mode}: {seconds:.1f} s"
                 if mode == "on":
-                    own.append(result.metrics["update_analytics"]["seconds"]
-                               / result.metrics["train_seconds"])
+                    stats = result.metrics["update_analytics"]
+                    own.append(stats["seconds"] / seconds)
+                    line += (f" (callback's own {stats['seconds']:.2f} s = {100 * own[-1]:.2f}%, "
+                             f"{len(stats['history'])} measured steps)")
+                print(line, flush=True)
         off, on = statistics.median(times["off"]), statistics.median(times["on"])
         pairs = ", ".join(f"{100 * (b / a - 1):+.1f}%" for a, b in zip(times["off"], times["on"]))
         print(f"{method:>12}: off {off:.1f} s [{min(times['off']):.1f}-{max(times['off']):.1f}], "

@@ -13,7 +13,7 @@ per layer and in total, over the trainable tensors:
   mask per trainable tensor; a coordinate that leaves θ₀ and returns exactly between two
   measurements is missed);
 * ``rms``: root mean square of this step's update;
-* ``drift``: ‖θ − θ₀‖ / ‖θ₀‖.
+* ``drift``: ‖θ − θ₀‖ / ‖θ₀‖ (0 for a group whose θ₀ is all zeros, e.g. LoRA's B alone).
 
 Values go through ``Trainer.log`` (TensorBoard, MLflow see them live) as
 ``updates/<measure>/<total|type/<t>|layer/<l>>``; ``summary()`` (in ``metrics.json``) keeps the
