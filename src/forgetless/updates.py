@@ -65,6 +65,7 @@ class UpdateAnalytics(TrainerCallback):
         self._params: list[torch.Tensor] = []
         self._start: list[torch.Tensor] = []
         self._ever: list[torch.Tensor] = []
+        self._start_sq: list[torch.Tensor] = []  # ‖θ₀‖² per tensor, computed once
         self._before: list[torch.Tensor] | None = None
         self._pending: dict[str, float] | None = None
         self._last: dict[str, float] = {}
@@ -89,6 +90,7 @@ class UpdateAnalytics(TrainerCallback):
         with torch.no_grad():  # θ₀ of a resumed run is the resume point's weights
             self._start = [p.detach().clone() for p in self._params]
             self._ever = [torch.zeros_like(p, dtype=torch.bool) for p in self._params]
+            self._start_sq = [s.float().pow(2).sum().double() for s in self._start]
         self.seconds += time.perf_counter() - started
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -124,15 +126,16 @@ class UpdateAnalytics(TrainerCallback):
         """Compare the weights with the pre-step snapshot and θ₀; one host transfer in all."""
         rows = []
         with torch.no_grad():
-            for param, before, start, ever in zip(self._params, self._before, self._start,
-                                                  self._ever, strict=True):
+            for param, before, start, ever, start_sq in zip(
+                    self._params, self._before, self._start, self._ever, self._start_sq,
+                    strict=True):
                 now = param.detach()
                 step_diff = (now - before).float()
                 ever |= now != start
                 rows.append(torch.stack([
-                    (now != before).sum().double(), ever.sum().double(),
+                    (step_diff != 0).sum().double(), ever.sum().double(),
                     step_diff.pow(2).sum().double(), (now - start).float().pow(2).sum().double(),
-                    start.float().pow(2).sum().double(),
+                    start_sq,
                 ]))
         device = rows[0].device if rows else None
         sums = torch.stack([r.to(device) for r in rows]).tolist() if rows else []
