@@ -59,7 +59,7 @@ def test_report_folder_and_mlflow_store(tmp_path, model_dir):
     result = compare(config)
     out = tmp_path / "cmp"
     for name in ("report.md", "report.html", "results.json", "learning_vs_forgetting.png",
-                 "drift_heatmap.png", "loss_curves.png", "mlflow.db"):
+                 "drift_heatmap.png", "loss_curves.png", "update_coverage.png", "mlflow.db"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert [m["name"] for m in results["methods"]] == ["full", "lora-hi"]
@@ -68,6 +68,7 @@ def test_report_folder_and_mlflow_store(tmp_path, model_dir):
     assert results["sample_sizes"] == {"arc_easy": 4, "count_letters": 2, "drift_prompts": 3}
     assert full["heldout"]["arc_easy"]["delta"]["n"] == 4
     assert full["train"]["steps"] == 2 and len(full["train"]["loss_history"]) == 2
+    assert [h["step"] for h in full["train"]["updates"]] == [1, 2]  # first and last step
     assert [p["lambda"] for p in full["interpolation"]] == [0.5]
     assert full["param_drift"]["total"]["rel_l2"] > 0
     assert results["methods"][1]["train_config"]["learning_rate"] == 2e-2
@@ -81,8 +82,13 @@ def test_report_folder_and_mlflow_store(tmp_path, model_dir):
     assert "data:image/png;base64," in html and "src='http" not in html
     assert "full λ=0.5" in (out / "report.md").read_text()
     assert "| method − full |" in (out / "report.md").read_text()
+    gold = full["heldout"]["arc_easy"]["gold_logprob"]  # continuous, paired per item
+    assert gold["delta"]["n"] == 4 and gold["value"]["value"] <= 0
+    assert "Δ held-out avg gold log-prob (nats)" in (out / "report.md").read_text()
     (out / "report.md").unlink()
     assert redraw(config)["markdown"].read_text().startswith("# forgetless compare")
+    redrawn = redraw(config, ["report.forgetting_measure=margin"])["markdown"].read_text()
+    assert "Δ arc_easy margin (nats)" in redrawn
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment(result.results["tracking"]["experiment_id"])

@@ -106,12 +106,15 @@ def test_three_stages_two_methods_resume(tmp_path, tiny_dir, capsys, monkeypatch
         assert all(0 <= v <= 1 for row in data["R"] for v in row)
         assert data["bwt"] == pytest.approx(continual_metrics(data["R"])["bwt"])
         assert len(data["trajectory"]["heldout/acc"]) == 4
+        assert len(data["heldout_change"]["gold_logprob"]) == 3
+        assert data["heldout_change"]["gold_logprob"][0]["n"] == 3
         assert (out / f"R_{name}.png").is_file()
         # only the last stage keeps its weights (keep_models: false)
         assert not (out / name / "stage1-count_letters" / "model").exists()
         assert (out / name / "stage3-doubles" / "model" / "config.json").is_file()
     assert (out / "heldout_curve.png").is_file() and (out / "mlflow.db").is_file()
     assert "BWT" in (out / "continual.md").read_text()
+    assert "gold_logprob (nats)" in (out / "continual.md").read_text()
     saved = json.loads((out / "continual.json").read_text())
     assert saved["methods"]["full"]["R"] == summary["methods"]["full"]["R"]
     logged = json.loads((out / "mlflow.json").read_text())
@@ -122,3 +125,27 @@ def test_three_stages_two_methods_resume(tmp_path, tiny_dir, capsys, monkeypatch
     assert log.count("finished before") == 6 and "training on" not in log
     assert again["methods"] == summary["methods"]
     assert json.loads((out / "mlflow.json").read_text()) == logged
+
+
+def test_paired_heldout_change_per_stage():
+    from forgetless.continual import change_rows, heldout_change
+    from forgetless.eval import EvalResult
+
+    def result(logprobs, correct):
+        return EvalResult(per_item={"quiz": [
+            {"id": str(i), "correct": c, "gold_logprob": lp, "margin": lp + 1}
+            for i, (lp, c) in enumerate(zip(logprobs, correct))]})
+
+    base = result([-1.0, -0.5, -2.0, -0.7], [1, 1, 0, 1])
+    after = result([-1.2, -0.6, -2.5, -0.8], [1, 1, 0, 1])
+    change = heldout_change(base, after, ["quiz"], "gold_logprob")
+    assert change["value"] == pytest.approx(-0.225) and change["n"] == 4
+    assert heldout_change(base, after, ["quiz"], "correct")["value"] == 0.0
+    old = EvalResult(per_item={"quiz": [{"id": "0", "correct": 1}]})  # before METRICS_VERSION 3
+    assert heldout_change(base, old, ["quiz"], "gold_logprob") is None
+    summary = {"methods": {"full": {"heldout_change": {
+        "accuracy": [heldout_change(base, after, ["quiz"], "correct")],
+        "gold_logprob": [change], "margin": [None]}}}}
+    rows = change_rows(summary)
+    assert rows[0][:2] == ["full", "accuracy (pts)"] and rows[0][2].startswith("+0.0")
+    assert rows[1][2].startswith("-0.225*") and rows[2] == ["full", "margin (nats)", "–"]

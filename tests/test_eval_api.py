@@ -114,3 +114,50 @@ def test_embedded_model_against_itself():
     assert result.value("drift/kl") == pytest.approx(0.0, abs=1e-6)
     assert result.value("drift/top1_agreement") == 1.0
     assert result.param_drift["total"]["rel_l2"] == 0.0
+
+
+def test_choice_measures_hand_values():
+    from forgetless.eval.evaluator import choice_measures
+
+    lls = np.array([-1.0, -2.0, -4.0])
+    logprob, margin = choice_measures(lls, 1)
+    assert logprob == pytest.approx(-2.0 - np.log(np.exp(-1) + np.exp(-2) + np.exp(-4)))
+    assert margin == pytest.approx(-1.0)
+    assert choice_measures(lls, 0)[1] == pytest.approx(1.0)
+    # a shift of every choice's log-likelihood changes nothing (normalised over the choices)
+    assert choice_measures(lls + 7.0, 1) == pytest.approx((logprob, margin))
+
+
+def test_gold_logprob_and_margin_per_item_and_paired(quiz):
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        tuned.lm_head.weight.add_(0.05 * torch.randn_like(tuned.lm_head.weight))
+    a = evaluate(model, tokenizer, suite=[quiz], limit=6, seed=0)
+    b = evaluate(tuned, tokenizer, suite=[quiz], limit=6, seed=0)
+    records = a.per_item["quiz"]
+    for r in records:
+        lls = np.array(r["loglikelihoods"])
+        assert r["gold_logprob"] == pytest.approx(
+            lls[r["gold"]] - np.log(np.exp(lls).sum()), abs=1e-4)
+        assert (r["margin"] > 0) == bool(r["correct"])
+    assert a.value("quiz/gold_logprob") == pytest.approx(
+        np.mean([r["gold_logprob"] for r in records]))
+    assert a.value("heldout/margin") == a.value("quiz/margin")
+    assert "quiz/gold_logprob" in a.table()
+    delta = paired_difference(a, b, "quiz", "gold_logprob")
+    assert delta.n == 6 and delta.value == pytest.approx(
+        b.value("quiz/gold_logprob") - a.value("quiz/gold_logprob"))
+    assert delta.value != 0.0
+
+
+def test_paired_measure_missing_from_an_old_result_says_re_evaluate(quiz):
+    from forgetless.errors import ForgetlessError
+
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    new = evaluate(model, tokenizer, suite=[quiz], limit=3, seed=0)
+    old = EvalResult.from_dict(json.loads(json.dumps(new.to_dict())))
+    for r in old.per_item["quiz"]:
+        del r["margin"]
+    with pytest.raises(ForgetlessError, match="older evaluator"):
+        paired_difference(old, new, "quiz", "margin")

@@ -3,6 +3,8 @@
 import json
 import math
 
+import numpy as np
+
 from forgetless.report import _pareto, main_table, versus_table, write_report
 
 
@@ -114,3 +116,61 @@ def test_missing_cis_render_as_plain_values(tmp_path):
     header, rows = main_table(results)
     assert dict(zip(header, rows[-1]))["Δ arc_easy (pts)"] == "-1.0"
     write_report(results, tmp_path)  # a NaN CI must not break the plots
+
+
+def _with_continuous(results, measure=None):
+    """Add gold log-prob and margin changes (nats) to every held-out entry."""
+    def add(item, scale):
+        for part in (*item["heldout"].values(), item["heldout_avg"]):
+            for name in ("gold_logprob", "margin"):
+                part[name] = {"value": _metric(-1.0, 0.1),
+                              "delta": _metric(scale, 0.01) if "delta" in part else None}
+
+    add(results["base"], 0.0)
+    for entry in results["methods"]:
+        add(entry, entry["heldout"]["arc_easy"]["delta"]["value"])
+        for point in entry["interpolation"]:
+            add(point, point["heldout"]["arc_easy"]["delta"]["value"])
+    if measure:
+        results["config"]["report"] = {"forgetting_measure": measure}
+    return results
+
+
+def test_headline_measure_is_configurable():
+    header, rows = main_table(_with_continuous(fake_results()))
+    # accuracy leads (default); the continuous average sits beside it
+    assert header[3:6] == ["Δ held-out avg (pts)", "Δ arc_easy (pts)",
+                           "Δ held-out avg gold log-prob (nats)"]
+    assert dict(zip(header, rows[0]))["Δ held-out avg gold log-prob (nats)"] == (
+        "-0.080* [-0.090, -0.070]")
+    header, rows = main_table(_with_continuous(fake_results(), "margin"))
+    assert header[3:6] == ["Δ held-out avg margin (nats)", "Δ arc_easy margin (nats)",
+                           "Δ held-out avg (pts)"]
+    assert dict(zip(header, rows[-1]))["Δ arc_easy margin (nats)"] == "-0.010 [-0.020, +0.000]"
+    assert main_table(fake_results())[0][5] == "KL drift (nats/tok)"  # old results: no extra
+
+
+def test_report_and_summary_with_a_continuous_measure(tmp_path):
+    from forgetless.report import _coords, summary_text
+
+    results = _with_continuous(fake_results(), "gold_logprob")
+    x, _, xerr, _ = _coords(results["methods"][0], "count_letters", "gold_logprob")
+    assert x == -0.08 and np.allclose(xerr, [[0.01], [0.01]])  # nats, not points
+    md = write_report(results, tmp_path)["markdown"].read_text()
+    assert "gold log-prob = log-probability of the right choice" in md
+    assert "| held-out avg gold log-prob (nats) | -1.000 |" in md
+    text = summary_text(results)
+    assert text.splitlines()[0].startswith("method") and "attn" in text and "|" not in text
+
+
+def test_coverage_plot_only_with_update_analytics(tmp_path):
+    results = fake_results()
+    files = write_report(results, tmp_path / "without")
+    assert "plot_coverage" not in files
+    for share, entry in zip((1.0, 0.1), results["methods"]):
+        entry["train"]["updates"] = [
+            {"step": s, "moved": share, "moved_ever": min(1.0, share * s), "rms": 1e-3,
+             "drift": 1e-3 * s} for s in (1, 2, 4)]
+    files = write_report(results, tmp_path / "with")
+    assert files["plot_coverage"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Update coverage" in files["markdown"].read_text()

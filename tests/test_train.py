@@ -100,3 +100,23 @@ def test_cli_bad_input_is_one_line_and_nonzero(args, message):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_one_progress_bar_instead_of_log_dicts(tmp_path, tokenizer, capfd):
+    _train(tmp_path, tokenizer, method="attn", max_steps=3, logging_steps=1, save_model=False)
+    out, err = capfd.readouterr()
+    assert "{'loss'" not in out + err and "'grad_norm'" not in out + err
+    assert "[forgetless] run (attn): 3/3 steps in" in out and "loss " in out
+    assert "moved " in out  # the update analytics' coverage, from the log
+
+
+def test_trainer_uses_loss_progress_only(tokenizer, tmp_path):
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from forgetless.progress import LossProgress, use_loss_progress
+
+    trainer = Trainer(model=tiny_llama(), args=TrainingArguments(str(tmp_path), report_to=[]))
+    use_loss_progress(trainer, "x")
+    kinds = [type(c) for c in trainer.callback_handler.callbacks]
+    assert LossProgress in kinds and ProgressCallback not in kinds and PrinterCallback not in kinds

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import typer
 import yaml
@@ -48,7 +48,7 @@ SHARED_KEYS = {"model", "data", "seed", "max_steps", "batch_size", "grad_accum",
 # Keys that change where or how a run is logged or computed, not what it learns (left out of the
 # hash).
 _UNHASHED_KEYS = {"output_dir", "report_to", "logging_steps", "save_steps", "resume", "device",
-                  "gradient_checkpointing"}
+                  "gradient_checkpointing", "update_stats_every"}
 # Keys added after compare folders existed: hashed only away from the value earlier runs used
 # (dtype resolved first: "auto" is bfloat16 on a CUDA device), so those runs stay reusable.
 _HASHED_IF_NOT = {"dtype": "float32", "fp32_master_weights": True, "attn_implementation": "sdpa"}
@@ -82,6 +82,17 @@ class EvalSettings(BaseModel):
     drift_prompts: int | None = Field(None, ge=1)  # held-out prompts for KL; None: eval's default
 
 
+class ReportSettings(BaseModel):
+    """How the report reads the results (changing it only redraws: nothing re-runs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # What "forgetting" means in the headline table and the Pareto plot: held-out accuracy
+    # (points) or a continuous paired per-item measure (nats; forgetless.eval). Accuracy stays
+    # the default until a measurement on real compare runs picks one (docs/results.md).
+    forgetting_measure: Literal["accuracy", "gold_logprob", "margin"] = "accuracy"
+
+
 class CompareConfig(BaseModel):
     """A compare run: shared ``train`` settings, ``methods``, ``eval`` settings, outputs."""
 
@@ -92,6 +103,7 @@ class CompareConfig(BaseModel):
         default_factory=lambda: copy.deepcopy(DEFAULT_METHODS), validate_default=True
     )
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
     interpolate: list[float] = Field(default_factory=list)
     output_dir: str = "runs/compare"
     tracking_uri: str | None = None
@@ -524,10 +536,13 @@ def redraw(config: CompareConfig | dict | str | Path | None = None,
     """Rewrite the report files of a finished compare from its ``results.json`` alone."""
     from forgetless.report import write_report
 
-    out = Path(load_compare_config(config, overrides).output_dir)
+    settings = load_compare_config(config, overrides)
+    out = Path(settings.output_dir)
     results = runs.read_json(out / "results.json")
     if results is None:
         raise ForgetlessError(f"no finished compare in {out}: results.json is missing")
+    # the report settings given now win (e.g. another report.forgetting_measure)
+    results.setdefault("config", {})["report"] = settings.report.model_dump()
     with runs.RunLock(out, "compare --report-only"):
         return write_report(results, out)
 
@@ -552,8 +567,11 @@ def compare_command(
     result = compare(config, overrides or [], tracking_uri=tracking_uri)
     if not result.results:  # not the main process of an ``accelerate launch``
         return
+    from forgetless.report import summary_text
+
     out = result.output_dir
     uri = result.results["tracking"]["uri"]
+    print(summary_text(result.results))
     print(f"[forgetless compare] done in {result.results['compare_seconds']:.0f} s "
           f"({result.results['compare_cpu_seconds']:.0f} CPU s)")
     print(f"[forgetless compare] report: {out / 'report.html'} (and report.md, results.json)")

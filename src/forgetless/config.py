@@ -60,6 +60,9 @@ class TrainConfig(BaseModel):
     monitor_max_kl: float | None = Field(None, gt=0.0)
     monitor_max_number_mass_gain: float | None = Field(None, gt=0.0)
     monitor_action: Literal["stop", "warn"] = "stop"
+    # parameter-update analytics (forgetless.updates): moved / ever-moved share, update RMS and
+    # drift per module type and layer every N optimizer steps; null turns them off
+    update_stats_every: int | None = Field(10, ge=1)
     # devices and precision (forgetless.devices; README "Devices and dtypes")
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on CUDA

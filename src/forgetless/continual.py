@@ -11,7 +11,9 @@ standard continual-learning numbers (Lopez-Paz & Ranzato 2017; Chaudhry et al. 2
 * ``forgetting`` = mean_{j<T} (max_{l<T} R[l][j] - R[T][j])
 
 The held-out trajectory (``heldout/acc`` per stage) shows whether general ability keeps falling
-or recovers in later stages (the effect reported in arXiv 2510.08564).
+or recovers in later stages (the effect reported in arXiv 2510.08564). Beside it, the paired
+change vs the base of each stage's held-out accuracy, gold log-probability and margin (per item,
+averaged over the suite, with a 95% CI) shows forgetting that accuracy alone is too coarse for.
 
 Every stage leaves ``<method>/stage<i>-<task>/`` with the train run folder, ``eval.json`` and
 ``stage.json`` (written last, keyed by a hash of everything that stage depends on), so a re-run
@@ -378,7 +380,25 @@ def _check_inputs(config: ContinualConfig, stages: list[Stage]) -> None:
         load_spec(name)
 
 
-def summarize(base, per_method: dict[str, list], stages: list[Stage]) -> dict[str, Any]:
+# Paired held-out changes vs the base per stage: measure -> per-item field of the eval records.
+HELDOUT_CHANGES = {"accuracy": "correct", "gold_logprob": "gold_logprob", "margin": "margin"}
+
+
+def heldout_change(base, result, suite: list[str], field: str) -> dict[str, Any] | None:
+    """``result - base`` on the held-out suite, paired per item and averaged over tasks (SEs in
+    quadrature), or None when a result predates the field (measured before METRICS_VERSION 3)."""
+    from forgetless.eval import paired_difference
+    from forgetless.eval.stats import combine_means
+
+    tasks = [t for t in suite if t in base.per_item and t in result.per_item]
+    if not tasks or any(field not in r for t in tasks
+                        for r in (*base.per_item[t], *result.per_item[t])):
+        return None
+    return combine_means([paired_difference(base, result, t, field) for t in tasks]).to_dict()
+
+
+def summarize(base, per_method: dict[str, list], stages: list[Stage],
+              suite: list[str] | None = None) -> dict[str, Any]:
     """Everything the report needs, as plain JSON: R, its summary numbers, trajectories."""
     methods = {}
     base_row = score_row(base, stages)
@@ -397,7 +417,11 @@ def summarize(base, per_method: dict[str, list], stages: list[Stage]) -> dict[st
                          "heldout_stderr": [r.metrics["heldout/acc"].stderr
                                             for r in [base, *results]
                                             if "heldout/acc" in r.metrics],
-                         "train": [r.provenance.get("train") for r in results]}
+                         "train": [r.provenance.get("train") for r in results],
+                         "heldout_change": {
+                             measure: [heldout_change(base, r, suite or [], field)
+                                       for r in results]
+                             for measure, field in HELDOUT_CHANGES.items()}}
     return {"tasks": [s.name for s in stages], "targets": [s.target for s in stages],
             "methods": methods}
 
@@ -451,6 +475,12 @@ def write_report(summary: dict[str, Any], out: Path) -> dict[str, Path]:
              " → ".join(f"{v:.3f}" for v in d["trajectory"]["heldout/acc"] if v is not None)]
             for name, d in summary["methods"].items()]
     lines += [md_table(header, body), "", f"![held-out curve]({files['heldout'].name})", ""]
+    lines += ["Held-out change vs the base after each stage, paired per item (suite mean, 95% "
+              "CI): accuracy in points; gold log-prob (the right choice's log-probability among "
+              "the choices) and margin (over the best wrong choice) in nats. `–`: measured "
+              "before these were recorded.", "",
+              md_table(["method", "measure", *[f"after {i}" for i in range(1, len(tasks) + 1)]],
+                       change_rows(summary)), ""]
     for name, data in summary["methods"].items():
         lines += [f"## {name}: R[i][j] = exact match on task j after stage i", ""]
         rows = [[label, *(f"{v:.3f}" for v in row)] for label, row in zip(rows_label, data["R"])]
@@ -465,6 +495,24 @@ def write_report(summary: dict[str, Any], out: Path) -> dict[str, Path]:
     files["markdown"] = out / "continual.md"
     atomic_write_text(files["markdown"], "\n".join(lines))
     return files
+
+
+def change_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """One row per method and held-out measure: the paired change after every stage."""
+    def cell(change: dict | None, scale: float, fmt: str) -> str:
+        if change is None:
+            return "–"
+        star = "*" if change["ci_low"] > 0 or change["ci_high"] < 0 else ""
+        return (f"{scale * change['value']:{fmt}}{star} [{scale * change['ci_low']:{fmt}}, "
+                f"{scale * change['ci_high']:{fmt}}]")
+
+    rows = []
+    for name, data in summary["methods"].items():
+        for measure, changes in (data.get("heldout_change") or {}).items():
+            scale, fmt, unit = (100.0, "+.1f", "pts") if measure == "accuracy" else (
+                1.0, "+.3f", "nats")
+            rows.append([name, f"{measure} ({unit})", *(cell(c, scale, fmt) for c in changes)])
+    return rows
 
 
 def _track(run: _Run, summary: dict[str, Any], files: dict[str, Path]) -> None:
@@ -486,6 +534,9 @@ def _track(run: _Run, summary: dict[str, Any], files: dict[str, Path]) -> None:
                   for k, vs in data["trajectory"].items()}
         for j, task in enumerate(summary["tasks"]):
             series[f"task/{task}"] = [(i, row[j]) for i, row in enumerate(data["R"])]
+        for measure, changes in (data.get("heldout_change") or {}).items():
+            series[f"heldout_change/{measure}"] = [(i, c["value"]) for i, c in
+                                                   enumerate(changes, start=1) if c]
         params = {"model": run.config.model, "tasks": summary["tasks"], "train": keys,
                   "eval": run.config.eval.model_dump()}
         artifacts = [files["markdown"], files[f"heatmap_{name}"], files["heldout"]]
@@ -528,7 +579,7 @@ def _continual(config: ContinualConfig, callbacks: list | None, track: bool) -> 
     (run.out / "continual.json").unlink(missing_ok=True)
     base = run.base_result()
     per_method = {name: run.run_method(name, keys) for name, keys in run.methods}
-    summary = summarize(base, per_method, run.stages)
+    summary = summarize(base, per_method, run.stages, list(config.eval.suite))
     files = write_report(summary, run.out)
     if track:
         _track(run, summary, files)

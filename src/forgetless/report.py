@@ -19,7 +19,30 @@ PLOTS = {
     "tradeoff": "learning_vs_forgetting.png",
     "drift": "drift_heatmap.png",
     "loss": "loss_curves.png",
+    "coverage": "update_coverage.png",
 }
+# Held-out forgetting measures a report can lead with (``report.forgetting_measure``):
+# accuracy in points, or the continuous per-item twins from ``forgetless.eval`` in nats.
+MEASURES = ("accuracy", "gold_logprob", "margin")
+CONTINUOUS = ("gold_logprob", "margin")
+_LABEL = {"accuracy": "acc", "gold_logprob": "gold log-prob", "margin": "margin"}
+_UNIT = {"accuracy": "pts", "gold_logprob": "nats", "margin": "nats"}
+
+
+def forgetting_measure(results: dict) -> str:
+    """The measure the headline table and the Pareto plot use (``accuracy`` for old results)."""
+    measure = ((results.get("config") or {}).get("report") or {}).get("forgetting_measure")
+    return measure if measure in MEASURES else "accuracy"
+
+
+def heldout_delta(item: dict, measure: str, task: str | None = None) -> dict | None:
+    """An entry's paired held-out change in ``measure`` on ``task`` (None: the suite average)."""
+    part = item["heldout"].get(task) if task else item.get("heldout_avg")
+    if not part:
+        return None
+    if measure == "accuracy":
+        return part.get("delta")
+    return (part.get(measure) or {}).get("delta")
 
 
 # --- results.json ---------------------------------------------------------------------------
@@ -37,16 +60,31 @@ def summarize(result, base, suite: list[str], target: str | None) -> dict[str, A
     from forgetless.eval.stats import combine_means
 
     out: dict[str, Any] = {"heldout": {}, "target": None, "drift": {}, "param_drift": None}
-    deltas = []
+    deltas: dict[str, list] = {measure: [] for measure in MEASURES}
     for task in suite:
         delta = paired_difference(base, result, task) if base is not None else None
         out["heldout"][task] = {"acc": result.metrics[f"{task}/acc"].to_dict(),
                                 "delta": _metric(delta) if delta else None}
         if delta:
-            deltas.append(delta)
+            deltas["accuracy"].append(delta)
+        for measure in CONTINUOUS:  # absent from results measured before METRICS_VERSION 3
+            if f"{task}/{measure}" not in result.metrics:
+                continue
+            delta = paired_difference(base, result, task, measure) if base is not None else None
+            out["heldout"][task][measure] = {
+                "value": result.metrics[f"{task}/{measure}"].to_dict(),
+                "delta": _metric(delta) if delta else None}
+            if delta:
+                deltas[measure].append(delta)
     if "heldout/acc" in result.metrics:
         out["heldout_avg"] = {"acc": result.metrics["heldout/acc"].to_dict(),
-                              "delta": _metric(combine_means(deltas)) if deltas else None}
+                              "delta": _metric(combine_means(deltas["accuracy"]))
+                              if deltas["accuracy"] else None}
+        for measure in CONTINUOUS:
+            if f"heldout/{measure}" in result.metrics:
+                out["heldout_avg"][measure] = {
+                    "value": result.metrics[f"heldout/{measure}"].to_dict(),
+                    "delta": _metric(combine_means(deltas[measure])) if deltas[measure] else None}
     if target:
         delta = paired_difference(base, result, target) if base is not None else None
         out["target"] = {
@@ -85,6 +123,8 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
                      "last_loss", "loss_history")},
                  "mlflow_run_id": record.get("mlflow_run_id"),
                  **summarize(tuned, base_eval, suite, target)}
+        # moved / ever-moved share per measured step (forgetless.updates), if recorded
+        entry["train"]["updates"] = (metrics.get("update_analytics") or {}).get("history")
         entry["interpolation"] = [
             {"lambda": float(lam),
              **summarize(EvalResult.load(folder / file), base_eval, suite, target)}
@@ -101,6 +141,10 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
                 "heldout_avg": (versus.get("heldout_avg") or {}).get("delta"),
                 "heldout": {task: versus["heldout"][task]["delta"] for task in suite},
                 "target": (versus["target"] or {}).get("delta"),
+                # the continuous measures, by measure: {"avg": delta, "<task>": delta}
+                "measures": {measure: {"avg": heldout_delta(versus, measure),
+                                       **{t: heldout_delta(versus, measure, t) for t in suite}}
+                             for measure in CONTINUOUS},
             }
         entries.append(entry)
     sizes = {task: base_eval.metrics[f"{task}/acc"].n for task in suite}
@@ -134,6 +178,28 @@ def _pts(metric: dict | None) -> str:
     return f"{value}{star} [{100 * metric['ci_low']:+.1f}, {100 * metric['ci_high']:+.1f}]"
 
 
+def _nats(metric: dict | None) -> str:
+    """A change in nats with its 95% CI; ``*`` marks CIs that exclude 0."""
+    if not metric:
+        return "–"
+    value = f"{metric['value']:+.3f}"
+    if _nan(metric.get("ci_low")):
+        return value
+    star = "*" if metric.get("significant") else ""
+    return f"{value}{star} [{metric['ci_low']:+.3f}, {metric['ci_high']:+.3f}]"
+
+
+def _change(metric: dict | None, measure: str) -> str:
+    return _pts(metric) if measure == "accuracy" else _nats(metric)
+
+
+def _column(measure: str, task: str | None = None) -> str:
+    """Header of a held-out change column, e.g. ``Δ arc_easy gold log-prob (nats)``."""
+    where = task or "held-out avg"
+    label = "" if measure == "accuracy" else f" {_LABEL[measure]}"
+    return f"Δ {where}{label} ({_UNIT[measure]})"
+
+
 def _num(value: float | None, fmt: str = ".3f") -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else (
         format(value, fmt))
@@ -159,6 +225,10 @@ def base_table(results: dict) -> tuple[list[str], list[list[str]]]:
         rows.append([f"{task} acc %", *_abs(base["heldout"][task]["acc"])])
     if base.get("heldout_avg"):
         rows.append(["held-out avg acc %", *_abs(base["heldout_avg"]["acc"])])
+        for measure in CONTINUOUS:
+            if measure in base["heldout_avg"]:
+                rows.append([f"held-out avg {_LABEL[measure]} (nats)",
+                             *_abs_nats(base["heldout_avg"][measure]["value"])])
     if results["target"]:
         rows.append([f"{results['target']} exact match %", *_abs(base["target"]["exact_match"])])
     return ["base model", "value", "95% CI", "n"], rows
@@ -170,19 +240,37 @@ def _abs(metric: dict) -> list[str]:
     return [f"{100 * metric['value']:.1f}", ci, str(metric["n"])]
 
 
+def _abs_nats(metric: dict) -> list[str]:
+    ci = "–" if _nan(metric["ci_low"]) else f"[{metric['ci_low']:.3f}, {metric['ci_high']:.3f}]"
+    return [f"{metric['value']:.3f}", ci, str(metric["n"])]
+
+
 def _nan(value: float | None) -> bool:
     return value is None or math.isnan(value)
 
 
+def _second_measure(results: dict) -> str | None:
+    """The other measure shown beside the headline one: accuracy when a continuous measure
+    leads, the gold log-probability when accuracy leads (None: results without it)."""
+    measure = forgetting_measure(results)
+    if measure != "accuracy":
+        return "accuracy"
+    has = any(heldout_delta(e, "gold_logprob") for e in results["methods"])
+    return "gold_logprob" if has else None
+
+
 def main_table(results: dict) -> tuple[list[str], list[list[str]]]:
-    """Per method (and interpolation point): target gain, held-out change (avg + per task),
-    drift and cost, all relative to the base."""
+    """Per method (and interpolation point): target gain, held-out change in the report's
+    forgetting measure (avg + per task; the other measure's average beside it), drift and cost,
+    all relative to the base."""
     target, suite = results["target"], results["suite"]
+    measure, second = forgetting_measure(results), _second_measure(results)
     header = ["method"]
     if target:
         header += [f"{target} EM %", f"Δ {target} (pts)"]
-    header += ["Δ held-out avg (pts)", *[f"Δ {task} (pts)" for task in suite],
-               "KL drift (nats/tok)", "Δ number mass", "trainable params",
+    header += [_column(measure), *[_column(measure, task) for task in suite]]
+    header += [_column(second)] if second else []
+    header += ["KL drift (nats/tok)", "Δ number mass", "trainable params",
                "optimizer state", "train time"]
     rows = []
     for entry in results["methods"]:
@@ -197,15 +285,20 @@ def versus_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
     if not later:
         return None
     reference, target = later[0]["vs_reference"]["reference"], results["target"]
+    measure = forgetting_measure(results)
     header = [f"method − {reference}"]
     header += [f"Δ {target} (pts)"] if target else []
-    header += ["Δ held-out avg (pts)", *[f"Δ {task} (pts)" for task in results["suite"]]]
+    header += [_column(measure), *[_column(measure, task) for task in results["suite"]]]
     rows = []
     for entry in later:
         versus = entry["vs_reference"]
         row = [entry["name"]] + ([_pts(versus["target"])] if target else [])
-        row.append(_pts(versus["heldout_avg"]))
-        row += [_pts(versus["heldout"][task]) for task in results["suite"]]
+        if measure == "accuracy":
+            changes = [versus["heldout_avg"], *[versus["heldout"][t] for t in results["suite"]]]
+        else:
+            by_task = (versus.get("measures") or {}).get(measure) or {}
+            changes = [by_task.get("avg"), *[by_task.get(t) for t in results["suite"]]]
+        row += [_change(change, measure) for change in changes]
         rows.append(row)
     return header, rows
 
@@ -215,8 +308,11 @@ def _row(results: dict, item: dict, entry: dict) -> list[str]:
     if results["target"]:
         target = item["target"]
         row += [f"{100 * target['exact_match']['value']:.1f}", _pts(target["delta"])]
-    row.append(_pts((item.get("heldout_avg") or {}).get("delta")))
-    row += [_pts(item["heldout"][task]["delta"]) for task in results["suite"]]
+    measure, second = forgetting_measure(results), _second_measure(results)
+    row.append(_change(heldout_delta(item, measure), measure))
+    row += [_change(heldout_delta(item, measure, task), measure) for task in results["suite"]]
+    if second:
+        row.append(_change(heldout_delta(item, second), second))
     drift = item.get("drift") or {}
     kl = drift.get("kl")
     row.append(f"{kl['value']:.4f} ± {kl['stderr']:.4f}" if kl else "–")
@@ -235,6 +331,20 @@ def _row(results: dict, item: dict, entry: dict) -> list[str]:
     else:
         row += ["–", "–", "–"]
     return row
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell, for a terminal."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+                     for row in [header, *rows])
+
+
+def summary_text(results: dict) -> str:
+    """The headline table (changes vs the base) as plain text: what ``compare`` prints last."""
+    header, rows = main_table(results)
+    keep = [i for i, h in enumerate(header) if h not in ("optimizer state", "Δ number mass")]
+    return text_table([header[i] for i in keep], [[row[i] for i in keep] for row in rows])
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -267,6 +377,14 @@ def _settings(results: dict) -> list[str]:
         "Δ = tuned − base on the same items, in percentage points, with a paired-bootstrap 95% "
         "CI; `*` (bold in HTML) = the CI excludes 0, i.e. a significant change. The held-out "
         "average Δ pools the per-task paired SEs (normal CI).",
+        "held-out forgetting measure: " + {
+            "accuracy": "accuracy (pts)",
+            "gold_logprob": "gold log-prob = log-probability of the right choice among the "
+                            "choices (log-softmax of their log-likelihoods), nats per item",
+            "margin": "margin = log-likelihood of the right choice minus the best wrong one, "
+                      "nats per item",
+        }[forgetting_measure(results)] + " (`report.forgetting_measure`); the continuous "
+        "measures move before an answer flips, so their paired CIs are much narrower.",
         "KL drift = KL(base ‖ tuned) per token on held-out prompts (± SE); Δ number mass = "
         "change of the probability put on number tokens on those prompts, paired per prompt "
         "(± SE; arXiv 2510.08564).",
@@ -296,7 +414,7 @@ def plot_tradeoff(results: dict, path: Path) -> None:
     """Learning (target gain) vs forgetting (held-out change), with CIs and the Pareto front."""
     import matplotlib.pyplot as plt
 
-    target = results["target"]
+    target, measure = results["target"], forgetting_measure(results)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     cmap = plt.get_cmap("tab10")
     labels, points = ["base"], [(0.0, 0.0)]
@@ -305,7 +423,7 @@ def plot_tradeoff(results: dict, path: Path) -> None:
         color = cmap(i % 10)
         path_x, path_y = [0.0], [0.0]
         for point in [*entry["interpolation"], entry]:
-            x, y, xerr, yerr = _coords(point, target)
+            x, y, xerr, yerr = _coords(point, target, measure)
             path_x.append(x)
             path_y.append(y)
             labels.append(_label(entry, None if point is entry else point))
@@ -333,7 +451,9 @@ def plot_tradeoff(results: dict, path: Path) -> None:
                     xytext=(6, 8 if k % 2 == 0 else -14), fontsize=8)
     ax.axhline(0, color="black", linewidth=0.5)
     ax.axvline(0, color="black", linewidth=0.5)
-    ax.set_xlabel("held-out accuracy change vs base (pts, avg over suite) → less forgetting")
+    what = "accuracy" if measure == "accuracy" else _LABEL[measure]
+    ax.set_xlabel(f"held-out {what} change vs base ({_UNIT[measure]}, avg over suite) "
+                  "→ less forgetting")
     ax.set_ylabel(f"{target} exact-match gain (pts) → more learning" if target
                   else "target gain (no target task)")
     ax.set_title("Learning vs forgetting (bars: paired 95% CI)")
@@ -344,16 +464,19 @@ def plot_tradeoff(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _coords(point: dict, target: str | None) -> tuple[float, float, Any, Any]:
-    def value_and_err(metric: dict | None) -> tuple[float, Any]:
+def _coords(point: dict, target: str | None,
+            measure: str = "accuracy") -> tuple[float, float, Any, Any]:
+    def value_and_err(metric: dict | None, scale: float = 100.0) -> tuple[float, Any]:
         if not metric:
             return 0.0, None
-        v = 100 * metric["value"]
+        v = scale * metric["value"]
         if _nan(metric["ci_low"]):
             return v, None
-        return v, [[max(0.0, v - 100 * metric["ci_low"])], [max(0.0, 100 * metric["ci_high"] - v)]]
+        return v, [[max(0.0, v - scale * metric["ci_low"])],
+                   [max(0.0, scale * metric["ci_high"] - v)]]
 
-    x, xerr = value_and_err((point.get("heldout_avg") or {}).get("delta"))
+    # accuracy in points; the continuous measures stay in nats
+    x, xerr = value_and_err(heldout_delta(point, measure), 100.0 if measure == "accuracy" else 1.0)
     y, yerr = value_and_err(point["target"]["delta"] if target and point["target"] else None)
     return x, y, xerr, yerr
 
@@ -421,6 +544,35 @@ def plot_losses(results: dict, path: Path) -> bool:
     return drawn
 
 
+def plot_coverage(results: dict, path: Path) -> bool:
+    """Share of trainable coordinates ever moved from θ₀ over the steps (solid), and moved in
+    the measured step (dotted), one colour per method. False when no run recorded them."""
+    import matplotlib.pyplot as plt
+
+    entries = [e for e in results["methods"] if (e.get("train") or {}).get("updates")]
+    if not entries:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    cmap = plt.get_cmap("tab10")
+    for i, entry in enumerate(entries):
+        history = entry["train"]["updates"]
+        steps = [h["step"] for h in history]
+        ax.plot(steps, [100 * h["moved_ever"] for h in history], marker=".", color=cmap(i % 10),
+                label=f"{entry['name']} (ever moved)")
+        ax.plot(steps, [100 * h["moved"] for h in history], ":", color=cmap(i % 10),
+                label=f"{entry['name']} (this step)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("% of trainable coordinates")
+    ax.set_ylim(0, 102)
+    ax.set_title("Update coverage: coordinates moved from θ₀ (solid) and per step (dotted)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 # --- writing --------------------------------------------------------------------------------
 
 
@@ -433,7 +585,8 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = {}
-    for kind, draw in (("tradeoff", plot_tradeoff), ("drift", plot_drift), ("loss", plot_losses)):
+    for kind, draw in (("tradeoff", plot_tradeoff), ("drift", plot_drift), ("loss", plot_losses),
+                       ("coverage", plot_coverage)):
         path = out / PLOTS[kind]
         if draw(results, path) is not False:
             images[kind] = path
@@ -443,7 +596,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     base_header, base_rows = base_table(results)
     settings = _settings(results)
     captions = {"tradeoff": "Learning vs forgetting", "drift": "Where the weights moved",
-                "loss": "Training loss"}
+                "loss": "Training loss", "coverage": "Update coverage"}
     title = f"forgetless compare: {results['model']} → {results['target'] or 'no target'}"
     md = [f"# {title}", "", *[f"- {line}" for line in settings], "",
           md_table(base_header, base_rows), "", md_table(header, rows), ""]

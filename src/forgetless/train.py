@@ -35,6 +35,8 @@ from forgetless.methods import MethodOptions, merge_lora, prepare_model
 from forgetless.models import load_model
 from forgetless.monitor import install_monitors
 from forgetless.optim.zero import ZeroLayoutCallback
+from forgetless.progress import use_loss_progress
+from forgetless.updates import install_update_analytics
 
 
 @dataclass
@@ -203,6 +205,13 @@ def _training_arguments(
     )
 
 
+def _run_label(config: TrainConfig) -> str:
+    """The progress bar's name: the method, and the run folder when it says more (compare's
+    ``runs/<name>``, continual's ``stage2-sums``)."""
+    folder = Path(config.output_dir).name
+    return config.method if folder in (config.method, "train") else f"{folder} ({config.method})"
+
+
 def _check_model_name(name: str) -> None:
     """A missing model folder or file fails now; aliases and GGUF files resolve (and convert,
     once) only when the model loads."""
@@ -305,7 +314,10 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
     distributed = trainer.accelerator.num_processes > 1
     if distributed and config.save_model and config.merge_lora:
         raise ForgetlessError("merge_lora under accelerate launch: train, then merge in 1 process")
+    use_loss_progress(trainer, _run_label(config))  # one bar with the loss, not log dicts
     monitors = install_monitors(trainer, config)  # ForgettingMonitor, if asked for
+    # UpdateAnalytics compare whole tensors: not with FSDP / DeepSpeed shards
+    analytics = [] if sharded else install_update_analytics(trainer, config)
     # Only a complete checkpoint counts; a fresh run clears old ones (they would be overwritten
     # one by one, and a kill in between would leave two runs' files in one checkpoint).
     resume = runs.resume_checkpoint(trainer_dir) if config.resume else None
@@ -355,6 +367,7 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
         "device": str(trainer.args.device),
         "dtype": dtype_name(dtype),
         "monitor": [monitor.summary() for monitor in monitors],
+        "update_analytics": analytics[0].summary() if analytics else None,
     }
     if trainer.is_world_process_zero():
         fault_point("train.metrics")

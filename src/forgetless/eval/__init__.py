@@ -9,7 +9,8 @@ Stable API (other modules and users build on it)::
                       drift_prompts=None, batch_size=16, num_fewshot=None)
     result.metrics["arc_easy/acc"]      # Metric(value, stderr, ci_low, ci_high, n)
     result.per_item["arc_easy"]         # [{id, pred, gold, correct, pred_norm, correct_norm,
-                                        #   loglikelihoods}, ...] for paired tests
+                                        #   loglikelihoods, gold_logprob, margin}, ...]
+                                        #   for paired tests
     result.param_drift                  # {rows, by_layer, by_type, total} when base given
     result.save("result.json"); EvalResult.load("result.json")   # atomic JSON round trip
 
@@ -18,6 +19,11 @@ Metric names:
 * ``<task>/acc``, ``<task>/acc_norm`` - held-out multiple choice, scored as lm-eval-harness
   does (sum log-likelihood of each choice; ``acc_norm`` divides by the choice's character
   length); ``heldout/acc`` is the unweighted mean of the suite's ``acc``.
+* ``<task>/gold_logprob``, ``<task>/margin`` - continuous, per-item twins of ``acc`` (nats):
+  the gold choice's log-probability among the choices (log-softmax over the choices'
+  log-likelihoods, as ``acc`` compares them) and its lead over the best wrong choice (> 0 iff
+  correct). They move before an argmax flips, so paired base-vs-model differences separate
+  methods with far fewer items; ``heldout/gold_logprob`` and ``heldout/margin`` average them.
 * ``<target>/exact_match``, ``<target>/answer_nll`` (mean NLL per reference-answer token),
   ``<target>/answer_ppl`` - the target task, greedy generation with the chat template.
 * ``drift/kl`` (KL(base || tuned), nats/token), ``drift/top1_agreement``,

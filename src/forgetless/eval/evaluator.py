@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import sys
 import time
@@ -17,7 +18,12 @@ from forgetless.errors import ForgetlessError
 from forgetless.eval.drift import kl_and_number_mass, param_drift
 from forgetless.eval.result import METRICS_VERSION, EvalResult
 from forgetless.eval.scoring import check_model_tokenizer, score_requests
-from forgetless.eval.stats import bootstrap_metric, combine_means, proportion_metric
+from forgetless.eval.stats import (
+    bootstrap_metric,
+    combine_means,
+    mean_metric,
+    proportion_metric,
+)
 from forgetless.eval.targets import Target, answer_nll, generate_greedy, get_target
 from forgetless.eval.tasks import LoadedTask, TaskSpec, load_spec, load_task
 
@@ -25,6 +31,8 @@ DEFAULT_SUITE = ("arc_easy", "piqa")
 FULL_SUITE = ("arc_easy", "piqa", "mmlu", "winogrande")
 DEFAULT_LIMIT = 200
 DEFAULT_DRIFT_PROMPTS = 64
+# Per-task held-out measures, each also averaged over the suite as ``heldout/<measure>``.
+HELDOUT_MEASURES = ("acc", "gold_logprob", "margin")
 
 
 def evaluate(
@@ -52,7 +60,7 @@ def evaluate(
     provenance = _provenance(model, model_name, base_model, base_name, seed, limit, num_fewshot)
     provenance["tasks"] = {}
     loaded_tasks = []
-    accuracies = []
+    pooled: dict[str, list] = {measure: [] for measure in HELDOUT_MEASURES}
     for entry in suite:
         spec = load_spec(entry)
         task_limit = limit.get(spec.name, DEFAULT_LIMIT) if isinstance(limit, Mapping) else limit
@@ -62,13 +70,15 @@ def evaluate(
         _progress(f"{spec.name}: {len(records)} items", started)
         result.per_item[spec.name] = records
         result.metrics.update(metrics)
-        accuracies.append(metrics[f"{spec.name}/acc"])
+        for measure in HELDOUT_MEASURES:
+            pooled[measure].append(metrics[f"{spec.name}/{measure}"])
         provenance["tasks"][spec.name] = {
             "split": spec.split, "available": loaded.total, "n": len(loaded.items),
             "limit": task_limit, "num_fewshot": num_fewshot or 0, "files": loaded.files,
         }
-    if accuracies:
-        result.metrics["heldout/acc"] = combine_means(accuracies)
+    for measure, per_task in pooled.items():
+        if per_task:
+            result.metrics[f"heldout/{measure}"] = combine_means(per_task)
     if target is not None:
         name, records, metrics, info = _score_target(
             model, tokenizer, get_target(target), target_limit, seed, batch_size
@@ -108,8 +118,24 @@ def default_drift_prompts(
     return prompts[:n]
 
 
+def choice_measures(lls: np.ndarray, gold: int) -> tuple[float, float]:
+    """(gold log-probability among the choices, margin over the best wrong choice), in nats.
+
+    Continuous twins of ``correct``: the choices' log-likelihoods are log-softmaxed over the
+    choices (the normalisation ``acc`` uses: raw sums, no length division), so a model that grows
+    less sure of the right answer shows it before any argmax flips. ``margin > 0`` iff correct.
+    """
+    lls = np.asarray(lls, dtype=np.float64)
+    top = lls.max()
+    log_total = top + np.log(np.exp(lls - top).sum())
+    wrong = np.delete(lls, gold)
+    margin = float(lls[gold] - wrong.max()) if wrong.size else math.nan
+    return float(lls[gold] - log_total), margin
+
+
 def score_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
-    """Per-item records and ``<task>/acc`` (+ ``acc_norm``) Metrics for one loaded task."""
+    """Per-item records and ``<task>/acc`` (+ ``acc_norm``), ``gold_logprob`` and ``margin``
+    Metrics for one loaded task."""
     name = loaded.spec.name
     if not loaded.items:
         raise ForgetlessError(f"task '{name}' has no items")
@@ -121,14 +147,18 @@ def score_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
         offset += len(item.requests)
         pred = int(np.argmax(lls))
         pred_norm = int(np.argmax(lls / np.array(item.norm_lengths, dtype=np.float64)))
+        gold_logprob, margin = choice_measures(lls, item.gold)
         records.append({
             "id": item.id, "pred": pred, "gold": item.gold, "correct": int(pred == item.gold),
             "pred_norm": pred_norm, "correct_norm": int(pred_norm == item.gold),
             "loglikelihoods": [round(float(x), 5) for x in lls],
+            "gold_logprob": round(gold_logprob, 6), "margin": round(margin, 6),
         })
     metrics = {f"{name}/acc": proportion_metric([r["correct"] for r in records])}
     if "acc_norm" in loaded.spec.metrics:
         metrics[f"{name}/acc_norm"] = proportion_metric([r["correct_norm"] for r in records])
+    metrics[f"{name}/gold_logprob"] = mean_metric([r["gold_logprob"] for r in records])
+    metrics[f"{name}/margin"] = mean_metric([r["margin"] for r in records])
     return records, metrics
 
 

@@ -19,14 +19,17 @@ from forgetless.eval.stats import Metric
 
 # Bump when the evaluator records new or changed metrics: ``compare`` re-evaluates (never
 # retrains) results measured by an older version, so one report never mixes metric sets.
-# 1: first release; 2: paired per-prompt number-mass change with a standard error.
-METRICS_VERSION = 2
+# 1: first release; 2: paired per-prompt number-mass change with a standard error;
+# 3: per-item gold log-probability among the choices and margin (``<task>/gold_logprob``,
+# ``<task>/margin``, their ``heldout/`` means).
+METRICS_VERSION = 3
 
 
 @dataclass
 class EvalResult:
     """``metrics``: name -> Metric (e.g. ``arc_easy/acc``, ``drift/kl``); ``per_item``: task ->
-    records with ``id``, ``pred``, ``gold``, ``correct``; ``param_drift``: see ``ParamDrift``."""
+    records with ``id``, ``pred``, ``gold``, ``correct`` (multiple choice also ``gold_logprob``,
+    ``margin``; targets ``nll``, ``tokens``); ``param_drift``: see ``ParamDrift``."""
 
     metrics: dict[str, Metric] = field(default_factory=dict)
     per_item: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -85,8 +88,9 @@ class EvalResult:
 def paired_difference(
     before: EvalResult, after: EvalResult, task: str, field_name: str = "correct"
 ) -> Metric:
-    """``after - before`` on ``task``'s per-item ``field_name`` (``correct``, ``correct_norm``)
-    over the item ids both runs scored: paired SE and paired-bootstrap 95% CI.
+    """``after - before`` on ``task``'s per-item ``field_name`` (``correct``, ``correct_norm``,
+    ``gold_logprob``, ``margin``; a target's ``nll``) over the item ids both runs scored:
+    paired SE and paired-bootstrap 95% CI.
 
     Use it to judge "dropped by more than X points": the drop is significant when
     ``ci_high < -X`` (in fraction units, e.g. X = 0.02 for two points).
@@ -95,6 +99,12 @@ def paired_difference(
 
     if task not in before.per_item or task not in after.per_item:
         raise ForgetlessError(f"task '{task}' is missing from one of the results")
+    for which in (before, after):
+        if any(field_name not in r for r in which.per_item[task]):
+            raise ForgetlessError(
+                f"'{task}' items have no '{field_name}' in one of the results: it was measured "
+                "by an older evaluator; evaluate again"
+            )
     old = {r["id"]: r[field_name] for r in before.per_item[task]}
     pairs = [(old[r["id"]], r[field_name]) for r in after.per_item[task] if r["id"] in old]
     if not pairs:

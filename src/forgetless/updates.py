@@ -1,0 +1,177 @@
+"""``UpdateAnalytics``: where and how much the weights move while a run trains.
+
+Methods differ in *which* coordinates they let move (MoFO: a top-k share per step; LoRA and
+module presets: some tensors only; full: everything), and that is the mechanism behind how much
+they forget. Every ``every`` optimizer steps (and at the first and the last) this callback logs,
+per module type (q, k, v, o, gate, up, down, embed, norm, lm_head, ...; ``.lora`` for adapters),
+per layer and in total, over the trainable tensors:
+
+* ``moved``: share of coordinates that changed in this optimizer step (a snapshot taken just
+  before the step is compared with the weights just after it: exact for every optimizer,
+  MoFO's masked step included, and ~100% for AdamW on a trained tensor);
+* ``moved_ever``: share of coordinates that ever differed from θ₀ at a measured step (a bool
+  mask per trainable tensor; a coordinate that leaves θ₀ and returns exactly between two
+  measurements is missed);
+* ``rms``: root mean square of this step's update;
+* ``drift``: ‖θ − θ₀‖ / ‖θ₀‖ (0 for a group whose θ₀ is all zeros, e.g. LoRA's B alone).
+
+Values go through ``Trainer.log`` (TensorBoard, MLflow see them live) as
+``updates/<measure>/<total|type/<t>|layer/<l>>``; ``summary()`` (in ``metrics.json``) keeps the
+history of totals and the last per-type values for compare's coverage plot. Memory: one copy of
+the trainable weights (θ₀) and a bool per trainable coordinate, plus a transient copy at a
+measured step. Cost: docs/performance.md (``bench/update_analytics.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from forgetless.errors import ForgetlessError
+
+MEASURES = ("moved", "moved_ever", "rms", "drift")
+# (substring of the parameter name, short module type), first match wins
+_TYPES = (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o"),
+          ("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"),
+          ("embed", "embed"), ("lm_head", "lm_head"), ("norm", "norm"))
+
+
+def module_type(name: str) -> str:
+    """Short module type of a parameter name: ``q`` ... ``lm_head``, ``other``; LoRA adapter
+    weights get ``.lora`` (``q.lora``), so they are not mixed with frozen base weights."""
+    kind = next((short for key, short in _TYPES if key in name), "other")
+    return f"{kind}.lora" if "lora_" in name else kind
+
+
+def layer_of(name: str) -> str:
+    """The decoder layer index in a parameter name, or ``other`` (embeddings, final norm)."""
+    return next((part for part in name.split(".") if part.isdigit()), "other")
+
+
+class UpdateAnalytics(TrainerCallback):
+    """Trainer callback logging the update statistics above every ``every`` optimizer steps."""
+
+    def __init__(self, every: int = 10) -> None:
+        if every < 1:
+            raise ForgetlessError("update analytics: 'every' must be at least 1 step")
+        self.every = every
+        self.trainer = None
+        self.history: list[dict[str, Any]] = []
+        self.seconds = 0.0
+        self._names: list[str] = []
+        self._params: list[torch.Tensor] = []
+        self._start: list[torch.Tensor] = []
+        self._ever: list[torch.Tensor] = []
+        self._start_sq: list[torch.Tensor] = []  # ‖θ₀‖² per tensor, computed once
+        self._before: list[torch.Tensor] | None = None
+        self._pending: dict[str, float] | None = None
+        self._last: dict[str, float] = {}
+
+    def attach(self, trainer) -> UpdateAnalytics:
+        """Add to ``trainer`` (if not yet there) and log through it."""
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self.trainer = trainer
+        return self
+
+    def _due(self, step: int, last: int) -> bool:
+        return step == 1 or step % self.every == 0 or step == last
+
+    # --- Trainer events -------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        started = time.perf_counter()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        with torch.no_grad():  # θ₀ of a resumed run is the resume point's weights
+            self._start = [p.detach().clone() for p in self._params]
+            self._ever = [torch.zeros_like(p, dtype=torch.bool) for p in self._params]
+            self._start_sq = [s.float().pow(2).sum().double() for s in self._start]
+        self.seconds += time.perf_counter() - started
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._due(state.global_step + 1, state.max_steps):
+            started = time.perf_counter()
+            with torch.no_grad():
+                self._before = [p.detach().clone() for p in self._params]
+            self.seconds += time.perf_counter() - started
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._before is None:
+            return
+        started = time.perf_counter()
+        self._pending = self.measure(state.global_step + 1)
+        self._before = None
+        self.seconds += time.perf_counter() - started
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._pending is None:
+            return control
+        values, self._pending = self._pending, None
+        if self.trainer is not None:
+            due = control.should_log  # Trainer.log clears it; the loss log of this step is due
+            self.trainer.log(dict(values))
+            control.should_log = due
+        else:
+            state.log_history.append({**values, "step": state.global_step})
+        return control
+
+    # --- measuring ------------------------------------------------------------------------
+
+    def measure(self, step: int) -> dict[str, float]:
+        """Compare the weights with the pre-step snapshot and θ₀; one host transfer in all."""
+        rows = []
+        with torch.no_grad():
+            for param, before, start, ever, start_sq in zip(
+                    self._params, self._before, self._start, self._ever, self._start_sq,
+                    strict=True):
+                now = param.detach()
+                step_diff = (now - before).float()
+                ever |= now != start
+                rows.append(torch.stack([
+                    (step_diff != 0).sum().double(), ever.sum().double(),
+                    step_diff.pow(2).sum().double(), (now - start).float().pow(2).sum().double(),
+                    start_sq,
+                ]))
+        device = rows[0].device if rows else None
+        sums = torch.stack([r.to(device) for r in rows]).tolist() if rows else []
+        groups: dict[str, list[float]] = {}
+        for name, param, (moved, ever, step_sq, drift_sq, base_sq) in zip(
+                self._names, self._params, sums, strict=True):
+            for key in ("total", f"type/{module_type(name)}", f"layer/{layer_of(name)}"):
+                acc = groups.setdefault(key, [0.0] * 6)
+                for i, v in enumerate((moved, ever, step_sq, drift_sq, base_sq, param.numel())):
+                    acc[i] += v
+        values: dict[str, float] = {}
+        for key, (moved, ever, step_sq, drift_sq, base_sq, numel) in groups.items():
+            values[f"updates/moved/{key}"] = moved / numel
+            values[f"updates/moved_ever/{key}"] = ever / numel
+            values[f"updates/rms/{key}"] = (step_sq / numel) ** 0.5
+            values[f"updates/drift/{key}"] = (drift_sq / base_sq) ** 0.5 if base_sq else 0.0
+        self.history.append({"step": step, **{m: values.get(f"updates/{m}/total", 0.0)
+                                              for m in MEASURES}})
+        self._last = values
+        return values
+
+    def summary(self) -> dict[str, Any]:
+        """For ``metrics.json``: settings, cost, totals per measured step, last per-type values."""
+        last = self._last
+        by_type = {key.split("/", 3)[3]: {m: last[f"updates/{m}/type/{key.split('/', 3)[3]}"]
+                                          for m in MEASURES}
+                   for key in last if key.startswith("updates/moved/type/")}
+        return {"every": self.every, "seconds": round(self.seconds, 3),
+                "trainable_coordinates": sum(p.numel() for p in self._params),
+                "history": self.history, "by_type": by_type}
+
+
+def install_update_analytics(trainer, config) -> list[UpdateAnalytics]:
+    """Add the analytics a ``TrainConfig`` asks for (``update_stats_every``) and bind every
+    ``UpdateAnalytics`` on ``trainer`` so its values go through ``Trainer.log``."""
+    if config.update_stats_every:
+        trainer.add_callback(UpdateAnalytics(every=config.update_stats_every))
+    found = [c for c in trainer.callback_handler.callbacks if isinstance(c, UpdateAnalytics)]
+    return [c.attach(trainer) for c in found]

@@ -1,0 +1,62 @@
+"""Parameter-update analytics: names map to module types and layers; MoFO moves a share of the
+coordinates per step while AdamW moves them all; values reach the Trainer's log."""
+
+import pytest
+from transformers import AutoTokenizer, TrainerCallback
+
+from forgetless.errors import ForgetlessError
+from forgetless.models import resolve_model
+from forgetless.updates import UpdateAnalytics, layer_of, module_type
+from test_train import _train
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+
+
+class _Logs(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append({**logs, "step": state.global_step})
+
+
+def test_names_to_types_and_layers():
+    assert module_type("model.layers.3.self_attn.q_proj.weight") == "q"
+    assert module_type("model.layers.0.mlp.down_proj.weight") == "down"
+    assert module_type("model.layers.1.post_attention_layernorm.weight") == "norm"
+    assert module_type("model.embed_tokens.weight") == "embed"
+    assert module_type("base_model.model.model.layers.0.self_attn.v_proj.lora_A.default.weight") \
+        == "v.lora"
+    assert layer_of("model.layers.12.mlp.up_proj.weight") == "12"
+    assert layer_of("model.norm.weight") == "other"
+    with pytest.raises(ForgetlessError):
+        UpdateAnalytics(every=0)
+
+
+def test_dense_moves_everything_mofo_a_share(tmp_path, tokenizer):
+    full = _train(tmp_path / "full", tokenizer, method="attn", max_steps=4,
+                  update_stats_every=2, save_model=False, logging_steps=1)
+    stats = full.metrics["update_analytics"]
+    assert [h["step"] for h in stats["history"]] == [1, 2, 4]
+    assert stats["by_type"]["q"]["moved"] > 0.99  # AdamW: every coordinate of a trained tensor
+    assert stats["by_type"]["q"]["drift"] > 0 and stats["history"][-1]["rms"] > 0
+    assert set(stats["by_type"]) == {"q", "k", "v", "o"}
+    seen = _Logs()
+    mofo = _train(tmp_path / "mofo", tokenizer, method="attn+mofo", fraction=0.1, max_steps=4,
+                  update_stats_every=2, save_model=False, logging_steps=1, callbacks=[seen])
+    history = mofo.metrics["update_analytics"]["history"]
+    assert all(0.05 < h["moved"] < 0.15 for h in history)  # ~ the MoFO fraction per step
+    ever = [h["moved_ever"] for h in history]
+    assert ever == sorted(ever) and ever[-1] > history[-1]["moved"]
+    logged = [log for log in seen.logs if "updates/moved/total" in log]
+    assert [log["step"] for log in logged] == [1, 2, 4]
+    assert "updates/drift/layer/0" in logged[-1] and "updates/rms/type/q" in logged[-1]
+
+
+def test_off_when_not_asked(tmp_path, tokenizer):
+    result = _train(tmp_path, tokenizer, method="attn", max_steps=1, update_stats_every=None,
+                    save_model=False)
+    assert result.metrics["update_analytics"] is None
