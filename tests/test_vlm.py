@@ -1,0 +1,233 @@
+"""Vision-language models through the same layers as text models: loading (model + processor),
+image-text data and its collator, every method family on the language side with the vision
+tower and projector frozen (or trained when unfrozen), evaluation with images, and bad images
+as one-line errors before any model loads. Tiny random LLaVA and Qwen2.5-VL, 16-pixel images.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from forgetless.data import (
+    IGNORE_INDEX,
+    Example,
+    ImageTextCollator,
+    build_dataset,
+    image_messages,
+    load_examples,
+)
+from forgetless.errors import ForgetlessError
+from forgetless.methods import MethodOptions, prepare_model
+from forgetless.methods.layout import multimodal_parts
+from forgetless.models import is_processor, load_model, text_tokenizer
+from tiny_models import tiny_model
+from tiny_vlm import tiny_processor, tiny_vlm_folder
+
+VLM_ARCHS = ["llava", "qwen2_5_vl"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """A data folder: two small PNGs, a broken one, and rows in both image row forms."""
+    folder = tmp_path_factory.mktemp("images")
+    (folder / "img").mkdir()
+    Image.new("RGB", (20, 20), "red").save(folder / "img" / "red.png")
+    Image.new("RGB", (24, 16), "blue").save(folder / "img" / "blue.png")
+    (folder / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    rows = [
+        {"image": "img/red.png", "prompt": "Color?", "response": "red"},
+        {"images": ["img/blue.png", "img/red.png"], "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                         {"type": "text", "text": "Colors?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "blue, red"}]}]},
+        {"prompt": "No image here", "response": "ok"},
+    ]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return folder
+
+
+def _parts_snapshot(model) -> dict[str, list[torch.Tensor]]:
+    return {key: [p.detach().clone() for p in params]
+            for key, params in multimodal_parts(model).items()}
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def test_load_model_gives_a_vlm_and_its_processor(tmp_path):
+    folder = tiny_vlm_folder(tmp_path / "llava")
+    model, processor = load_model(str(folder), dtype="float32", device="cpu",
+                                  attn_implementation="eager")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert is_processor(processor) and not is_processor(text_tokenizer(processor))
+    assert text_tokenizer(processor).pad_token is not None
+    assert text_tokenizer(text_tokenizer(processor)) is text_tokenizer(processor)
+
+
+# --- methods ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", VLM_ARCHS)
+@pytest.mark.parametrize("method", ["full", "attn", "attn-qkv", "mlp", "mlp-gate-up", "lora",
+                                    "mofo", "attn+mofo", "l2-anchor"])
+def test_every_method_trains_the_language_side_only(arch, method):
+    prepared = prepare_model(tiny_model(arch), method, MethodOptions())
+    parts = multimodal_parts(prepared.model)
+    assert parts["vision"] and parts["projector"]
+    assert not any(p.requires_grad for params in parts.values() for p in params)
+    assert prepared.parts["language"] == prepared.trainable > 0
+    assert "vision frozen, projector frozen" in prepared.summary()
+
+
+@pytest.mark.parametrize("arch", VLM_ARCHS)
+def test_freeze_flags_unfreeze_vision_and_projector(arch):
+    options = MethodOptions(freeze_vision_tower=False, freeze_multi_modal_projector=False,
+                            freeze_language_model=True)
+    prepared = prepare_model(tiny_model(arch), "attn", options)
+    parts = multimodal_parts(prepared.model)
+    assert all(p.requires_grad for params in parts.values() for p in params)
+    assert prepared.parts["language"] == 0
+    assert prepared.parts["vision"] > 0 and prepared.parts["projector"] > 0
+    assert "language frozen" in prepared.summary()
+
+
+def test_freeze_flags_refuse_what_cannot_work():
+    with pytest.raises(ForgetlessError, match="no vision tower"):
+        prepare_model(tiny_model("llama"), "attn", MethodOptions(freeze_vision_tower=False))
+    with pytest.raises(ForgetlessError, match="nothing trains"):
+        prepare_model(tiny_model("llava"), "full", MethodOptions(freeze_language_model=True))
+    with pytest.raises(ForgetlessError, match="not supported"):
+        prepare_model(tiny_model("llava"), "lora",
+                      MethodOptions(freeze_multi_modal_projector=False))
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def test_image_rows_both_forms_paths_relative_to_the_file(images):
+    examples = load_examples(str(images / "train.jsonl"))
+    assert [len(e.images) for e in examples] == [1, 2, 0]
+    assert examples[0].images[0] == images / "img" / "red.png"
+    assert examples[0].messages == image_messages("Color?", "red")
+    assert examples[2].messages[0]["content"] == "No image here"
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"image": "img/missing.png", "prompt": "a", "response": "b"}, "image not found"),
+    ({"image": "img/broken.png", "prompt": "a", "response": "b"}, "unreadable image"),
+    ({"images": ["img/red.png"], "messages": [
+        {"role": "user", "content": "no image part"},
+        {"role": "assistant", "content": "x"}]}, "1 image"),
+    ({"images": "img/red.png", "messages": [{"role": "user", "content": [{"type": "video"}]},
+                                            {"role": "assistant", "content": "x"}]},
+     "content part"),
+    ({"images": [3], "prompt": "a", "response": "b"}, "list of file paths"),
+])
+def test_bad_image_rows_name_file_and_row(images, row, message):
+    path = images / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "fine", "response": "row"}) + "\n" + json.dumps(row))
+    with pytest.raises(ForgetlessError, match=message) as err:
+        load_examples(str(path))
+    assert str(err.value).startswith(f"{path}:2: ")
+
+
+@pytest.mark.parametrize("arch", VLM_ARCHS)
+def test_collator_puts_loss_on_assistant_tokens_only(arch, images):
+    processor = tiny_processor(arch)
+    examples = build_dataset(processor, str(images / "train.jsonl"), seed=0)
+    batch = ImageTextCollator(processor, max_length=512)(examples)
+    tokenizer = text_tokenizer(processor)
+    for row in range(len(examples)):
+        targets = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX]
+        answer = examples[row].messages[-1]["content"]
+        answer = answer if isinstance(answer, str) else answer[0]["text"]
+        assert tokenizer.decode(targets).startswith(answer)  # + the template's newline
+    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert (batch["input_ids"] == image_id).any()
+    assert not (batch["labels"] == image_id).any()
+    with pytest.raises(ForgetlessError, match="image tokens"):
+        ImageTextCollator(processor, max_length=8)(examples)
+
+
+def test_image_data_needs_a_vlm(images):
+    from tiny_vlm import tiny_tokenizer
+
+    with pytest.raises(ForgetlessError, match="vision-language model"):
+        build_dataset(tiny_tokenizer("llava"), str(images / "train.jsonl"))
+
+
+# --- training -----------------------------------------------------------------------------
+
+
+def _train(arch: str, method: str, data: str, out: Path, **overrides):
+    from forgetless.train import train
+
+    return train(model=tiny_model(arch).train(), tokenizer=tiny_processor(arch), data=data,
+                 method=method, max_steps=1, batch_size=3, learning_rate=1e-2,
+                 output_dir=str(out), report_to=[], device="cpu", dtype="float32",
+                 save_model=False, logging_steps=1, **overrides)
+
+
+@pytest.mark.parametrize("arch, method", [
+    ("llava", "full"), ("llava", "attn+mofo"), ("llava", "lora"), ("llava", "l2-anchor"),
+    ("qwen2_5_vl", "mlp-gate-up"),
+])
+def test_one_step_with_images_keeps_vision_and_projector(arch, method, images, tmp_path):
+    base = _parts_snapshot(tiny_model(arch))
+    result = _train(arch, method, str(images / "train.jsonl"), tmp_path)
+    assert result.metrics["steps"] == 1 and result.metrics["first_loss"] > 0
+    after = _parts_snapshot(result.model)
+    assert _same(base["vision"], after["vision"]) and _same(base["projector"], after["projector"])
+
+
+def test_unfrozen_vision_and_projector_train(images, tmp_path):
+    base = _parts_snapshot(tiny_model("llava"))
+    result = _train("llava", "attn", str(images / "train.jsonl"), tmp_path,
+                    freeze_vision_tower=False, freeze_multi_modal_projector=False)
+    after = _parts_snapshot(result.model)
+    assert not _same(base["vision"], after["vision"])
+    assert not _same(base["projector"], after["projector"])
+
+
+def test_bad_image_is_one_line_exit_2_before_the_model_loads(images, tmp_path, monkeypatch,
+                                                              capsys):
+    from forgetless import cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr("forgetless.train.load_model", no_load)
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"image": "nowhere.png", "prompt": "a", "response": "b"}) + "\n")
+    folder = tiny_vlm_folder(tmp_path / "llava")
+    capsys.readouterr()  # saving the folder's progress bars
+    monkeypatch.setattr(sys, "argv", ["forgetless", "train", f"model={folder}", f"data={data}",
+                                      f"output_dir={tmp_path / 'run'}", "max_steps=1"])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"forgetless: error: {data}:1: image not found: {tmp_path / 'nowhere.png'}"]
+
+
+def test_text_rows_train_a_vlm_through_its_processor(tmp_path):
+    rows = tmp_path / "text.jsonl"
+    rows.write_text(json.dumps({"prompt": "2+2?", "response": "4"}) + "\n")
+    result = _train("llava", "attn", str(rows), tmp_path / "run")
+    assert result.metrics["steps"] == 1
+
+
+def test_example_holds_pil_images():
+    example = Example(image_messages("q?", "a"), [Image.new("RGB", (8, 8))])
+    batch = ImageTextCollator(tiny_processor("llava"))([example])
+    assert batch["pixel_values"].shape[0] == 1
