@@ -231,3 +231,113 @@ def test_example_holds_pil_images():
     example = Example(image_messages("q?", "a"), [Image.new("RGB", (8, 8))])
     batch = ImageTextCollator(tiny_processor("llava"))([example])
     assert batch["pixel_values"].shape[0] == 1
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_task(images) -> Path:
+    """A user MC image task (YAML + rows, image paths relative to the task file)."""
+    rows = [{"pic": "img/red.png", "q": "Color?", "options": ["red", "blue"], "answer": 0},
+            {"pic": "img/blue.png", "q": "Color?", "options": ["red", "blue"], "answer": 1}]
+    (images / "colors.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (images / "colors.yaml").write_text(
+        "name: colors\ndata_files: {test: colors.jsonl}\ntext: '{{q}}'\nchoices: options\n"
+        "gold: answer\nimage: pic\nmetrics: [acc]\n")
+    return images / "colors.yaml"
+
+
+@pytest.mark.parametrize("arch", VLM_ARCHS)
+def test_image_mc_task_scores_choices_with_the_image(arch, image_task):
+    """Each choice's log-likelihood equals a hand-built forward pass over processor inputs."""
+    from forgetless.data import image_messages, process, render_multimodal
+    from forgetless.eval import evaluate
+
+    model, processor = tiny_model(arch), tiny_processor(arch)
+    result = evaluate(model, processor, suite=[str(image_task)], limit=None)
+    assert result.metrics["colors/acc"].n == 2
+    record = result.per_item["colors"][0]
+    prompt = render_multimodal(processor, image_messages("Color?", None), True)
+    image = Image.open(image_task.parent / "img" / "red.png").convert("RGB")
+    head = process(processor, [prompt], [[image]])["input_ids"].shape[1]
+    whole = process(processor, [prompt + "blue"], [[image]])
+    with torch.no_grad():
+        logits = model(**whole).logits.log_softmax(-1)[0]
+    ids = whole["input_ids"][0]
+    expected = sum(float(logits[i - 1, ids[i]]) for i in range(head, len(ids)))
+    assert record["loglikelihoods"][1] == pytest.approx(expected, abs=1e-3)
+
+
+def test_image_task_needs_a_processor(image_task):
+    from forgetless.eval import evaluate
+    from tiny_vlm import tiny_tokenizer
+
+    with pytest.raises(ForgetlessError, match="needs a vision-language model"):
+        evaluate(tiny_model("llava"), tiny_tokenizer("llava"), suite=[str(image_task)])
+
+
+def test_bad_image_in_a_task_is_one_line(images, tmp_path):
+    from forgetless.eval import load_spec, load_task
+
+    (tmp_path / "t.jsonl").write_text(json.dumps({"pic": "gone.png", "o": ["a"], "g": 0}) + "\n")
+    (tmp_path / "t.yaml").write_text("name: t\ndata_files: {test: t.jsonl}\ntext: q\n"
+                                     "choices: o\ngold: g\nimage: pic\n")
+    with pytest.raises(ForgetlessError, match=r"task 't' row t:0: image not found"):
+        load_task(load_spec(str(tmp_path / "t.yaml")))
+
+
+@pytest.mark.parametrize("arch", VLM_ARCHS)
+def test_image_target_generates_and_drift_uses_images(arch, image_task):
+    """Greedy generation + exact match on an image target (HH:MM answers), answer NLL, and
+    drift on image prompts (a model against itself: KL 0, full agreement)."""
+    from forgetless.eval import Target, evaluate
+    from forgetless.eval.targets import _image_task_rows, extract_clock
+
+    rows = _image_task_rows("read_clock")()[:3]
+    target = Target("clock3", load=lambda: rows, extract=extract_clock, max_new_tokens=4)
+    model, processor = tiny_model(arch), tiny_processor(arch)
+    result = evaluate(model, processor, suite=[str(image_task)], target=target, limit=None,
+                      base_model=tiny_model(arch), batch_size=2)
+    records = result.per_item["clock3"]
+    assert [r["gold"] for r in records] == [r.answer for r in rows]
+    assert all(len(r["gold"]) == 5 and r["tokens"] > 0 for r in records)
+    assert result.metrics["clock3/answer_nll"].value > 0
+    assert result.metrics["drift/kl"].value == pytest.approx(0.0, abs=1e-6)
+    assert result.metrics["drift/top1_agreement"].value == 1.0
+    assert result.provenance["drift_prompts_n"] == 2
+
+
+def test_drift_leaves_image_positions_out_and_sees_a_changed_model(image_task):
+    from forgetless.eval import kl_and_number_mass
+
+    processor = tiny_processor("llava")
+    picture = Image.open(image_task.parent / "img" / "red.png")
+    prompts = [("Color?", [picture]), "plain text prompt"]
+    drift = kl_and_number_mass(tiny_model("llava", seed=1), tiny_model("llava"), processor,
+                               prompts, batch_size=1)
+    assert drift["kl"].value > 0 and drift["kl"].n == 2
+    with pytest.raises(ForgetlessError, match="processor"):
+        kl_and_number_mass(tiny_model("llava"), tiny_model("llava"),
+                           processor.tokenizer, prompts[:1])
+
+
+def test_extract_clock():
+    from forgetless.eval.targets import extract_clock
+
+    assert extract_clock("It is 3:05.") == "03:05"
+    assert extract_clock("09:45") == "09:45"
+    assert extract_clock("no time") == "no time"
+
+
+def test_builtin_image_task_is_an_mc_task_and_a_target(tmp_path, monkeypatch):
+    from forgetless.eval import get_target, load_spec, load_task
+
+    monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path))
+    loaded = load_task(load_spec("name_shape"), limit=5)
+    assert len(loaded.items) == 5 and all(len(item.images) == 1 for item in loaded.items)
+    assert [len(item.requests) for item in loaded.items] == [4] * 5
+    again = load_task(load_spec("name_shape"), limit=5)  # drawn once, read from the cache
+    assert again.files == loaded.files
+    rows = get_target("count_shapes").load()
+    assert rows and all(len(row.images) == 1 and row.answer.isdigit() for row in rows)
