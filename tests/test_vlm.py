@@ -101,6 +101,49 @@ def test_freeze_flags_unfreeze_vision_and_projector(arch):
     assert "language frozen" in prepared.summary()
 
 
+def _other_vlm(arch: str):
+    """Tiny Idefics3 (SmolVLM), LLaVA-OneVision and Qwen2-VL: structure only (no processor)."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, image_size=16, patch_size=8)
+    torch.manual_seed(0)
+    if arch == "idefics3":
+        return Idefics3ForConditionalGeneration(Idefics3Config(
+            text_config=dict(model_type="llama", **text), vision_config=vision,
+            image_token_id=127, scale_factor=1))
+    if arch == "llava_onevision":
+        return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+            text_config=dict(model_type="qwen2", **text),
+            vision_config=dict(model_type="siglip_vision_model", **vision),
+            image_token_index=127, video_token_index=126))
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2]}
+    return Qwen2VLForConditionalGeneration(Qwen2VLConfig(
+        text_config=dict(rope_parameters=rope, **text),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, patch_size=4,
+                           spatial_merge_size=2)))
+
+
+@pytest.mark.parametrize("arch", ["idefics3", "llava_onevision", "qwen2_vl"])
+def test_other_vlm_families_split_into_language_vision_projector(arch):
+    prepared = prepare_model(_other_vlm(arch), "attn", MethodOptions())
+    assert prepared.parts["language"] == prepared.trainable > 0
+    assert prepared.parts["vision"] == prepared.parts["projector"] == 0
+    unfrozen = prepare_model(_other_vlm(arch), "attn", MethodOptions(
+        freeze_vision_tower=False, freeze_multi_modal_projector=False))
+    assert unfrozen.parts["vision"] > 0 and unfrozen.parts["projector"] > 0
+
+
 def test_freeze_flags_refuse_what_cannot_work():
     with pytest.raises(ForgetlessError, match="no vision tower"):
         prepare_model(tiny_model("llama"), "attn", MethodOptions(freeze_vision_tower=False))
