@@ -480,3 +480,17 @@ def test_continual_runs_a_vlm_through_image_stages(tmp_path, llava_dir, images, 
     continual(config)
     summary = json.loads((tmp_path / "out" / "continual.json").read_text())
     assert len(summary["methods"]["attn"]["R"]) == 3  # base + two stages
+
+
+def test_saved_vlm_lora_adapter_reloads_with_its_processor(tmp_path, llava_dir):
+    """A LoRA run on a VLM folder trained on a built-in image task: the adapter folder loads
+    back on its base as an image-text model with the processor."""
+    from forgetless.train import train
+
+    result = train(model=str(llava_dir), data="name_shape", limit=3, method="lora",
+                   max_steps=1, batch_size=3, output_dir=str(tmp_path / "run"), report_to=[],
+                   device="cpu")
+    assert (result.model_dir / "adapter_config.json").is_file()
+    model, processor = load_model(str(result.model_dir), device="cpu")
+    assert type(model.get_base_model()).__name__ == "LlavaForConditionalGeneration"
+    assert is_processor(processor)
