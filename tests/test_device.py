@@ -240,7 +240,8 @@ def test_compare_shares_device_and_dtype_and_keeps_old_hashes(monkeypatch):
 
     plan = compare.plan_methods(compare.load_compare_config(None, ["methods=[attn]"]))[0]
     new = {"device", "dtype", "fp32_master_weights", "gradient_checkpointing",
-           "attn_implementation"}
+           "attn_implementation", "freeze_vision_tower", "freeze_multi_modal_projector",
+           "freeze_language_model"}
     before = {k: v for k, v in plan.train.model_dump().items()
               if k not in compare._UNHASHED_KEYS and k not in new}
     assert compare.train_hash(plan) == runs.config_hash(before)  # earlier runs stay reusable

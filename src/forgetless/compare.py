@@ -51,7 +51,9 @@ _UNHASHED_KEYS = {"output_dir", "report_to", "logging_steps", "save_steps", "res
                   "gradient_checkpointing", "update_stats_every"}
 # Keys added after compare folders existed: hashed only away from the value earlier runs used
 # (dtype resolved first: "auto" is bfloat16 on a CUDA device), so those runs stay reusable.
-_HASHED_IF_NOT = {"dtype": "float32", "fp32_master_weights": True, "attn_implementation": "sdpa"}
+_HASHED_IF_NOT = {"dtype": "float32", "fp32_master_weights": True, "attn_implementation": "sdpa",
+                  "freeze_vision_tower": True, "freeze_multi_modal_projector": True,
+                  "freeze_language_model": False}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 

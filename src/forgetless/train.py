@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import yaml
 from transformers import (
-    DataCollatorForSeq2Seq,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -27,7 +26,7 @@ from transformers import (
 
 from forgetless import __version__, runs
 from forgetless.config import TrainConfig, load_config
-from forgetless.data import build_dataset, load_conversations
+from forgetless.data import build_dataset, data_collator, load_conversations
 from forgetless.devices import dtype_name, resolve_device, resolve_dtype
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_dir, atomic_write_json, atomic_write_text, fault_point
@@ -123,6 +122,9 @@ def _method_options(config: TrainConfig) -> MethodOptions:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         anchor_weight=config.anchor_weight,
+        freeze_vision_tower=config.freeze_vision_tower,
+        freeze_multi_modal_projector=config.freeze_multi_modal_projector,
+        freeze_language_model=config.freeze_language_model,
     )
 
 
@@ -245,7 +247,7 @@ def train(
         config = load_config(TrainConfig, config, overrides)
 
     resolve_device(config.device)  # a GPU that is not there fails before anything
-    if model is None:  # a bad name or data fails in a second, before a model loads for minutes
+    if model is None:  # a bad name or data (a missing image too) fails before a model loads
         _check_model_name(config.model)
         load_conversations(config.data, "train")
     with runs.RunLock(config.output_dir, "train"):
@@ -304,7 +306,7 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
         model=prepared.model,
         args=_training_arguments(config, trainer_dir, device, dtype),
         train_dataset=dataset,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=data_collator(tokenizer, config.max_length),
         processing_class=tokenizer,
         # ZeroLayoutCallback: MoFO under DeepSpeed ZeRO; _CheckpointMarker: complete checkpoints
         callbacks=[*(callbacks or []), ZeroLayoutCallback(), _CheckpointMarker()],

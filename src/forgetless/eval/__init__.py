@@ -37,6 +37,11 @@ A suite entry is a built-in task name (``builtin_tasks()``), a task YAML path, o
 Targets: ``gsm8k`` built in, a ``.jsonl`` path of prompt/response (or chat ``messages``) rows,
 or anything added with ``register_target(Target(name, load, extract, max_new_tokens))``.
 
+Vision-language models: pass the processor ``load_model`` returns as ``tokenizer``. Image tasks
+(a task's ``image:`` field; the built-in ``count_shapes``, ``read_clock``, ``name_color``,
+``name_shape``), image targets (same names, or image rows in a ``.jsonl``) and drift prompts
+with images then go through the processor; text tasks score as for a text model.
+
 Lower-level pieces: ``kl_and_number_mass``, ``param_drift``, ``number_token_ids``,
 ``paired_difference(before, after, task)`` (paired SE + bootstrap CI of after - before),
 ``score_requests`` (batched continuation log-likelihoods).

@@ -15,6 +15,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +51,60 @@ def number_token_ids(tokenizer) -> list[int]:
     return _NUMBER_IDS_CACHE[key]
 
 
+DriftPrompt = str | tuple[str, Sequence[Any]]  # text, or (text, images) for a VLM
+
+
+def _drift_batches(tokenizer, prompts: Sequence[DriftPrompt], batch_size: int,
+                   max_length: int):
+    """(model inputs, positions to average) per batch. Text prompts are encoded as they are;
+    an image prompt becomes a chat turn with its images, processed by the VLM's processor, and
+    its image-token positions are left out of the average (they predict nothing)."""
+    from forgetless.data import (
+        image_messages,
+        image_token_id,
+        open_image,
+        process,
+        render_multimodal,
+    )
+    from forgetless.models import is_processor, text_tokenizer
+
+    text = text_tokenizer(tokenizer)
+    pad_id = text.pad_token_id if text.pad_token_id is not None else 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        if all(isinstance(p, str) for p in chunk):
+            encoded = [e for e in (text.encode(p)[:max_length] for p in chunk) if e]
+            if not encoded:
+                continue
+            width = max(len(e) for e in encoded)
+            ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, e in enumerate(encoded):
+                ids[r, : len(e)], mask[r, : len(e)] = torch.tensor(e), 1
+            yield {"input_ids": ids, "attention_mask": mask}, mask
+            continue
+        if not is_processor(tokenizer):
+            raise ForgetlessError("drift prompts with images need a vision-language model's "
+                                  "processor")
+        texts, pictures = [], []
+        for prompt in chunk:
+            words, images = (prompt, ()) if isinstance(prompt, str) else prompt
+            texts.append(render_multimodal(tokenizer, image_messages(words, None, len(images)),
+                                           add_generation_prompt=True))
+            pictures.append([open_image(image) for image in images])
+        inputs = dict(process(tokenizer, texts, pictures))
+        mask = inputs["attention_mask"].clone()
+        token = image_token_id(tokenizer)
+        if token is not None:
+            mask[inputs["input_ids"] == token] = 0
+        yield inputs, mask
+
+
 def kl_and_number_mass(
     model,
     base,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[DriftPrompt],
     batch_size: int = 8,
     max_length: int = 256,
 ) -> dict[str, Metric]:
@@ -62,31 +112,29 @@ def kl_and_number_mass(
 
     Returns Metrics over prompts (each prompt's mean over its positions): ``kl`` =
     KL(base || tuned) in nats per token, ``top1_agreement``, ``number_mass`` (tuned),
-    ``number_mass_base`` and their paired difference ``number_mass_change``.
+    ``number_mass_base`` and their paired difference ``number_mass_change``. ``tokenizer`` may
+    be a VLM's processor, and a prompt a ``(text, images)`` pair (see ``_drift_batches``).
     """
+    from forgetless.models import text_tokenizer
+
     if not prompts:
         raise ForgetlessError("drift needs at least one prompt")
     device, base_device = model_device(model), model_device(base)
-    number_ids = torch.tensor(number_token_ids(tokenizer), dtype=torch.long, device=device)
-    encoded = [tokenizer.encode(p)[:max_length] for p in prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    number_ids = torch.tensor(number_token_ids(text_tokenizer(tokenizer)), dtype=torch.long,
+                              device=device)
     per_prompt: dict[str, list[float]] = defaultdict(list)
     states = (model.training, base.training)
     model.eval()
     base.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(encoded), batch_size):
-                chunk = [e for e in encoded[start : start + batch_size] if e]
-                width = max(len(e) for e in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for r, e in enumerate(chunk):
-                    ids[r, : len(e)], mask[r, : len(e)] = torch.tensor(e), 1
-                ids, mask = ids.to(device), mask.to(device)
-                logits_b = base(input_ids=ids.to(base_device),
-                                attention_mask=mask.to(base_device)).logits.to(device)
-                log_t = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            for inputs, mask in _drift_batches(tokenizer, prompts, batch_size, max_length):
+                here = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+                there = {k: v.to(base_device) if torch.is_tensor(v) else v
+                         for k, v in inputs.items()}
+                mask = mask.to(device)
+                logits_b = base(**there).logits.to(device)
+                log_t = F.log_softmax(model(**here).logits.float(), -1)
                 log_b = F.log_softmax(logits_b.float(), -1)
                 if log_t.shape[-1] != log_b.shape[-1]:
                     raise ForgetlessError(

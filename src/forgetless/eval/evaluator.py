@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from forgetless.errors import ForgetlessError
-from forgetless.eval.drift import kl_and_number_mass, param_drift
+from forgetless.eval.drift import DriftPrompt, kl_and_number_mass, param_drift
 from forgetless.eval.result import METRICS_VERSION, EvalResult
-from forgetless.eval.scoring import check_model_tokenizer, score_requests
+from forgetless.eval.scoring import check_model_tokenizer, score_processed, score_requests
 from forgetless.eval.stats import (
     bootstrap_metric,
     combine_means,
@@ -26,6 +26,7 @@ from forgetless.eval.stats import (
 )
 from forgetless.eval.targets import Target, answer_nll, generate_greedy, get_target
 from forgetless.eval.tasks import LoadedTask, TaskSpec, load_spec, load_task
+from forgetless.models import is_processor, text_tokenizer
 
 DEFAULT_SUITE = ("arc_easy", "piqa")
 FULL_SUITE = ("arc_easy", "piqa", "mmlu", "winogrande")
@@ -44,7 +45,7 @@ def evaluate(
     target: str | Target | None = None,
     target_limit: int | None = 100,
     base_model=None,
-    drift_prompts: Sequence[str] | None = None,
+    drift_prompts: Sequence[DriftPrompt] | None = None,
     batch_size: int = 16,
     num_fewshot: int | None = None,
     model_name: str | None = None,
@@ -53,7 +54,9 @@ def evaluate(
     """Score ``model`` on the held-out ``suite``, optionally a ``target`` task and drift from
     ``base_model``. ``limit`` is items per task (an int, or task -> int; None = all), chosen
     with ``seed``. See the package docstring for the metric names. Both models are evaluated
-    where they are (inputs go to their device; nothing moves them) in their own dtype."""
+    where they are (inputs go to their device; nothing moves them) in their own dtype.
+    ``tokenizer`` may be a vision-language model's processor (as ``load_model`` returns it):
+    then tasks, targets and drift prompts with images are scored with their images."""
     check_model_tokenizer(model, tokenizer)
     started = time.perf_counter()
     result = EvalResult()
@@ -109,10 +112,12 @@ def _progress(done: str, started: float) -> None:
 
 def default_drift_prompts(
     tasks: Sequence[LoadedTask], n: int = DEFAULT_DRIFT_PROMPTS
-) -> list[str]:
-    """Held-out contexts (first request of each item), dealt round-robin across tasks."""
-    pools = [[item.requests[0][0] for item in task.items] for task in tasks]
-    prompts: list[str] = []
+) -> list[DriftPrompt]:
+    """Held-out contexts (first request of each item), dealt round-robin across tasks; an
+    image item's context comes with its images."""
+    pools = [[(item.requests[0][0], item.images) if item.images else item.requests[0][0]
+              for item in task.items] for task in tasks]
+    prompts: list[DriftPrompt] = []
     for i in range(max((len(p) for p in pools), default=0)):
         prompts += [pool[i] for pool in pools if i < len(pool)]
     return prompts[:n]
@@ -139,8 +144,7 @@ def score_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
     name = loaded.spec.name
     if not loaded.items:
         raise ForgetlessError(f"task '{name}' has no items")
-    requests = [r for item in loaded.items for r in item.requests]
-    scores = score_requests(model, tokenizer, requests, batch_size=batch_size)
+    scores = _item_scores(model, tokenizer, loaded, batch_size)
     records, offset = [], 0
     for item in loaded.items:
         lls = np.array(scores[offset : offset + len(item.requests)])
@@ -160,6 +164,31 @@ def score_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
     metrics[f"{name}/gold_logprob"] = mean_metric([r["gold_logprob"] for r in records])
     metrics[f"{name}/margin"] = mean_metric([r["margin"] for r in records])
     return records, metrics
+
+
+def _item_scores(model, tokenizer, loaded: LoadedTask, batch_size: int) -> list[float]:
+    """Log-likelihood of every request: text items as lm-eval scores them; image items after a
+    chat turn holding the item's images and context (the VLM's processor builds the inputs)."""
+    from forgetless.data import image_messages, open_image, render_multimodal
+
+    items = loaded.items
+    if not any(item.images for item in items):
+        requests = [r for item in items for r in item.requests]
+        return score_requests(model, text_tokenizer(tokenizer), requests, batch_size=batch_size)
+    if not is_processor(tokenizer):
+        raise ForgetlessError(f"task '{loaded.spec.name}' has images: it needs a "
+                              "vision-language model (one loaded with its processor)")
+    prompts, continuations, pictures = [], [], []
+    for item in items:
+        images = [open_image(path) for path in item.images]
+        for context, continuation in item.requests:
+            prompts.append(render_multimodal(
+                tokenizer, image_messages(context, None, len(images)), add_generation_prompt=True))
+            continuations.append(continuation.lstrip())  # the answer opens the assistant turn
+            pictures.append(images)
+    scored = score_processed(model, tokenizer, prompts, continuations, pictures,
+                             batch_size=max(1, batch_size // 2))
+    return [logprob for logprob, _ in scored]
 
 
 def _score_target(model, tokenizer, target: Target, limit, seed, batch_size):
@@ -188,9 +217,21 @@ def _score_target(model, tokenizer, target: Target, limit, seed, batch_size):
         ),
     }
     info = {"name": name, "available": available,
-            "n": len(rows), "rows_sha256": _sha([r.__dict__ for r in rows]),
+            "n": len(rows), "rows_sha256": _sha([_row_identity(r) for r in rows]),
             "max_new_tokens": target.max_new_tokens}
     return name, records, metrics, info
+
+
+def _row_identity(row) -> dict:
+    """A target row as JSON can hash it: an in-memory image by its pixels, a path as text."""
+    data = dict(row.__dict__)
+    if data.get("images"):
+        data["images"] = [hashlib.sha256(image.tobytes()).hexdigest()
+                          if hasattr(image, "tobytes") else str(image)
+                          for image in data["images"]]
+    else:
+        data.pop("images", None)  # text rows hash as they did before images existed
+    return data
 
 
 def _sha(obj) -> str:

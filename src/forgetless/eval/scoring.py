@@ -21,6 +21,9 @@ from forgetless.errors import ForgetlessError
 
 def check_model_tokenizer(model, tokenizer) -> None:
     """Refuse a tokenizer whose ids the model cannot embed (a mismatched pair scores garbage)."""
+    from forgetless.models import text_tokenizer
+
+    tokenizer = text_tokenizer(tokenizer)
     embeddings = model.get_input_embeddings()
     size = getattr(embeddings, "num_embeddings", None)
     if size is not None and len(tokenizer) > size:
@@ -311,3 +314,44 @@ def _batches(groups: list[_Group], batch_size: int, max_tokens: int):
         rows, width = new_rows, new_width
     if batch:
         yield batch
+
+
+def score_processed(
+    model, processor, prompts: Sequence[str], continuations: Sequence[str],
+    images: Sequence[Sequence], batch_size: int = 8,
+) -> list[tuple[float, int]]:
+    """(sum log p(continuation | prompt, images), continuation tokens) per row, for a VLM.
+
+    ``prompts`` are chat-rendered texts holding the processor's image placeholders; the
+    processor expands them, so a prompt's length is measured after processing (prompt alone,
+    then prompt + continuation; the one-pass KV sharing of ``score_token_pairs`` would have to
+    repeat the image features, and image tasks are small).
+    """
+    from forgetless.data import process
+
+    device = model_device(model)
+    out: list[tuple[float, int]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(prompts), batch_size):
+                span = slice(start, start + batch_size)
+                pictures = [list(group) for group in images[span]]
+                heads = process(processor, list(prompts[span]), pictures)
+                wholes = process(processor, [p + c for p, c in
+                                             zip(prompts[span], continuations[span])], pictures)
+                starts = heads["attention_mask"].sum(-1).tolist()
+                ends = wholes["attention_mask"].sum(-1).tolist()
+                inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in wholes.items()}
+                logits = model(**inputs).logits
+                for row, (first, last) in enumerate(zip(starts, ends)):
+                    if last <= first:
+                        raise ForgetlessError(
+                            f"continuation {continuations[start + row]!r} tokenises to nothing")
+                    target = inputs["input_ids"][row, first:last]
+                    lp = _token_logprobs(logits[row, first - 1 : last - 1], target)
+                    out.append((float(lp.sum()), last - first))
+    finally:
+        model.train(was_training)
+    return out

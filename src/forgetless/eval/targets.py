@@ -14,7 +14,9 @@ answer) and an answer extractor. Registering one takes a few lines::
 A path to a ``.jsonl`` file also works as a target: rows with ``prompt``/``response`` or chat
 ``messages`` (the last assistant message is the response). Prompts go through the tokenizer's
 chat template, matching how the training data module formats GSM8K (user = question,
-assistant = the full ``answer`` text).
+assistant = the full ``answer`` text). A row may carry images (``TargetRow.images``; image rows
+of a ``.jsonl`` as training data writes them; the built-in image tasks ``count_shapes``,
+``read_clock``, ``name_color``, ``name_shape``): a VLM's processor then builds its prompts.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from forgetless.devices import model_device
 from forgetless.errors import ForgetlessError
-from forgetless.eval.scoring import score_token_pairs
+from forgetless.eval.scoring import score_processed, score_token_pairs
 from forgetless.paths import shared_data_dir
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -67,9 +70,10 @@ class TargetRow:
     """One target example: chat prompt, reference response (scored for NLL), final answer."""
 
     id: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     response: str
     answer: str
+    images: tuple[Any, ...] = ()  # paths or PIL images, in the order of the image parts
 
 
 @dataclass(frozen=True)
@@ -115,14 +119,17 @@ def get_target(name_or_path: str | Target) -> Target:
 def load_jsonl_rows(path: Path, extract: Callable[[str], str] = extract_answer) -> list[TargetRow]:
     """Rows read as training data is (``forgetless.data``: JSONL/JSON/CSV, ``prompt`` +
     ``response`` or chat ``messages``); an ``answer`` column overrides the extracted answer."""
-    from forgetless.data import read_rows, row_to_messages
+    from forgetless.data import read_rows, row_to_example
 
     rows = []
     for number, data in read_rows(path):
-        messages = row_to_messages(data, f"{path}:{number}")
-        response = messages[-1]["content"]
+        example = row_to_example(data, f"{path}:{number}", path.parent)
+        messages, content = example.messages, example.messages[-1]["content"]
+        response = content if isinstance(content, str) else "".join(
+            part.get("text", "") for part in content)
         answer = str(data["answer"]) if "answer" in data else extract(response)
-        rows.append(TargetRow(str(data.get("id", number)), messages[:-1], response, answer))
+        rows.append(TargetRow(str(data.get("id", number)), messages[:-1], response, answer,
+                              tuple(example.images)))
     return rows
 
 
@@ -174,8 +181,47 @@ def _largest_number_rows() -> list[TargetRow]:
 register_target(Target("largest_number", load=_largest_number_rows, max_new_tokens=32))
 
 
-def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
-    """The chat-formatted prompt up to the assistant's turn (plain text if no template)."""
+_CLOCK = re.compile(r"(\d{1,2}):(\d{2})")
+
+
+def extract_clock(text: str) -> str:
+    """The last ``H:MM`` time in ``text`` as ``HH:MM`` (``read_clock``'s answers); else the
+    text as ``extract_answer`` leaves it."""
+    times = _CLOCK.findall(text)
+    if times:
+        hour, minute = times[-1]
+        return f"{int(hour):02d}:{minute}"
+    return extract_answer(text)
+
+
+def _image_task_rows(name: str) -> Callable[[], list[TargetRow]]:
+    """The test split of a built-in image task, each distinct picture once."""
+
+    def rows() -> list[TargetRow]:
+        from forgetless.data import image_messages
+        from forgetless.image_tasks import image_task_rows
+
+        unique = {row.key: row for row in image_task_rows(name, "test", n=200)}
+        return [TargetRow(f"test:{i}", image_messages(row.prompt), row.response, row.response,
+                          (row.image,)) for i, row in enumerate(unique.values())]
+
+    return rows
+
+
+for _name in ("count_shapes", "name_color", "name_shape"):
+    register_target(Target(_name, load=_image_task_rows(_name), max_new_tokens=8))
+register_target(Target("read_clock", load=_image_task_rows("read_clock"), extract=extract_clock,
+                       max_new_tokens=8))
+
+
+def render_prompt(tokenizer, messages: list[dict[str, Any]]) -> str:
+    """The chat-formatted prompt up to the assistant's turn (plain text if no template); a
+    VLM's processor renders with its own template and image placeholders."""
+    from forgetless.data import render_multimodal
+    from forgetless.models import is_processor
+
+    if is_processor(tokenizer):
+        return render_multimodal(tokenizer, messages, add_generation_prompt=True)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "\n\n".join(m["content"] for m in messages) + "\n\n"
@@ -183,6 +229,15 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
 
 def answer_nll(model, tokenizer, rows: list[TargetRow], batch_size: int = 8):
     """Per row: (summed NLL of the response tokens after the chat prompt, number of tokens)."""
+    from forgetless.data import open_image
+    from forgetless.models import is_processor
+
+    if is_processor(tokenizer):  # a VLM: the processor expands the rows' images
+        scored = score_processed(
+            model, tokenizer, [render_prompt(tokenizer, row.messages) for row in rows],
+            [row.response for row in rows],
+            [[open_image(image) for image in row.images] for row in rows], batch_size)
+        return [(-logprob, count) for logprob, count in scored]
     pairs = []
     for row in rows:
         prompt = render_prompt(tokenizer, row.messages)
@@ -197,8 +252,14 @@ def answer_nll(model, tokenizer, rows: list[TargetRow], batch_size: int = 8):
 def generate_greedy(
     model, tokenizer, rows: list[TargetRow], max_new_tokens: int, batch_size: int = 16
 ) -> list[str]:
-    """Batched greedy completions of the chat prompts (left padding, rows sorted by length)."""
-    prompts = [render_prompt(tokenizer, row.messages) for row in rows]
+    """Batched greedy completions of the chat prompts (left padding, rows sorted by length);
+    with a VLM's processor, each batch (images and all) is built by the processor."""
+    from forgetless.data import open_image, process
+    from forgetless.models import is_processor, text_tokenizer
+
+    processor = tokenizer if is_processor(tokenizer) else None
+    tokenizer = text_tokenizer(tokenizer)
+    prompts = [render_prompt(processor or tokenizer, row.messages) for row in rows]
     encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -212,14 +273,22 @@ def generate_greedy(
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                width = max(len(encoded[i]) for i in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for r, i in enumerate(chunk):
-                    ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                    mask[r, width - len(encoded[i]) :] = 1
+                if processor is not None:
+                    inputs = dict(process(
+                        processor, [prompts[i] for i in chunk],
+                        [[open_image(image) for image in rows[i].images] for i in chunk],
+                        padding_side="left"))
+                else:
+                    width = max(len(encoded[i]) for i in chunk)
+                    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                    mask = torch.zeros_like(ids)
+                    for r, i in enumerate(chunk):
+                        ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                        mask[r, width - len(encoded[i]) :] = 1
+                    inputs = {"input_ids": ids, "attention_mask": mask}
+                width = inputs["input_ids"].shape[1]
                 generated = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device),
+                    **{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()},
                     max_new_tokens=max_new_tokens,
                     do_sample=False, temperature=None, top_p=None, top_k=None,
                     pad_token_id=pad_id, eos_token_id=stop or None,

@@ -14,6 +14,12 @@ Minimal user task::
     text: "Question: {{q}}\\nAnswer:"
     choices: "options"
     gold: "answer"
+
+An image task adds ``image:``, an expression giving the row's image path (or a list of paths,
+relative to the task file like ``data_files``); a vision-language model then scores each choice
+after a chat turn holding the image(s) and ``text``. The built-in image tasks of
+``forgetless.image_tasks`` (``count_shapes``, ``read_clock``, ...) are such tasks, drawn once
+into the cache.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ class TaskSpec:
     fewshot_match: str | None = None  # a field shots must share with the item (MMLU subject)
     metrics: list[str] = field(default_factory=lambda: ["acc", "acc_norm"])
     base_dir: str | None = None  # folder relative data paths resolve against
+    image: str | None = None  # Jinja expression -> image path(s) of a row (image tasks)
 
     def __post_init__(self) -> None:
         multiple_choice = self.text is not None and self.choices is not None
@@ -89,7 +96,7 @@ class TaskSpec:
             raise ForgetlessError(f"task '{self.name}': unknown metrics {sorted(unknown)}")
         for key in ("text", "description", "continuation"):
             self._compile(key, template=True)
-        for key in ("choices", "gold", "contexts", "id"):
+        for key in ("choices", "gold", "contexts", "id", "image"):
             self._compile(key, template=False)
 
     def _compile(self, key: str, template: bool) -> Any:
@@ -109,7 +116,7 @@ class TaskSpec:
     @cached_property
     def _compiled(self) -> dict[str, Any]:
         keys = {"text": 1, "description": 1, "continuation": 1, "choices": 0, "gold": 0,
-                "contexts": 0, "id": 0}
+                "contexts": 0, "id": 0, "image": 0}
         compiled = {k: self._compile(k, bool(t)) for k, t in keys.items()}
         compiled["fields"] = {
             name: _JINJA.compile_expression(expr, undefined_to_none=False)
@@ -129,6 +136,7 @@ class Item:
     requests: list[tuple[str, str]]
     gold: int
     norm_lengths: list[int]
+    images: tuple[Any, ...] = ()  # image paths: the requests are about these images
 
 
 @dataclass
@@ -148,8 +156,9 @@ def builtin_tasks() -> list[str]:
 
 
 def load_spec(name_or_path: str | TaskSpec) -> TaskSpec:
-    """A built-in task name, a path to a task YAML, or a ready ``TaskSpec``; its data files
-    must exist (jobs call this before loading a model, so a missing file fails in a second)."""
+    """A built-in task name (YAML or image task), a path to a task YAML, or a ``TaskSpec``; its
+    data files must exist (jobs call this before loading a model, so a missing file fails in a
+    second)."""
     if isinstance(name_or_path, TaskSpec):
         return name_or_path
     path = Path(name_or_path).expanduser()
@@ -160,9 +169,13 @@ def load_spec(name_or_path: str | TaskSpec) -> TaskSpec:
                                                source=str(path), base_dir=path.parent))
     builtin = resources.files("forgetless") / "tasks" / f"{name_or_path}.yaml"
     if not builtin.is_file():
+        from forgetless.image_tasks import IMAGE_TASKS
+
+        if name_or_path in IMAGE_TASKS:
+            return image_task_spec(name_or_path)
         raise ForgetlessError(
-            f"unknown task '{name_or_path}': built-ins are {', '.join(builtin_tasks())}, "
-            "or pass a task .yaml file"
+            f"unknown task '{name_or_path}': built-ins are "
+            f"{', '.join([*builtin_tasks(), *IMAGE_TASKS])}, or pass a task .yaml file"
         )
     return check_task_files(spec_from_yaml(builtin.read_text(), source=f"built-in {name_or_path}",
                                            base_dir=None))
@@ -217,7 +230,7 @@ _FIELD_KINDS = {
     "dataset_name": "str?", "split": "str", "columns": "list?", "fields": "dict", "id": "str?",
     "description": "str", "target_delimiter": "str", "fewshot_delimiter": "str",
     "fewshot_split": "str?", "fewshot_sampler": "str", "fewshot_match": "str?",
-    "metrics": "list", "base_dir": "str?",
+    "metrics": "list", "base_dir": "str?", "image": "str?",
 }
 _KIND_NAMES = {"str": "a string", "str?": "a string or null", "dict": "a mapping of strings",
                "list": "a list of strings", "list?": "a list of strings or null"}
@@ -247,6 +260,9 @@ def load_task(
     total = len(rows)
     chosen = sample_indices(total, limit, seed)
     shots: list[dict] = []
+    if num_fewshot > 0 and spec.image:
+        raise ForgetlessError(f"task '{spec.name}': few-shot examples with images are not "
+                              "supported (num_fewshot 0)")
     if num_fewshot > 0:
         if not spec.fewshot_split:
             raise ForgetlessError(f"task '{spec.name}' has no few-shot split (fewshot_split)")
@@ -332,7 +348,64 @@ def _render(spec: TaskSpec, row: dict, shots: list[dict]) -> Item:
     # lm-eval normalises by the length of doc_to_choice: the options for MC, contexts otherwise.
     options = contexts if spec.contexts is not None else continuations
     item_id = _evaluate(spec, "id", row) if spec.id else f"{row['_file']}:{row['_row']}"
-    return Item(str(item_id), requests, gold, [len(o) for o in options])
+    images = _images(spec, row) if spec.image else ()
+    return Item(str(item_id), requests, gold, [len(o) for o in options], images)
+
+
+def _images(spec: TaskSpec, row: dict) -> tuple[Path, ...]:
+    """A row's image paths, resolved like data files and checked readable now (one line)."""
+    from forgetless.data import _check_image
+
+    value = _evaluate(spec, "image", row)
+    values = [value] if isinstance(value, str) else value
+    where = f"task '{spec.name}' row {row.get('_file')}:{row.get('_row')}"
+    if not isinstance(values, list | tuple) or not values or not all(
+            isinstance(v, str) and v for v in values):
+        raise ForgetlessError(f"{where}: image must give a path or a list of paths")
+    base = Path(spec.base_dir) if spec.base_dir else shared_data_dir()
+    paths = []
+    for text in values:
+        path = Path(text).expanduser()
+        paths.append(_check_image(path if path.is_absolute() else base / path, where))
+    return tuple(paths)
+
+
+IMAGE_TASK_ITEMS = 200  # test examples drawn for a built-in image task (distinct ones kept)
+
+
+def image_task_spec(name: str, n: int = IMAGE_TASK_ITEMS, seed: int = 0) -> TaskSpec:
+    """A built-in image task as a multiple-choice ``TaskSpec``: its test split drawn once into
+    the cache (PNGs + ``test.jsonl``), so it is scored and hashed like any task file."""
+    import os
+    import shutil
+    import tempfile
+
+    from forgetless.image_tasks import DEFAULT_SIZE, image_task_rows
+    from forgetless.paths import cache_dir
+
+    folder = cache_dir() / "image_tasks" / f"{name}-{DEFAULT_SIZE}px-n{n}-seed{seed}"
+    if not (folder / "test.jsonl").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".draw-", dir=folder.parent))
+        try:
+            unique = {row.key: row for row in image_task_rows(name, "test", n, seed)}
+            lines = []
+            for i, row in enumerate(unique.values()):
+                row.image.save(tmp / f"{i:04d}.png")
+                lines.append(json.dumps({"id": f"test:{i}", "image": f"{i:04d}.png",
+                                         "prompt": row.prompt, "choices": list(row.choices),
+                                         "gold": row.gold}))
+            (tmp / "test.jsonl").write_text("\n".join(lines) + "\n")
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process drew it first: use theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return TaskSpec(name=name, text="{{ prompt }}", choices="choices", gold="gold",
+                    image="image", id="id", data_files={"test": "test.jsonl"},
+                    base_dir=str(folder), metrics=["acc"])
 
 
 def _resolve(spec: TaskSpec, pattern: str) -> list[Path]:

@@ -190,3 +190,30 @@ def language_model_modules(model: nn.Module) -> list[str]:
     """Names of the modules whose parameters make up the whole language model (decoder + head)."""
     layout = text_layout(model)
     return [layout.decoder] + ([layout.output] if layout.output else [])
+
+
+# A VLM's non-text parts, named as LLaMA-Factory names them: the vision tower (image encoder)
+# and the multimodal projector (image features -> language embeddings). Qwen2-VL keeps its
+# projector (``merger``) inside ``visual``; it counts as the projector, not the tower.
+VISION_MODULES = ("vision_tower", "vision_model", "visual", "image_encoder")
+PROJECTOR_MODULES = ("multi_modal_projector", "mm_projector", "connector", "visual.merger")
+
+
+def multimodal_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Parameters of the ``vision`` tower and the ``projector`` (both empty on a text model).
+
+    Found by module name (the outermost match), so a PEFT wrapper's prefixes do not matter.
+    """
+    modules = list(model.named_modules())
+
+    def outermost(suffixes: tuple[str, ...]) -> list[str]:
+        names = [n for n, _ in modules
+                 if any(n == s or n.endswith(f".{s}") for s in suffixes)]
+        return [n for n in names if not any(n.startswith(f"{o}.") for o in names if o != n)]
+
+    by_name = dict(modules)
+    projector = {id(p): p for n in outermost(PROJECTOR_MODULES)
+                 for p in by_name[n].parameters()}
+    vision = {id(p): p for n in outermost(VISION_MODULES) for p in by_name[n].parameters()
+              if id(p) not in projector}
+    return {"vision": list(vision.values()), "projector": list(projector.values())}

@@ -18,6 +18,7 @@ from forgetless.methods.layout import (
     MLP_ROLES,
     find_projections,
     language_model_modules,
+    multimodal_parts,
     text_layout,
 )
 from forgetless.methods.registry import MethodChoice, get_method, parse_method
@@ -46,6 +47,11 @@ class MethodOptions:
     lora_dropout: float = 0.0
     lora_targets: list[str] | str | None = None
     anchor_weight: float = 1e-2
+    # A VLM's parts (LLaMA-Factory's names): the method picks what trains in the language
+    # model; the vision tower and projector train only when unfrozen (then fully).
+    freeze_vision_tower: bool = True
+    freeze_multi_modal_projector: bool = True
+    freeze_language_model: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -70,6 +76,7 @@ class PreparedModel:
     total: int
     regularizer: AnchorPenalty | None = None
     lora_targets: list[str] = field(default_factory=list)
+    parts: dict[str, int] = field(default_factory=dict)  # VLM: trainable count per part
 
     @property
     def share(self) -> float:
@@ -83,6 +90,10 @@ class PreparedModel:
             else "AdamW"
         )
         extra = f", {self.regularizer!r}" if self.regularizer is not None else ""
+        if self.parts:  # a VLM: say which of its parts train
+            extra += "; trains " + ", ".join(
+                f"{part} {count:,}" if count else f"{part} frozen"
+                for part, count in self.parts.items())
         return (
             f"{self.method.name} on {_class_name(self.model)}: {self.trainable:,} of "
             f"{self.total:,} parameters trainable ({100 * self.share:.2f}%), {optimizer}{extra}"
@@ -197,14 +208,23 @@ def prepare_model(
 
     ``full`` trains the whole language model: embeddings, norms, every layer and the LM head.
     On a vision-language model (LLaVA, Qwen2.5-VL) every method touches the language model
-    only; the vision tower and multimodal projector stay frozen, as in Zhu et al. (2025).
+    only; the vision tower and multimodal projector stay frozen, as in Zhu et al. (2025),
+    unless ``options`` unfreezes them (then they train whole, next to the method's choice).
     """
     options = options or MethodOptions()
     choice = parse_method(method)
     base = choice.base
     lora_targets: list[str] = []
     text_layout(model)  # fail early and clearly on a model we cannot read
+    unfrozen = _unfrozen_parts(model, options, choice.name)
     if base.lora:
+        if options.freeze_language_model:
+            raise ForgetlessError(f"method '{choice.name}' adapts the language model; "
+                                  "freeze_language_model=true leaves it nothing to train")
+        if unfrozen:
+            raise ForgetlessError(
+                f"method '{choice.name}' with an unfrozen {' and '.join(unfrozen)}: not "
+                "supported (the saved adapter would not hold them); use a non-LoRA method")
         model, lora_targets = _apply_lora(model, options, choice.name)
     else:
         modules = (
@@ -212,9 +232,9 @@ def prepare_model(
             if base.roles is None
             else find_projections(model, base.roles, choice.name)
         )
-        selected = _parameters_of(model, modules)
+        selected = [] if options.freeze_language_model else _parameters_of(model, modules)
         model.requires_grad_(False)
-        for param in selected:
+        for param in selected + [p for params in unfrozen.values() for p in params]:
             param.requires_grad_(True)
     named = list(model.named_parameters())
     trainable = [(n, p) for n, p in named if p.requires_grad]
@@ -232,7 +252,39 @@ def prepare_model(
         total=sum(p.numel() for _, p in named),
         regularizer=regularizer,
         lora_targets=lora_targets,
+        parts=_part_counts(model),
     )
+
+
+def _unfrozen_parts(model: nn.Module, options: MethodOptions,
+                    method: str) -> dict[str, list[nn.Parameter]]:
+    """The VLM parts the options unfreeze; unfreezing a part the model lacks is an error."""
+    parts = multimodal_parts(model)
+    wanted = {"vision tower": ("vision", options.freeze_vision_tower),
+              "multimodal projector": ("projector", options.freeze_multi_modal_projector)}
+    out = {}
+    for label, (key, frozen) in wanted.items():
+        if frozen:
+            continue
+        if not parts[key]:
+            raise ForgetlessError(f"method '{method}' on {_class_name(model)}: the model has no "
+                                  f"{label} to unfreeze")
+        out[label] = parts[key]
+    return out
+
+
+def _part_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters in the language model, vision tower and projector of a VLM
+    (empty for a text model), for the trainable-parameter line."""
+    parts = multimodal_parts(model)
+    if not parts["vision"] and not parts["projector"]:
+        return {}
+    side = {id(p) for params in parts.values() for p in params}
+    counts = {"language": sum(p.numel() for p in model.parameters()
+                              if p.requires_grad and id(p) not in side)}
+    for key in ("vision", "projector"):
+        counts[key] = sum(p.numel() for p in parts[key] if p.requires_grad)
+    return counts
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
