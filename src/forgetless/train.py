@@ -360,6 +360,7 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
         "optimizer_state_bytes": optimizer_state_bytes(trainer.method_optimizer),
         "train_seconds": seconds,
         "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,  # fractional; under DDP counted on each process's shard
         "train_loss": output.training_loss,
         "first_loss": losses[0]["loss"] if losses else None,
         "last_loss": losses[-1]["loss"] if losses else None,
