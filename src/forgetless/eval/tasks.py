@@ -186,7 +186,7 @@ def check_task_files(spec: TaskSpec) -> TaskSpec:
     before a model loads, not after it."""
     if not spec.dataset:
         for files in (spec.data_files, spec.labels_files):
-            for split in {spec.split, spec.fewshot_split} & set(files):
+            for split in dict.fromkeys(s for s in (spec.split, spec.fewshot_split) if s in files):
                 _resolve(spec, files[split])
     return spec
 
