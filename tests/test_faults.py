@@ -451,7 +451,7 @@ def test_a_bug_is_one_line_with_its_traceback_saved(monkeypatch, capsys, tmp_pat
         raise ValueError("something inside broke")
 
     monkeypatch.setattr(forgetless.train, "train", broken)
-    monkeypatch.delenv("FORGETLESS_DEBUG", raising=False)
+    monkeypatch.setenv("FORGETLESS_DEBUG", "0")  # recorded, so --debug cannot leak out
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     code, err = _main(monkeypatch, capsys, "train", "method=attn")
     lines = err.strip().splitlines()
@@ -469,7 +469,7 @@ def test_a_bug_is_one_line_with_its_traceback_saved(monkeypatch, capsys, tmp_pat
 
 
 def test_debug_flag_shows_the_traceback_of_an_input_error(monkeypatch, capsys):
-    monkeypatch.delenv("FORGETLESS_DEBUG", raising=False)
+    monkeypatch.setenv("FORGETLESS_DEBUG", "0")  # recorded, so --debug cannot leak out
     code, err = _main(monkeypatch, capsys, "train", "method=sgd")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     code, err = _main(monkeypatch, capsys, "--debug", "train", "method=sgd")
