@@ -139,7 +139,8 @@ def in_passes(step):
     return run
 
 
-def time_side_by_side(steps: dict, repeats: int) -> dict[str, float]:
+def time_rounds(steps: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each step in ``repeats`` interleaved rounds, after one warm-up call each."""
     for step in steps.values():
         step()  # warm-up (kernel build, first-touch)
     times = {name: [] for name in steps}
@@ -148,7 +149,12 @@ def time_side_by_side(steps: dict, repeats: int) -> dict[str, float]:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def time_side_by_side(steps: dict, repeats: int) -> dict[str, float]:
+    return {name: statistics.median(values)
+            for name, values in time_rounds(steps, repeats).items()}
 
 
 def selection_quality(params, state) -> dict[str, float]:
@@ -239,14 +245,7 @@ def torch_backend(params, repeats: int) -> None:
             opt.state[p] = state[p]
     steps = {"adamw_foreach": foreach.step, "mofo_torch_fast": fast.step,
              "mofo_torch_exact": exact.step}  # fmt: skip
-    for step in steps.values():
-        step()  # warm-up
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+    times = time_rounds(steps, repeats)
     base = times["adamw_foreach"]
     for name, values in times.items():
         ratios = [t / b for t, b in zip(values, base, strict=True)]  # per interleaved round

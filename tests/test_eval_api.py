@@ -72,11 +72,17 @@ def test_evaluate_metrics_match_hand_computation_and_round_trip(quiz, tmp_path):
     assert paired_difference(result, again, "quiz").value == 0.0
 
 
-def test_same_seed_same_items_and_changed_model_drifts(quiz):
-    model, tokenizer = tiny_model("llama"), char_tokenizer()
+def _nudged(model):
+    """A copy of ``model`` whose output head moved a little: a stand-in for a tuned model."""
     tuned = copy.deepcopy(model)
     with torch.no_grad():
         tuned.lm_head.weight.add_(0.05 * torch.randn_like(tuned.lm_head.weight))
+    return tuned
+
+
+def test_same_seed_same_items_and_changed_model_drifts(quiz):
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    tuned = _nudged(model)
     a = evaluate(model, tokenizer, suite=[quiz], limit=4, seed=0)
     b = evaluate(tuned, tokenizer, suite=[quiz], limit=4, seed=0, base_model=model)
     assert [r["id"] for r in a.per_item["quiz"]] == [r["id"] for r in b.per_item["quiz"]]
@@ -130,9 +136,7 @@ def test_choice_measures_hand_values():
 
 def test_gold_logprob_and_margin_per_item_and_paired(quiz):
     model, tokenizer = tiny_model("llama"), char_tokenizer()
-    tuned = copy.deepcopy(model)
-    with torch.no_grad():
-        tuned.lm_head.weight.add_(0.05 * torch.randn_like(tuned.lm_head.weight))
+    tuned = _nudged(model)
     a = evaluate(model, tokenizer, suite=[quiz], limit=6, seed=0)
     b = evaluate(tuned, tokenizer, suite=[quiz], limit=6, seed=0)
     records = a.per_item["quiz"]

@@ -41,6 +41,17 @@ def default_probe_prompts(n: int = PROBE_SIZE, seed: int = 0) -> list[str]:
     return default_drift_prompts(tasks, n)
 
 
+def log_values(trainer: Any, state: Any, control: Any, values: dict[str, float]) -> None:
+    """Log a callback's measurements through ``trainer.log`` (so MLflow and TensorBoard see
+    them live), or into ``state.log_history`` when no Trainer was attached."""
+    if trainer is None:
+        state.log_history.append({**values, "step": state.global_step})
+        return
+    due = control.should_log  # Trainer.log clears it; the loss log of this step is due
+    trainer.log(dict(values))
+    control.should_log = due
+
+
 class ForgettingMonitor(TrainerCallback):
     """Trainer callback measuring drift from the base every ``every`` steps.
 
@@ -146,12 +157,7 @@ class ForgettingMonitor(TrainerCallback):
         values = self.measure(model)
         self.seconds += time.perf_counter() - started
         self.history.append({"step": state.global_step, **values})
-        if self.trainer is not None:
-            due = control.should_log  # Trainer.log clears it; the loss log of this step is due
-            self.trainer.log(dict(values))
-            control.should_log = due
-        else:
-            state.log_history.append({**values, "step": state.global_step})
+        log_values(self.trainer, state, control, values)
         crossed = self.breaches(values)
         if crossed:
             reason = "; ".join(crossed)

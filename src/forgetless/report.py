@@ -167,26 +167,26 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
 # --- formatting -----------------------------------------------------------------------------
 
 
-def _pts(metric: dict | None) -> str:
-    """A fraction as percentage points with its 95% CI; ``*`` marks CIs that exclude 0."""
+def _with_ci(metric: dict | None, scale: float, digits: int) -> str:
+    """A change with its 95% CI; ``*`` marks CIs that exclude 0."""
     if not metric:
         return "–"
-    value = f"{100 * metric['value']:+.1f}"
+    value = f"{scale * metric['value']:+.{digits}f}"
     if _nan(metric.get("ci_low")):
         return value
     star = "*" if metric.get("significant") else ""
-    return f"{value}{star} [{100 * metric['ci_low']:+.1f}, {100 * metric['ci_high']:+.1f}]"
+    low, high = scale * metric["ci_low"], scale * metric["ci_high"]
+    return f"{value}{star} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def _pts(metric: dict | None) -> str:
+    """A fraction as percentage points."""
+    return _with_ci(metric, 100, 1)
 
 
 def _nats(metric: dict | None) -> str:
-    """A change in nats with its 95% CI; ``*`` marks CIs that exclude 0."""
-    if not metric:
-        return "–"
-    value = f"{metric['value']:+.3f}"
-    if _nan(metric.get("ci_low")):
-        return value
-    star = "*" if metric.get("significant") else ""
-    return f"{value}{star} [{metric['ci_low']:+.3f}, {metric['ci_high']:+.3f}]"
+    """A change in nats."""
+    return _with_ci(metric, 1, 3)
 
 
 def _change(metric: dict | None, measure: str) -> str:

@@ -31,6 +31,7 @@ import torch
 from transformers import TrainerCallback
 
 from forgetless.errors import ForgetlessError
+from forgetless.monitor import log_values
 
 MEASURES = ("moved", "moved_ever", "rms", "drift")
 # (substring of the parameter name, short module type), first match wins
@@ -112,12 +113,7 @@ class UpdateAnalytics(TrainerCallback):
         if self._pending is None:
             return control
         values, self._pending = self._pending, None
-        if self.trainer is not None:
-            due = control.should_log  # Trainer.log clears it; the loss log of this step is due
-            self.trainer.log(dict(values))
-            control.should_log = due
-        else:
-            state.log_history.append({**values, "step": state.global_step})
+        log_values(self.trainer, state, control, values)
         return control
 
     # --- measuring ------------------------------------------------------------------------
