@@ -85,6 +85,9 @@ def test_report_folder_and_mlflow_store(tmp_path, model_dir):
     gold = full["heldout"]["arc_easy"]["gold_logprob"]  # continuous, paired per item
     assert gold["delta"]["n"] == 4 and gold["value"]["value"] <= 0
     assert "Δ held-out avg gold log-prob (nats)" in (out / "report.md").read_text()
+    nll = full["target"]["nll_delta"]  # the target's answer NLL, paired per item
+    assert nll["n"] == 2 and nll["ci_low"] <= nll["value"] <= nll["ci_high"]
+    assert "Δ count_letters NLL (nats/tok)" in (out / "report.md").read_text()
     (out / "report.md").unlink()
     assert redraw(config)["markdown"].read_text().startswith("# forgetless compare")
     redrawn = redraw(config, ["report.forgetting_measure=margin"])["markdown"].read_text()
@@ -250,3 +253,57 @@ def test_interrupted_evaluation_keeps_the_trained_weights(tmp_path, model_dir, m
     monkeypatch.setattr(forgetless.train, "train", lambda *a, **k: pytest.fail("retrained"))
     result = compare(config)
     assert result.results["methods"][0]["train"]["steps"] == 2
+
+
+def test_seeds_train_per_seed_pool_and_reuse_per_seed(tmp_path, model_dir, monkeypatch):
+    from forgetless.eval import EvalResult
+
+    trained = []
+    real_train = forgetless.train.train
+
+    def counting_train(config, **kwargs):
+        trained.append((config.method, config.seed))
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(forgetless.train, "train", counting_train)
+    config = _config(tmp_path, model_dir, ["full", "attn"], seeds=[0, 1])
+    config["train"]["limit"] = 16  # two seeds see different examples, not only another order
+    results = compare(config).results
+    out = tmp_path / "cmp"
+    assert trained == [("full", 0), ("full", 1), ("attn", 0), ("attn", 1)]
+    full, attn = results["methods"]
+    assert [one["seed"] for one in full["seeds"]] == [0, 1]
+    # the pooled change is the mean of the per-seed ones, on the same items
+    per_seed = [one["heldout_avg"]["gold_logprob"]["delta"]["value"] for one in full["seeds"]]
+    pooled = full["heldout_avg"]["gold_logprob"]["delta"]
+    assert pooled["value"] == pytest.approx(sum(per_seed) / 2)
+    assert pooled["ci_low"] <= pooled["value"] <= pooled["ci_high"]
+    evals = [EvalResult.load(out / "runs" / "full" / f"seed{s}" / "eval.json") for s in (0, 1)]
+    assert evals[0].per_item["arc_easy"] != evals[1].per_item["arc_easy"]  # seeds differ
+    versus = attn["vs_reference"]["measures"]["gold_logprob"]["avg"]  # paired per seed
+    assert versus["value"] == pytest.approx(
+        sum(one["vs_reference"]["measures"]["gold_logprob"]["avg"]["value"]
+            for one in attn["seeds"]) / 2)
+    report = (out / "report.md").read_text()
+    assert "pooled over 2 training seeds" in report and "| full | 1 |" in report
+    assert "| full | 1 |" in redraw(config)["markdown"].read_text()  # from results.json
+
+    trained.clear()  # a third seed trains only the (method, seed) runs not yet finished
+    results = compare(config, ["seeds=[0, 1, 2]", "methods=[full]"]).results
+    assert trained == [("full", 2)]
+    assert [one["seed"] for one in results["methods"][0]["seeds"]] == [0, 1, 2]
+
+
+def test_one_seed_is_the_plain_run():
+    plain = plan_methods(load_compare_config(None, ["methods=[full]"]))
+    one = plan_methods(load_compare_config(None, ["methods=[full]", "seeds=[0]"]))
+    assert one[0].train == plain[0].train and one[0].seed is None
+    assert one[0].train.output_dir.endswith("runs/full")
+    two = plan_methods(load_compare_config(None, ["methods=[full, attn]", "seeds=[3, 4]"]))
+    assert [(p.name, p.train.seed, p.train.output_dir.split("/")[-1]) for p in two] == [
+        ("full", 3, "seed3"), ("full", 4, "seed4"), ("attn", 3, "seed3"), ("attn", 4, "seed4")]
+    with pytest.raises(ForgetlessError, match="either as train.seed or as seeds"):
+        plan_methods(load_compare_config(None, ["train.seed=1", "seeds=[0, 1]"]))
+    for bad in ("seeds=[]", "seeds=[1, 1]"):
+        with pytest.raises(ForgetlessError, match="distinct seeds"):
+            load_compare_config(None, [bad])

@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from forgetless.report import _pareto, main_table, versus_table, write_report
 
@@ -174,3 +175,22 @@ def test_coverage_plot_only_with_update_analytics(tmp_path):
     files = write_report(results, tmp_path / "with")
     assert files["plot_coverage"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Update coverage" in files["markdown"].read_text()
+
+
+def test_two_level_bootstrap_widens_with_the_seed_spread():
+    from forgetless.eval.stats import paired_bootstrap, two_level_bootstrap
+
+    rng = np.random.default_rng(0)
+    items = rng.normal(0.0, 1.0, 60)
+    same = np.stack([items, items, items])  # three seeds that agree: only item noise
+    spread = same + np.array([[-0.6], [0.0], [0.6]])  # same mean, seeds disagree
+    only_items = paired_bootstrap(np.zeros(60), items)
+    agree, disagree = two_level_bootstrap([same]), two_level_bootstrap([spread])
+    assert agree.value == pytest.approx(items.mean()) == pytest.approx(disagree.value)
+    width = lambda m: m.ci_high - m.ci_low  # noqa: E731
+    assert width(agree) == pytest.approx(width(only_items), rel=0.15)
+    assert width(disagree) > 1.5 * width(agree)  # the seed spread is in the CI
+    assert two_level_bootstrap([same[:1]]).ci_low == pytest.approx(only_items.ci_low, abs=0.05)
+    # the held-out average: the mean over tasks, one seed draw shared by every task
+    both = two_level_bootstrap([spread, spread[:, :30]])
+    assert both.value == pytest.approx((items.mean() + items[:30].mean()) / 2)

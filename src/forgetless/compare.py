@@ -1,9 +1,12 @@
 """``forgetless compare``: several fine-tuning methods, one base, one task, one report.
 
 Every method trains from a fresh copy of the same in-memory base with the same data, budget and
-seed, then is evaluated against that base (held-out suite, target task, drift). Each finished
-method leaves ``runs/<name>/compare.json`` (written last, atomically) holding a hash of its
-resolved config, so an interrupted compare re-run reuses finished methods and trains the rest.
+seed, then is evaluated against that base (held-out suite, target task, drift). With ``seeds:
+[0, 1, 2]`` every method trains once per seed (``runs/<name>/seed<k>``; the evaluation items stay
+the same), and the report pools the seeds (``forgetless.pooling``): whether full fine-tuning
+forgets can depend on the data order, which one seed hides. Each finished (method, seed)
+leaves ``runs/<name>[/seed<k>]/compare.json`` (written last, atomically) holding a hash of its
+resolved config, so an interrupted compare re-run reuses finished runs and trains the rest.
 ``results.json`` holds everything the report needs; ``forgetless.report`` redraws from it alone.
 
 Under ``accelerate launch`` every process trains (DDP, FSDP, DeepSpeed), and only the main one
@@ -107,6 +110,9 @@ class CompareConfig(BaseModel):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
     interpolate: list[float] = Field(default_factory=list)
+    # Training seeds: each method trains once per seed on the same evaluation items and the
+    # report pools them. Unset: the one ``train.seed`` (default 0), folders as before.
+    seeds: list[int] | None = None
     output_dir: str = "runs/compare"
     tracking_uri: str | None = None
     experiment: str | None = None  # MLflow experiment name; default: the output folder's name
@@ -118,6 +124,13 @@ class CompareConfig(BaseModel):
             raise ValueError("interpolation weights must lie strictly between 0 and 1")
         return sorted(set(values))
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, values: list[int] | None) -> list[int] | None:
+        if values is not None and (not values or len(set(values)) != len(values)):
+            raise ValueError("give one or more distinct seeds")
+        return values
+
 
 @dataclass(frozen=True)
 class PlannedMethod:
@@ -125,6 +138,11 @@ class PlannedMethod:
 
     name: str
     train: TrainConfig
+    seed: int | None = None  # set when the compare has several seeds (``seeds:``)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.seed is None else f"{self.name} seed {self.seed}"
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -144,6 +162,13 @@ def plan_methods(config: CompareConfig) -> list[PlannedMethod]:
     for key in ("method", "output_dir"):
         if key in config.train:
             raise ForgetlessError(f"train.{key} is set per method by compare; remove it")
+    if config.seeds is not None and "seed" in config.train:
+        raise ForgetlessError("give the training seed either as train.seed or as seeds:, not both")
+    # one seed in ``seeds:`` is the same run as ``train.seed``: same folders, same report
+    seeds = [None] if config.seeds is None or len(config.seeds) == 1 else config.seeds
+    common = dict(config.train)
+    if config.seeds is not None and len(config.seeds) == 1:
+        common["seed"] = config.seeds[0]
     if not config.methods:
         raise ForgetlessError("methods: give at least one method")
     validate(TrainConfig, config.train, where="train")  # name the section that holds a typo
@@ -164,9 +189,13 @@ def plan_methods(config: CompareConfig) -> list[PlannedMethod]:
                 f"{where}: {', '.join(shared)} must be the same for every method (set it under "
                 "train:)"
             )
-        data = {**config.train, **extras, "method": entry.method,
-                "output_dir": str(Path(config.output_dir) / "runs" / name)}
-        planned.append(PlannedMethod(name, validate(TrainConfig, data, where=where)))
+        for seed in seeds:
+            folder = Path(config.output_dir) / "runs" / name
+            data = {**common, **extras, "method": entry.method}
+            if seed is not None:
+                data["seed"], folder = seed, folder / f"seed{seed}"
+            data["output_dir"] = str(folder)
+            planned.append(PlannedMethod(name, validate(TrainConfig, data, where=where), seed))
     return planned
 
 
@@ -364,7 +393,7 @@ class _Session:
         complete = bool(record) and self._complete(folder, record, thash)
         self.procs.barrier()  # every process decides on the same files before main changes them
         if complete:
-            _say(f"{planned.name}: reusing the finished run in {folder}")
+            _say(f"{planned.label}: reusing the finished run in {folder}")
         else:
             record = self._train_and_evaluate(planned, folder, thash, record)
         self.procs.barrier()
@@ -373,7 +402,7 @@ class _Session:
         params = {"train": planned.train.model_dump(), "eval": self.config.eval.model_dump(),
                   "target": self.target, "interpolate": self.config.interpolate}
         train = runs.read_json(folder / "metrics.json")
-        return self._tracked(folder, record, params=params, train=train)
+        return self._tracked(folder, record, params=params, train=train, label=planned.label)
 
     def _complete(self, folder: Path, record: dict, thash: str) -> bool:
         files = [record.get("eval_file"), *record.get("interpolation", {}).values()]
@@ -394,13 +423,13 @@ class _Session:
         )
         trained_only = {"name": planned.name, "train_hash": thash}  # weights kept, not evaluated
         if reusable:
-            _say(f"{planned.name}: training unchanged, re-evaluating the saved model")
+            _say(f"{planned.label}: training unchanged, re-evaluating the saved model")
             if self.procs.main:  # an interruption now re-evaluates again, never retrains
                 atomic_write_json(folder / "compare.json", trained_only)
         else:
             if self.procs.main:
                 (folder / "compare.json").unlink(missing_ok=True)
-            _say(f"{planned.name}: training ({planned.train.method}, "
+            _say(f"{planned.label}: training ({planned.train.method}, "
                  f"{planned.train.max_steps} steps)")
             result = train(planned.train, callbacks=self.callbacks,
                            model=copy.deepcopy(self.base), tokenizer=self.tokenizer)
@@ -412,23 +441,25 @@ class _Session:
         if reusable or self.procs.count > 1:  # sharded weights: evaluate what training saved
             tuned = load_model(str(saved), dtype=self.dtype, device=self.device)[0]
         tuned.eval()
-        self.evaluate(tuned, planned.name).save(folder / "eval.json")
+        self.evaluate(tuned, planned.label).save(folder / "eval.json")
         points = {}
         for lam in self.config.interpolate:
             mixed = interpolate(self.base, tuned, lam)
             file = f"eval_lambda_{lam:g}.json"
-            self.evaluate(mixed, f"{planned.name} λ={lam:g}").save(folder / file)
+            self.evaluate(mixed, f"{planned.label} λ={lam:g}").save(folder / file)
             points[f"{lam:g}"] = file
             del mixed
         del tuned
         gc.collect()
-        record = {"name": planned.name, "method": planned.train.method, "train_hash": thash,
+        record = {"name": planned.name, "method": planned.train.method, "seed": planned.seed,
+                  "train_hash": thash,
                   "eval_hash": self.eval_hash, "eval_file": "eval.json", "interpolation": points}
         fault_point("compare.method_done")
         atomic_write_json(folder / "compare.json", record)  # last: marks the method complete
         return record
 
-    def _tracked(self, folder: Path, record: dict, params: dict, train: dict | None) -> dict:
+    def _tracked(self, folder: Path, record: dict, params: dict, train: dict | None,
+                 label: str | None = None) -> dict:
         """Log the finished entry to MLflow once (a reused entry keeps its logged run)."""
         if self.tracker.has_run(record.get("mlflow_run_id")):
             return record
@@ -447,7 +478,7 @@ class _Session:
         artifacts = [folder / name for name in
                      ("compare.json", record["eval_file"], "metrics.json", "config.yaml")]
         record["mlflow_run_id"] = self.tracker.log_run(
-            record["name"], params, metrics, series, artifacts,
+            label or record["name"], params, metrics, series, artifacts,
             tags={"forgetless.compare": str(self.out.resolve())},
         )
         fault_point("compare.tracked")
@@ -512,7 +543,7 @@ def _compare(config: CompareConfig, tracking_uri: str | None,
     base = session.base_record()
     records = []
     for index, planned in enumerate(session.plan, start=1):
-        _say(f"method {index}/{len(session.plan)}: {planned.name}")
+        _say(f"method {index}/{len(session.plan)}: {planned.label}")
         records.append(session.method_record(planned))
     if not main:  # the main process writes the report; the others only helped train
         return CompareResult(session.out, {}, {})

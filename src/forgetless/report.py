@@ -49,9 +49,9 @@ def heldout_delta(item: dict, measure: str, task: str | None = None) -> dict | N
 
 
 def _metric(metric) -> dict[str, Any]:
-    data = metric.to_dict()
-    data["significant"] = bool(metric.ci_low > 0 or metric.ci_high < 0)  # CI excludes 0
-    return data
+    from forgetless.pooling import flagged
+
+    return flagged(metric)
 
 
 def summarize(result, base, suite: list[str], target: str | None) -> dict[str, Any]:
@@ -86,11 +86,15 @@ def summarize(result, base, suite: list[str], target: str | None) -> dict[str, A
                     "value": result.metrics[f"heldout/{measure}"].to_dict(),
                     "delta": _metric(combine_means(deltas[measure])) if deltas[measure] else None}
     if target:
+        from forgetless.pooling import target_nll_delta
+
         delta = paired_difference(base, result, target) if base is not None else None
         out["target"] = {
             "exact_match": result.metrics[f"{target}/exact_match"].to_dict(),
             "answer_nll": result.metrics[f"{target}/answer_nll"].to_dict(),
             "delta": _metric(delta) if delta else None,
+            # paired per item, nats per answer token: moves before an answer flips
+            "nll_delta": target_nll_delta(base, result, target) if base is not None else None,
         }
     for key in ("kl", "top1_agreement", "number_mass", "number_mass_base", "number_mass_change"):
         if f"drift/{key}" in result.metrics:
@@ -102,50 +106,31 @@ def summarize(result, base, suite: list[str], target: str | None) -> dict[str, A
 
 def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan: list,
                   target: str | None, tracking: dict) -> dict[str, Any]:
-    """Everything the report shows, as plain JSON (no models, no per-item records)."""
-    import json
+    """Everything the report shows, as plain JSON (no models, no per-item records).
 
+    ``methods`` are the finished records and ``plan`` their ``(name, train config)`` pairs, in
+    the same order; a name planned with several seeds becomes one entry pooling them
+    (``forgetless.pooling``) with its per-seed summaries under ``seeds``."""
     from forgetless.eval import EvalResult
 
     base_eval = EvalResult.load(out / "base" / base["eval_file"])
     suite = list(config["eval"]["suite"])
-    train_configs = dict(plan)
+    groups: dict[str, list] = {}
+    for record, (name, train_config) in zip(methods, plan):
+        folder = Path(train_config["output_dir"])  # runs/<name>[/seed<k>] under ``out``
+        groups.setdefault(name, []).append((record, train_config, folder))
     entries, reference = [], None
-    for record in methods:
-        folder = out / "runs" / record["name"]
-        tuned = EvalResult.load(folder / record["eval_file"])
-        metrics = json.loads((folder / "metrics.json").read_text())
-        entry = {"name": record["name"], "method": record["method"], "lambda": 1.0,
-                 "train_config": train_configs[record["name"]],
-                 "train": {k: metrics.get(k) for k in (
-                     "trainable_params", "total_params", "trainable_share",
-                     "optimizer_state_bytes", "train_seconds", "steps", "first_loss",
-                     "last_loss", "loss_history")},
-                 "mlflow_run_id": record.get("mlflow_run_id"),
-                 **summarize(tuned, base_eval, suite, target)}
-        # moved / ever-moved share per measured step (forgetless.updates), if recorded
-        entry["train"]["updates"] = (metrics.get("update_analytics") or {}).get("history")
-        entry["interpolation"] = [
-            {"lambda": float(lam),
-             **summarize(EvalResult.load(folder / file), base_eval, suite, target)}
-            for lam, file in record.get("interpolation", {}).items()
-        ]
-        for point in entry["interpolation"]:
-            point.pop("param_drift", None)  # the heat map shows the tuned end only
+    for name, runs in groups.items():
+        tuned = [EvalResult.load(folder / record["eval_file"]) for record, _, folder in runs]
+        per_seed = [_entry(record, train_config, folder, result, base_eval, suite, target)
+                    for (record, train_config, folder), result in zip(runs, tuned)]
+        if reference is not None:
+            for one, result, ref in zip(per_seed, tuned, reference[1]):
+                one["vs_reference"] = _versus(reference[0], result, ref, suite, target)
+        entry = per_seed[0] if len(per_seed) == 1 else _pooled(
+            per_seed, runs, tuned, base_eval, reference, suite, target)
         if reference is None:
-            reference = (record["name"], tuned)
-        else:  # "forgets less than full" is a claim about two methods: pair them directly
-            versus = summarize(tuned, reference[1], suite, target)
-            entry["vs_reference"] = {
-                "reference": reference[0],
-                "heldout_avg": (versus.get("heldout_avg") or {}).get("delta"),
-                "heldout": {task: versus["heldout"][task]["delta"] for task in suite},
-                "target": (versus["target"] or {}).get("delta"),
-                # the continuous measures, by measure: {"avg": delta, "<task>": delta}
-                "measures": {measure: {"avg": heldout_delta(versus, measure),
-                                       **{t: heldout_delta(versus, measure, t) for t in suite}}
-                             for measure in CONTINUOUS},
-            }
+            reference = (name, tuned)
         entries.append(entry)
     sizes = {task: base_eval.metrics[f"{task}/acc"].n for task in suite}
     if target:
@@ -162,6 +147,86 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
         "methods": entries,
         "tracking": tracking,
     }
+
+
+def _entry(record: dict, train_config: dict, folder: Path, tuned, base_eval, suite: list[str],
+           target: str | None) -> dict[str, Any]:
+    """One trained run (one method, one seed) against the base."""
+    import json
+
+    from forgetless.eval import EvalResult
+
+    metrics = json.loads((folder / "metrics.json").read_text())
+    entry = {"name": record["name"], "method": record["method"], "lambda": 1.0,
+             "train_config": train_config,
+             "train": {k: metrics.get(k) for k in (
+                 "trainable_params", "total_params", "trainable_share",
+                 "optimizer_state_bytes", "train_seconds", "steps", "first_loss",
+                 "last_loss", "loss_history")},
+             "mlflow_run_id": record.get("mlflow_run_id"),
+             **summarize(tuned, base_eval, suite, target)}
+    # moved / ever-moved share per measured step (forgetless.updates), if recorded
+    entry["train"]["updates"] = (metrics.get("update_analytics") or {}).get("history")
+    entry["interpolation"] = [
+        {"lambda": float(lam),
+         **summarize(EvalResult.load(folder / file), base_eval, suite, target)}
+        for lam, file in record.get("interpolation", {}).items()
+    ]
+    for point in entry["interpolation"]:
+        point.pop("param_drift", None)  # the heat map shows the tuned end only
+    return entry
+
+
+def _versus(reference: str, tuned, ref_eval, suite: list[str], target: str | None,
+            pooled: tuple[list, list] | None = None) -> dict[str, Any]:
+    """"Forgets less than full" is a claim about two methods: pair them directly (``pooled``:
+    every seed's (reference, tuned) evaluations, pooled as ``forgetless.pooling`` does)."""
+    from forgetless.pooling import pool_summary
+
+    versus = summarize(tuned, ref_eval, suite, target)
+    if pooled:
+        versus = pool_summary(versus, pooled[0], pooled[1], suite, target)
+    return {
+        "reference": reference,
+        "heldout_avg": (versus.get("heldout_avg") or {}).get("delta"),
+        "heldout": {task: versus["heldout"][task]["delta"] for task in suite},
+        "target": (versus["target"] or {}).get("delta"),
+        # the continuous measures, by measure: {"avg": delta, "<task>": delta}
+        "measures": {measure: {"avg": heldout_delta(versus, measure),
+                               **{t: heldout_delta(versus, measure, t) for t in suite}}
+                     for measure in CONTINUOUS},
+    }
+
+
+def _pooled(per_seed: list[dict], runs: list, tuned: list, base_eval, reference,
+            suite: list[str], target: str | None) -> dict[str, Any]:
+    """One method over several seeds: the first seed's entry with every paired change pooled
+    over seeds and items, the mean train time, and the per-seed entries under ``seeds``."""
+    import copy
+
+    from forgetless.pooling import pool_summary
+
+    bases = [base_eval] * len(tuned)
+    entry = pool_summary(copy.deepcopy(per_seed[0]), bases, tuned, suite, target)
+    entry["train"]["train_seconds"] = sum(
+        e["train"]["train_seconds"] or 0 for e in per_seed) / len(per_seed)
+    from forgetless.eval import EvalResult
+
+    for k, point in enumerate(entry["interpolation"]):
+        lam = f"{point['lambda']:g}"
+        mixed = [EvalResult.load(folder / record["interpolation"][lam])
+                 for record, _, folder in runs]
+        entry["interpolation"][k] = pool_summary(point, bases, mixed, suite, target)
+    if reference is not None:
+        entry["vs_reference"] = _versus(reference[0], tuned[0], reference[1][0], suite, target,
+                                        pooled=(reference[1], tuned))
+    entry["seeds"] = []
+    for one, (_, train_config, _) in zip(per_seed, runs):
+        for key in ("param_drift", "interpolation", "train_config"):
+            one.pop(key, None)
+        one["train"] = {"train_seconds": one["train"]["train_seconds"]}
+        entry["seeds"].append({"seed": train_config["seed"], **one})
+    return entry
 
 
 # --- formatting -----------------------------------------------------------------------------
@@ -268,6 +333,7 @@ def main_table(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["method"]
     if target:
         header += [f"{target} EM %", f"Δ {target} (pts)"]
+        header += [f"Δ {target} NLL (nats/tok)"] if _has_nll(results) else []
     header += [_column(measure), *[_column(measure, task) for task in suite]]
     header += [_column(second)] if second else []
     header += ["KL drift (nats/tok)", "Δ number mass", "trainable params",
@@ -293,14 +359,55 @@ def versus_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
     for entry in later:
         versus = entry["vs_reference"]
         row = [entry["name"]] + ([_pts(versus["target"])] if target else [])
-        if measure == "accuracy":
-            changes = [versus["heldout_avg"], *[versus["heldout"][t] for t in results["suite"]]]
-        else:
-            by_task = (versus.get("measures") or {}).get(measure) or {}
-            changes = [by_task.get("avg"), *[by_task.get(t) for t in results["suite"]]]
+        changes = [_versus_delta(versus, measure),
+                   *[_versus_delta(versus, measure, t) for t in results["suite"]]]
         row += [_change(change, measure) for change in changes]
         rows.append(row)
     return header, rows
+
+
+def _has_nll(results: dict) -> bool:
+    """Whether the target's paired answer-NLL change was recorded (not in older results)."""
+    return any((e.get("target") or {}).get("nll_delta") for e in results["methods"])
+
+
+def seeds_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """One row per (method, seed) of a compare with several seeds: the runs the pooled rows
+    above average, each with its item-only paired CIs (None: a one-seed compare)."""
+    entries = [e for e in results["methods"] if e.get("seeds")]
+    if not entries:
+        return None
+    target, measure = results["target"], forgetting_measure(results)
+    reference = next((e["vs_reference"]["reference"] for e in entries if e.get("vs_reference")),
+                     None)
+    header = ["method", "seed"]
+    header += [f"{target} EM %", f"Δ {target} (pts)"] if target else []
+    header += [_column(measure)]
+    header += [f"{_column(measure)} − {reference}"] if reference else []
+    header += ["KL drift (nats/tok)", "train time"]
+    rows = []
+    for entry in entries:
+        for one in entry["seeds"]:
+            row = [entry["name"], str(one["seed"])]
+            if target:
+                row += [f"{100 * one['target']['exact_match']['value']:.1f}",
+                        _pts(one["target"]["delta"])]
+            row.append(_change(heldout_delta(one, measure), measure))
+            if reference:
+                versus = one.get("vs_reference")
+                row.append(_change(_versus_delta(versus, measure), measure) if versus else "–")
+            kl = (one.get("drift") or {}).get("kl")
+            row += [f"{kl['value']:.4f}" if kl else "–",
+                    f"{one['train']['train_seconds']:.0f} s"]
+            rows.append(row)
+    return header, rows
+
+
+def _versus_delta(versus: dict, measure: str, task: str | None = None) -> dict | None:
+    """A ``vs_reference`` change in ``measure`` (None: the suite average)."""
+    if measure == "accuracy":
+        return versus["heldout"][task] if task else versus["heldout_avg"]
+    return ((versus.get("measures") or {}).get(measure) or {}).get(task or "avg")
 
 
 def _row(results: dict, item: dict, entry: dict) -> list[str]:
@@ -308,6 +415,7 @@ def _row(results: dict, item: dict, entry: dict) -> list[str]:
     if results["target"]:
         target = item["target"]
         row += [f"{100 * target['exact_match']['value']:.1f}", _pts(target["delta"])]
+        row += [_nats(target.get("nll_delta"))] if _has_nll(results) else []
     measure, second = forgetting_measure(results), _second_measure(results)
     row.append(_change(heldout_delta(item, measure), measure))
     row += [_change(heldout_delta(item, measure, task), measure) for task in results["suite"]]
@@ -369,10 +477,13 @@ def _html_cell(cell: str) -> str:
 def _settings(results: dict) -> list[str]:
     sizes = results["sample_sizes"]
     train = results["methods"][0]["train_config"] if results["methods"] else {}
+    seeds = [one["seed"] for one in (results["methods"][0].get("seeds") or [])] if (
+        results["methods"]) else []
     lines = [
         f"base model `{results['model']}`, training data `{train.get('data')}`, "
         f"{train.get('max_steps')} steps × batch {train.get('batch_size')}, "
-        f"seed {train.get('seed')} (the same for every method)",
+        + (f"seeds {', '.join(map(str, seeds))} (each method trained once per seed)" if seeds
+           else f"seed {train.get('seed')} (the same for every method)"),
         "sample sizes: " + ", ".join(f"{k} n={v}" for k, v in sizes.items() if v is not None),
         "Δ = tuned − base on the same items, in percentage points, with a paired-bootstrap 95% "
         "CI; `*` (bold in HTML) = the CI excludes 0, i.e. a significant change. The held-out "
@@ -389,6 +500,12 @@ def _settings(results: dict) -> list[str]:
         "change of the probability put on number tokens on those prompts, paired per prompt "
         "(± SE; arXiv 2510.08564).",
     ]
+    if seeds:
+        lines.append(
+            f"pooled over {len(seeds)} training seeds: each change is the mean over seeds and "
+            "items, its 95% CI a two-level bootstrap (resample the seeds, then the items), so "
+            "it holds both the data-order and the item noise; KL and number mass are means "
+            "over seeds (± SE between seeds). The per-seed table lists the runs.")
     if any(e["interpolation"] for e in results["methods"]):
         lines.append("rows `name λ=x` are weight interpolations θ₀ + λ(θ − θ₀) of that method.")
     return lines
@@ -438,6 +555,9 @@ def plot_tradeoff(results: dict, path: Path) -> None:
                         label=entry["name"] if is_end else None)
         if entry["interpolation"]:
             ax.plot(path_x, path_y, ":", color=color, linewidth=1, zorder=2)
+        for one in entry.get("seeds") or []:  # the seed spread: one small mark per seed
+            x, y, _, _ = _coords(one, target, measure)
+            ax.scatter([x], [y], marker="x", s=22, color=color, alpha=0.7, zorder=3)
     front = sorted(_pareto(points), key=lambda i: points[i][0])
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="grey",
             linewidth=1.2, zorder=1, label="Pareto front")
@@ -456,7 +576,9 @@ def plot_tradeoff(results: dict, path: Path) -> None:
                   "→ less forgetting")
     ax.set_ylabel(f"{target} exact-match gain (pts) → more learning" if target
                   else "target gain (no target task)")
-    ax.set_title("Learning vs forgetting (bars: paired 95% CI)")
+    spread = any(e.get("seeds") for e in results["methods"])
+    ax.set_title("Learning vs forgetting (bars: paired 95% CI"
+                 + ("; pooled over seeds, × = one seed)" if spread else ")"))
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -605,12 +727,18 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
         reference = results["methods"][0]["name"]
         md += [f"Each method against `{reference}`, paired on the same items (`*`: the 95% CI "
                "excludes 0):", "", md_table(*versus), ""]
+    per_seed = seeds_table(results)
+    if per_seed:
+        md += ["Per training seed (item-only paired CIs; the rows above pool them):", "",
+               md_table(*per_seed), ""]
     md += [f"## {captions[k]}\n\n![{captions[k]}]({p.name})\n" for k, p in images.items()]
     md.append(_footer(results))
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     tables = html_table(base_header, base_rows) + html_table(header, rows)
     if versus:
         tables += html_table(*versus)
+    if per_seed:
+        tables += "<p>Per training seed (item-only paired CIs):</p>" + html_table(*per_seed)
     atomic_write_text(out / "report.html",
                       _html(title, settings, tables, images, captions, _footer(results)))
     return {"markdown": out / "report.md", "html": out / "report.html",

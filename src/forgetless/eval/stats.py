@@ -116,3 +116,37 @@ def paired_bootstrap(
     means = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return Metric(value, stderr, float(low), float(high), n)
+
+
+def two_level_bootstrap(
+    differences: Sequence[np.ndarray], resamples: int = 2000, seed: int = 0
+) -> Metric:
+    """Mean paired change pooled over training seeds and items, with a CI for both sources.
+
+    ``differences`` holds one ``seeds × items`` array per task (every seed scored the same
+    items, so items are crossed with seeds); the estimate is the mean over tasks of the mean
+    over seeds and items. Each resample draws the seeds with replacement, then the items of
+    every task with replacement, the same items for every drawn seed (an item's difficulty is
+    shared by all seeds, so it must not average out across them). With one seed this is the
+    item bootstrap of ``paired_bootstrap``; with several, a change that one lucky data order
+    carries widens the CI instead of hiding in an item-only CI. SE = the resamples' SD.
+    """
+    arrays = [np.atleast_2d(np.asarray(d, dtype=np.float64)) for d in differences]
+    if not arrays or any(a.size == 0 for a in arrays):
+        return Metric(math.nan, math.nan, math.nan, math.nan, 0)
+    seeds = arrays[0].shape[0]
+    if any(a.shape[0] != seeds for a in arrays):
+        raise ValueError("every task needs the same seeds")
+    value = float(np.mean([a.mean() for a in arrays]))
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, seeds, size=(resamples, seeds))
+    stats = np.zeros(resamples)
+    for a in arrays:
+        items = rng.integers(0, a.shape[1], size=(resamples, a.shape[1]))
+        # per resample: the mean over its drawn seeds of the mean over its drawn items
+        per_seed = np.take_along_axis(a[drawn], items[:, None, :], axis=2).mean(axis=2)
+        stats += per_seed.mean(axis=1)
+    stats /= len(arrays)
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return Metric(value, float(stats.std(ddof=1)), float(low), float(high),
+                  sum(a.size for a in arrays))
