@@ -20,7 +20,7 @@ demo: install
 	$(VENV)/bin/forgetless compare configs/demo.yaml
 
 lint: install
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench scripts
 
 test: install lint
 	$(PY) -m pytest -q -x --durations=15
