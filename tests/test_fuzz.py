@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -345,3 +346,186 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, case):
     assert "loading" not in done.stdout  # failed before any model loaded
     CASES["CLI end to end"] += 1
     OUTCOMES["CLI end to end", "error"] += 1
+
+
+# --- image rows (TRL-style images + messages with image parts, or image + prompt + response) --
+
+IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp",
+                 "TIFF": ".tif", "ICO": ".ico", "PPM": ".ppm"}
+MAGIC = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"GIF87a", b"BM", b"II*\x00",
+         b"MM\x00*", b"RIFF\x00\x00\x00\x00WEBPVP8 ", b"\x00\x00\x01\x00", b"P6\n", b"8BPS",
+         b"\x00\x00\x00\x0cjP  \r\n\x87\n"]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` and holds no pixel data (a decompression bomb
+    as Pillow sees it when the size is absurd)."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (MAGIC[0] + struct.pack(">I", len(ihdr)) + chunk
+            + struct.pack(">I", zlib.crc32(chunk)) + b"\x00\x00\x00\x00IEND\xaeB`\x82")
+
+
+@st.composite
+def image_bytes(draw, clean: bool = False) -> tuple[str, bytes | None]:
+    """(suffix, content) of an image file: valid in many formats, modes and shapes, or
+    truncated, bit-flipped, a magic number with junk, empty, text, a bomb; None = no file,
+    b"/" = a folder at that path."""
+    import io
+
+    from PIL import Image
+
+    kind = "valid" if clean else draw(st.sampled_from(
+        ["valid"] * 3 + ["truncated", "flipped", "magic", "empty", "text", "bomb", "missing",
+                         "folder"]))
+    if kind == "missing":
+        return ".png", None
+    if kind == "folder":
+        return ".png", b"/"
+    if kind == "empty":
+        return draw(st.sampled_from([".png", ".jpg", ""])), b""
+    if kind == "text":
+        return ".png", _encode(draw(odd_text), "utf-8")
+    if kind == "magic":
+        return draw(st.sampled_from([".png", ".jpg", ".gif", ".img"])), (
+            draw(st.sampled_from(MAGIC)) + draw(st.binary(max_size=200)))
+    if kind == "bomb":
+        side = draw(st.sampled_from([20_000, 70_000, 1 << 30]))
+        return ".png", _png_header(side, draw(st.sampled_from([side, 1])))
+    fmt = draw(st.sampled_from(sorted(IMAGE_FORMATS)))
+    mode = draw(st.sampled_from(["RGB", "RGBA", "L", "LA", "P", "1", "I", "F", "I;16", "CMYK"]))
+    size = draw(st.sampled_from([(1, 1), (2, 3), (16, 16), (1, 300), (300, 1), (40, 25)]))
+    image = Image.new(mode, size, color=draw(st.integers(0, 255)) if mode != "F" else 0.5)
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, format=fmt)
+    except (OSError, ValueError, KeyError):  # this format cannot hold it: an RGB PNG then
+        fmt, buffer = "PNG", io.BytesIO()
+        image.convert("RGB").save(buffer, format=fmt)
+    raw = buffer.getvalue()
+    if kind == "truncated":
+        raw = raw[: draw(st.integers(0, max(0, len(raw) - 1)))]
+    elif kind == "flipped":
+        flips = draw(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(1, 255)),
+                              min_size=1, max_size=4))
+        data = bytearray(raw)
+        for at, xor in flips:
+            data[at] ^= xor
+        raw = bytes(data)
+    return IMAGE_FORMATS[fmt], raw
+
+
+image_name = st.one_of(
+    st.sampled_from(["img", "sub/img", "ü ñ 🙂", "../outside", "a" * 300]),  # 300: too long
+    st.text(string.ascii_letters + string.digits + "_-. ", min_size=1, max_size=12),
+)
+odd_path = st.sampled_from(["", " ", ".", "..", "/", "nul\x00byte.png", "~no_such_user_x/a.png",
+                            "https://example.com/a.png", "a.png\n"])
+
+
+@st.composite
+def image_case(draw):
+    """A data file of image rows and the image files it names (relative to the file); about
+    half the cases are well-formed throughout, so that accepted rows get checked too."""
+    files: dict[str, tuple[str, bytes | None]] = {}
+    rows = []
+    clean = draw(st.booleans())
+    for _ in range(draw(st.integers(1, 3))):
+        paths = []
+        for _ in range(draw(st.integers(int(clean), 3))):
+            if not clean and draw(st.integers(0, 9)) == 9:
+                paths.append(draw(odd_path))
+                continue
+            name = draw(image_name)
+            if name not in files:
+                files[name] = draw(image_bytes(clean))
+            paths.append(name + files[name][0])
+        slots = len(paths) if clean else draw(st.sampled_from(
+            [len(paths)] * 4 + [0, len(paths) + 1, max(0, len(paths) - 1)]))
+        prompt, response = draw(words), draw(words.filter(str.strip))
+        form = draw(st.sampled_from(["trl", "short"] if clean else
+                                    ["trl"] * 3 + ["short"] * 3 + ["both", "odd"]))
+        if form == "short":
+            image: Any = paths[0] if len(paths) == 1 and draw(st.booleans()) else paths
+            rows.append({"image": image, "prompt": prompt, "response": response})
+        elif form == "trl":
+            parts: list[Any] = [{"type": "image"}] * slots + [{"type": "text", "text": prompt}]
+            if not clean and draw(st.integers(0, 5)) == 5:
+                parts.insert(0, draw(json_value))
+            user = {"role": "user", "content": draw(st.permutations(parts))}
+            answer = {"role": "assistant", "content": draw(st.sampled_from(
+                [response, [{"type": "text", "text": response}]] + ([] if clean else [[], None])))}
+            messages = draw(st.sampled_from(
+                [[user, answer], [{"role": "system", "content": prompt}, user, answer]]
+                + ([] if clean else [[answer, user], [user]])))
+            rows.append({"images": paths, "messages": messages})
+        elif form == "both":
+            rows.append({"images": paths, "image": paths[:1], "prompt": prompt,
+                         "response": response})
+        else:
+            key = draw(st.sampled_from(["images", "image"]))
+            rows.append({key: draw(json_value), **draw(st.sampled_from(
+                [{"prompt": prompt, "response": response},
+                 {"messages": draw(st.one_of(st.lists(message, max_size=3), json_value))}]))})
+    suffix = draw(st.sampled_from([".jsonl"] * 4 + [".json", ".csv"]))
+    if suffix == ".json":
+        text = json.dumps(rows, ensure_ascii=draw(st.booleans()))
+    elif suffix == ".csv":
+        text = "image,prompt,response\n" + "\n".join(
+            ",".join(json.dumps(str(r.get(k, ""))) for k in ("image", "prompt", "response"))
+            for r in rows)
+    else:
+        text = "\n".join(json.dumps(r, ensure_ascii=draw(st.booleans())) for r in rows)
+    codec = draw(st.sampled_from(["utf-8", "utf-8-sig"] if clean else
+                                 ["utf-8"] * 5 + ["utf-8-sig", "utf-16"]))
+    return files, suffix, _encode(text, codec)
+
+
+@FUZZ
+@given(image_case())
+def test_image_rows_work_or_fail_cleanly(tmp_path_factory, case):
+    """Every image row is read, with every image checked, or is one ForgetlessError; what is
+    accepted opens as RGB (what the collator feeds the processor) and fills its image parts."""
+    from forgetless.data import image_count, load_examples, open_image
+
+    files, suffix, raw = case
+    folder = tmp_path_factory.mktemp("images") / "data"  # "../x" stays inside this case
+    (folder / "sub").mkdir(parents=True)
+    for name, (ext, content) in files.items():
+        path = folder / (name + ext)
+        if content is None or len(path.name.encode()) > 255:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content == b"/":
+            path.mkdir(exist_ok=True)
+        else:
+            path.write_bytes(content)
+    data = folder / f"rows{suffix}"
+    data.write_bytes(raw)
+    examples = outcome("image rows", load_examples, str(data))
+    for example in examples or []:
+        assert example.messages[-1]["role"] == "assistant"
+        assert image_count(example.messages) == len(example.images)
+        for image in example.images:
+            assert open_image(image).mode == "RGB"
+
+
+@pytest.mark.parametrize("name", ["a" * 300 + ".png", "~no_such_user_x/a.png", "big.png"])
+def test_image_paths_the_fuzzer_broke_on_are_one_error(tmp_path, recwarn, name):
+    """Found by the image fuzzer: a name too long for the file system (OSError from is_file)
+    and "~user" of an unknown user (RuntimeError from expanduser) were tracebacks; an image
+    above Pillow's pixel limit printed a DecompressionBombWarning line before the error."""
+    from forgetless.data import load_examples
+
+    (tmp_path / "big.png").write_bytes(_png_header(10_000, 10_000))  # 1e8 px: warns, < 2x limit
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"image": name, "prompt": "p",
+                                                     "response": "r"}))
+    with pytest.raises(ForgetlessError, match="rows.jsonl:1: .*(bad image path|Pillow's limit)"):
+        load_examples(str(tmp_path / "rows.jsonl"))
+    assert not recwarn.list
+    if name != "big.png":  # the same names as the data file itself
+        with pytest.raises(ForgetlessError, match="bad data path"):
+            load_examples(name + ".jsonl" if "~" in name else str(tmp_path / name) + ".jsonl")

@@ -60,3 +60,31 @@ def test_off_when_not_asked(tmp_path, tokenizer):
     result = _train(tmp_path, tokenizer, method="attn", max_steps=1, update_stats_every=None,
                     save_model=False)
     assert result.metrics["update_analytics"] is None
+
+
+def test_measure_matches_the_plain_formulas_on_a_non_contiguous_weight():
+    """The fused measure (scratch buffer, count_nonzero, dot products) equals the definitions."""
+    import torch
+
+    layer = torch.nn.Linear(6, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.data = layer.weight.data.t().contiguous().t()  # non-contiguous strides
+    model = torch.nn.Module()
+    model.q_proj = layer
+    analytics = UpdateAnalytics(every=1)
+
+    class State:
+        global_step, max_steps = 0, 5
+
+    analytics.on_train_begin(None, State, None, model=model)
+    start = layer.weight.detach().clone()
+    analytics.on_pre_optimizer_step(None, State, None)
+    before = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight[0, :3] += 0.5
+    analytics.on_optimizer_step(None, State, None)
+    values, now = analytics._pending, layer.weight.detach()
+    assert values["updates/moved/type/q"] == 3 / 24 == values["updates/moved_ever/total"]
+    assert abs(values["updates/rms/total"] - float((now - before).pow(2).mean().sqrt())) < 1e-6
+    drift = float((now - start).norm() / start.norm())
+    assert abs(values["updates/drift/total"] - drift) < 1e-6

@@ -226,19 +226,37 @@ def _image_task_examples(name: str, split: str) -> list[Example]:
 
 
 def _check_image(path: Path, where: str) -> Path:
-    """Open and decode ``path`` now, so a bad image fails before a model loads."""
-    from PIL import Image, UnidentifiedImageError
+    """Open and decode ``path`` now, so a bad image fails before a model loads.
 
-    if not path.is_file():
+    Any exception from decoding is "unreadable": Pillow's plugins raise many types on damaged
+    files (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, ...). Images
+    above Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) are refused rather than
+    decoded (a VLM's processor would shrink them anyway), and Pillow's warnings about odd files
+    stay quiet, so a user sees one line or none."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        found = path.is_file()
+    except (OSError, ValueError) as err:  # e.g. a name too long for the file system
+        raise ForgetlessError(f"{where}: bad image path {str(path)[:120]!r} ({err})") from None
+    if not found:
         raise ForgetlessError(f"{where}: image not found: {path}")
     try:
-        with Image.open(path) as image:
-            image.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ForgetlessError(f"{where}: unreadable image {path} ({reason})") from None
-    except Image.DecompressionBombError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ForgetlessError(f"{where}: image {path} has more than {Image.MAX_IMAGE_PIXELS:,} "
+                              "pixels (Pillow's limit); downscale it") from None
+    except MemoryError:
         raise ForgetlessError(f"{where}: image {path} is too large to decode") from None
+    except Exception as err:  # noqa: BLE001 - a damaged file raises many types; one line is the contract
+        reason = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ForgetlessError(f"{where}: unreadable image {path} ({reason})") from None
     return path
 
 
@@ -250,7 +268,10 @@ def _image_paths(value: Any, where: str, base_dir: Path | None) -> list[Path]:
         raise ForgetlessError(f"{where}: 'images' must be a non-empty list of file paths")
     paths = []
     for text in value:
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError as err:  # "~user/..." for an unknown user
+            raise ForgetlessError(f"{where}: bad image path {text[:120]!r} ({err})") from None
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         paths.append(_check_image(path, where))
@@ -319,8 +340,12 @@ def load_examples(source: str, split: str = "train") -> list[Example]:
         return [Example(messages) for messages in BUILTIN_TASKS[source](split)]
     if source in IMAGE_TASKS:
         return _image_task_examples(source, split)
-    path = Path(source).expanduser()
-    if path.suffix.lower() in {".jsonl", ".json", ".csv"} or path.exists():
+    try:
+        path = Path(source).expanduser()
+        exists = path.exists()
+    except (OSError, RuntimeError, ValueError) as err:  # too long a name, "~nobody/x"
+        raise ForgetlessError(f"bad data path {source[:120]!r} ({err})") from None
+    if path.suffix.lower() in {".jsonl", ".json", ".csv"} or exists:
         return [row_to_example(row, f"{path}:{number}", path.parent)
                 for number, row in read_rows(path)]
     if "/" not in source:

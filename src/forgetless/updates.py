@@ -52,6 +52,19 @@ def layer_of(name: str) -> str:
     return next((part for part in name.split(".") if part.isdigit()), "other")
 
 
+def _flat_copy(param: torch.Tensor) -> torch.Tensor:
+    """A contiguous flat copy of a parameter's values (θ₀, the pre-step snapshot)."""
+    return param.detach().reshape(-1).clone(memory_format=torch.contiguous_format)
+
+
+def _sum_sq(flat: torch.Tensor) -> torch.Tensor:
+    """Σ x² of a flat tensor in one pass without a temporary (a dot product; float32 and wider
+    as is, half precision through float32), as float64."""
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    return torch.dot(flat, flat).double()
+
+
 class UpdateAnalytics(TrainerCallback):
     """Trainer callback logging the update statistics above every ``every`` optimizer steps."""
 
@@ -89,16 +102,17 @@ class UpdateAnalytics(TrainerCallback):
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
         with torch.no_grad():  # θ₀ of a resumed run is the resume point's weights
-            self._start = [p.detach().clone() for p in self._params]
-            self._ever = [torch.zeros_like(p, dtype=torch.bool) for p in self._params]
-            self._start_sq = [s.float().pow(2).sum().double() for s in self._start]
+            self._start = [_flat_copy(p) for p in self._params]
+            self._ever = [torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+                          for p in self._params]
+            self._start_sq = [_sum_sq(s) for s in self._start]
         self.seconds += time.perf_counter() - started
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._due(state.global_step + 1, state.max_steps):
             started = time.perf_counter()
             with torch.no_grad():
-                self._before = [p.detach().clone() for p in self._params]
+                self._before = [_flat_copy(p) for p in self._params]
             self.seconds += time.perf_counter() - started
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -119,20 +133,24 @@ class UpdateAnalytics(TrainerCallback):
     # --- measuring ------------------------------------------------------------------------
 
     def measure(self, step: int) -> dict[str, float]:
-        """Compare the weights with the pre-step snapshot and θ₀; one host transfer in all."""
+        """Compare the weights with the pre-step snapshot and θ₀; one host transfer in all.
+
+        The snapshot's buffer is reused as scratch (first this step's update, then θ − θ₀), and
+        each statistic is one reduction with no temporary (``count_nonzero``, a dot product,
+        ``logical_or_`` into the mask): a quarter of the elementwise passes and none of the
+        full-size allocations of the straightforward version (measured: docs/performance.md)."""
         rows = []
         with torch.no_grad():
             for param, before, start, ever, start_sq in zip(
                     self._params, self._before, self._start, self._ever, self._start_sq,
                     strict=True):
-                now = param.detach()
-                step_diff = (now - before).float()
-                ever |= now != start
-                rows.append(torch.stack([
-                    (step_diff != 0).sum().double(), ever.sum().double(),
-                    step_diff.pow(2).sum().double(), (now - start).float().pow(2).sum().double(),
-                    start_sq,
-                ]))
+                now = param.detach().reshape(-1)
+                scratch = before.sub_(now)  # minus this step's update
+                moved, step_sq = torch.count_nonzero(scratch), _sum_sq(scratch)
+                torch.sub(now, start, out=scratch)  # θ − θ₀
+                ever.logical_or_(scratch)
+                rows.append(torch.stack([moved.double(), torch.count_nonzero(ever).double(),
+                                         step_sq, _sum_sq(scratch), start_sq]))
         device = rows[0].device if rows else None
         sums = torch.stack([r.to(device) for r in rows]).tolist() if rows else []
         groups: dict[str, list[float]] = {}
