@@ -96,3 +96,13 @@ def test_builtin_image_task_is_training_data():
     examples = load_examples("name_shape", "test")
     assert len(examples) == 2000 and all(len(e.images) == 1 for e in examples[:5])
     assert examples[0].messages[0]["content"][0] == {"type": "image"}
+
+
+def test_every_image_task_is_a_target_and_a_continual_stage(tmp_path):
+    from forgetless.continual import ContinualConfig, resolve_stages
+    from forgetless.eval import registered_targets
+
+    assert set(IMAGE_TASKS) <= set(registered_targets())
+    config = ContinualConfig(tasks=["count_shapes", "read_clock", "read_digit"])
+    assert [s.target for s in resolve_stages(config, tmp_path)] == [
+        "count_shapes", "read_clock", "read_digit"]
