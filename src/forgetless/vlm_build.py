@@ -83,9 +83,9 @@ def ensure_built(lm_folder: str | Path, cache: Path, spec: BuildSpec | None = No
     target = target_folder(cache, Path(lm_folder), spec)
     if (target / "config.json").is_file():
         return target
-    print(f"[forgetless] building the embedded VLM once into {target} (LLaVA stage 1: "
-          f"{spec.steps} steps of {spec.batch_size} pictures, vision side only; about 15 min "
-          "on 2 CPU cores)", flush=True)
+    print(f"[forgetless] building the embedded VLM once into {target} ({spec.warmup_steps} "
+          f"word-alignment steps, then {spec.steps} LLaVA stage-1 steps with the LM frozen; "
+          "42 min measured on 2 heavily shared CPU cores, less when idle)", flush=True)
     tmp = runs.cache_temporary(cache, ".build-llava-")
     try:
         started = time.perf_counter()
