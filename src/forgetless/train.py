@@ -217,10 +217,12 @@ def _run_label(config: TrainConfig) -> str:
 def _check_model_name(name: str) -> None:
     """A missing model folder or file fails now; aliases and GGUF files resolve (and convert,
     once) only when the model loads."""
-    from forgetless.models import _ALIASES, resolve_model
+    from forgetless.models import _ALIASES, VLM_ALIAS, resolve_model
 
     path = Path(name).expanduser()
-    if name not in _ALIASES and not (path.suffix == ".gguf" and path.is_file()):
+    if name in _ALIASES or name == VLM_ALIAS:
+        return
+    if not (path.suffix == ".gguf" and path.is_file()):
         resolve_model(name)
 
 

@@ -208,7 +208,7 @@ def _image_task_rows(name: str) -> Callable[[], list[TargetRow]]:
     return rows
 
 
-for _name in ("count_shapes", "name_color", "name_shape"):
+for _name in ("count_shapes", "name_color", "name_shape", "spatial_relation", "read_digit"):
     register_target(Target(_name, load=_image_task_rows(_name), max_new_tokens=8))
 register_target(Target("read_clock", load=_image_task_rows("read_clock"), extract=extract_clock,
                        max_new_tokens=8))
