@@ -368,12 +368,12 @@ class _Session:
             "kl": metrics.get("drift/kl", 0.0),
         }
 
-    def violations(self, scores: dict[str, float]) -> list[float]:
+    def violations(self, scores: dict[str, float]) -> dict[str, float]:
         """Optuna constraints (<= 0: within budget), one per budget limit set."""
         budget = self.config.budget
         pairs = [("heldout_drop", budget.max_heldout_drop), ("kl", budget.max_kl),
                  ("gold_logprob_drop", budget.max_gold_logprob_drop)]
-        return [scores[key] - limit for key, limit in pairs if limit is not None]
+        return {key: scores[key] - limit for key, limit in pairs if limit is not None}
 
     # --- one run (trial or test) ----------------------------------------------------------
 
@@ -461,9 +461,12 @@ def _study(session: _Session, seed_offset: int = 0):
                                        ("heldout_drop", "kl", "gold_logprob_drop")}))
 
     def constraints(trial) -> list[float]:
-        return trial.user_attrs.get("constraints", [1.0] * n_limits)
+        values = trial.user_attrs.get("constraints") or {}
+        return list(values.values() if isinstance(values, dict) else values) or [1.0] * n_limits
 
-    kwargs = {"constraints_func": constraints} if n_limits else {}
+    # Optuna 5 takes constraints from Trial.set_constraint; 4 only from constraints_func.
+    old_api = not hasattr(optuna.trial.Trial, "set_constraint")
+    kwargs = {"constraints_func": constraints} if n_limits and old_api else {}
     seed = config.search.seed + seed_offset  # a resumed search draws new recipes
     if config.search.sampler == "nsga2":
         sampler = optuna.samplers.NSGAIISampler(seed=seed, **kwargs)
@@ -538,7 +541,11 @@ def _search(session: _Session) -> Any:
             raise optuna.TrialPruned(record["pruned"])
         scores = record["scores"]
         trial.set_user_attr("scores", scores)
-        trial.set_user_attr("constraints", session.violations(scores))
+        violations = session.violations(scores)
+        trial.set_user_attr("constraints", violations)
+        if hasattr(trial, "set_constraint"):
+            for key, value in violations.items():
+                trial.set_constraint(key, value)
         if config.search.sampler == "nsga2":
             return scores["target"], scores["heldout_drop"]
         return scores["target"]
@@ -571,10 +578,16 @@ def _trials(study) -> list[dict]:
     return rows
 
 
+def _within(trial: dict) -> bool:
+    """Every budget constraint of a trial row holds (a dict by name; a list in early stores)."""
+    values = trial["constraints"] or {}
+    return all(v <= 0 for v in (values.values() if isinstance(values, dict) else values))
+
+
 def choose(trials: list[dict], objective: str) -> dict | None:
     """The best complete trial within budget (ties: the smaller held-out drop)."""
     ok = [t for t in trials if t["state"] == "complete" and t["scores"]
-          and all(v <= 0 for v in t["constraints"] or [])]
+          and _within(t)]
     if not ok:
         return None
     sign = 1 if objective == "exact_match" else -1
@@ -628,7 +641,7 @@ def plot_front(trials: list[dict], best: dict | None, path: Path, budget: Budget
     if done:
         xs = [t["scores"]["heldout_drop"] for t in done]
         ys = [t["scores"]["target"] - t["scores"]["target_base"] for t in done]
-        inside = [all(v <= 0 for v in t["constraints"] or []) for t in done]
+        inside = [_within(t) for t in done]
         ax.scatter([x for x, i in zip(xs, inside) if i], [y for y, i in zip(ys, inside) if i],
                    c="tab:blue", label="within budget")
         ax.scatter([x for x, i in zip(xs, inside) if not i],
