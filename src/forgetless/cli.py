@@ -16,6 +16,7 @@ from forgetless.continual import continual_command
 from forgetless.errors import ForgetlessError
 from forgetless.eval.cli import eval_command
 from forgetless.plan import plan_command
+from forgetless.tune import tune_command
 
 app = typer.Typer(
     add_completion=False,
@@ -68,6 +69,7 @@ app.command("continual")(continual_command)
 app.command("check")(check_command)
 app.command("compare")(compare_command)
 app.command("plan")(plan_command)
+app.command("tune")(tune_command)
 
 
 def _debug() -> bool:

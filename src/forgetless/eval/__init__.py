@@ -64,6 +64,7 @@ _EXPORTS = {
     "FULL_SUITE": "evaluator",
     "default_drift_prompts": "evaluator",
     "evaluate": "evaluator",
+    "sampled_rows": "evaluator",
     "EvalResult": "result",
     "paired_difference": "result",
     "score_requests": "scoring",
@@ -102,6 +103,7 @@ if TYPE_CHECKING:
         FULL_SUITE,
         default_drift_prompts,
         evaluate,
+        sampled_rows,
     )
     from forgetless.eval.result import EvalResult, paired_difference
     from forgetless.eval.scoring import score_requests
@@ -118,6 +120,7 @@ if TYPE_CHECKING:
     from forgetless.eval.tasks import TaskSpec, builtin_tasks, load_spec, load_task
 
 __all__ = [
+    "sampled_rows",
     "DEFAULT_LIMIT",
     "DEFAULT_SUITE",
     "FULL_SUITE",

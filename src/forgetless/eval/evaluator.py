@@ -8,7 +8,7 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 
 import numpy as np
@@ -50,13 +50,16 @@ def evaluate(
     num_fewshot: int | None = None,
     model_name: str | None = None,
     base_name: str | None = None,
+    exclude: Mapping[str, Collection[int]] | None = None,
 ) -> EvalResult:
     """Score ``model`` on the held-out ``suite``, optionally a ``target`` task and drift from
     ``base_model``. ``limit`` is items per task (an int, or task -> int; None = all), chosen
     with ``seed``. See the package docstring for the metric names. Both models are evaluated
     where they are (inputs go to their device; nothing moves them) in their own dtype.
-    ``tokenizer`` may be a vision-language model's processor (as ``load_model`` returns it):
-    then tasks, targets and drift prompts with images are scored with their images."""
+    ``exclude`` maps a task or target name to row indices its sample must not use (a test
+    sample disjoint from a validation one). ``tokenizer`` may be a vision-language model's
+    processor (as ``load_model`` returns it): then tasks, targets and drift prompts with
+    images are scored with their images."""
     check_model_tokenizer(model, tokenizer)
     started = time.perf_counter()
     result = EvalResult()
@@ -67,7 +70,8 @@ def evaluate(
     for entry in suite:
         spec = load_spec(entry)
         task_limit = limit.get(spec.name, DEFAULT_LIMIT) if isinstance(limit, Mapping) else limit
-        loaded = load_task(spec, task_limit, seed, num_fewshot or 0)
+        skip = (exclude or {}).get(spec.name, ())
+        loaded = load_task(spec, task_limit, seed, num_fewshot or 0, skip)
         loaded_tasks.append(loaded)
         records, metrics = score_task(model, tokenizer, loaded, batch_size)
         _progress(f"{spec.name}: {len(records)} items", started)
@@ -79,12 +83,15 @@ def evaluate(
             "split": spec.split, "available": loaded.total, "n": len(loaded.items),
             "limit": task_limit, "num_fewshot": num_fewshot or 0, "files": loaded.files,
         }
+        if skip:
+            provenance["tasks"][spec.name]["excluded"] = len(set(skip))
     for measure, per_task in pooled.items():
         if per_task:
             result.metrics[f"heldout/{measure}"] = combine_means(per_task)
     if target is not None:
         name, records, metrics, info = _score_target(
-            model, tokenizer, get_target(target), target_limit, seed, batch_size
+            model, tokenizer, get_target(target), target_limit, seed, batch_size,
+            (exclude or {}).get(get_target(target).name, ()),
         )
         result.per_item[name] = records
         result.metrics.update(metrics)
@@ -102,6 +109,20 @@ def evaluate(
     provenance["seconds"] = round(time.perf_counter() - started, 2)
     result.provenance = provenance
     return result
+
+
+def sampled_rows(name: str, limit: int | None, seed: int, target: bool = False) -> list[int]:
+    """The row indices ``evaluate`` samples for a held-out task (or, ``target=True``, a
+    target) with this ``limit`` and ``seed``: pass them as ``exclude`` for a disjoint sample."""
+    if target:
+        total = len(get_target(name).load())
+        if limit is None or limit >= total:
+            return list(range(total))
+        return sorted(int(i) for i in np.random.default_rng(seed).choice(total, limit,
+                                                                         replace=False))
+    from forgetless.eval.tasks import sample_indices
+
+    return sample_indices(load_task(load_spec(name), None, seed).total, limit, seed)
 
 
 def _progress(done: str, started: float) -> None:
@@ -191,10 +212,15 @@ def _item_scores(model, tokenizer, loaded: LoadedTask, batch_size: int) -> list[
     return [logprob for logprob, _ in scored]
 
 
-def _score_target(model, tokenizer, target: Target, limit, seed, batch_size):
+def _score_target(model, tokenizer, target: Target, limit, seed, batch_size, exclude=()):
     rows = target.load()
     available = len(rows)
-    if limit is not None and limit < len(rows):
+    if exclude:  # a disjoint sample: draw from the rows left
+        keep = [i for i in range(len(rows)) if i not in set(exclude)]
+        if limit is not None and limit < len(keep):
+            keep = sorted(np.random.default_rng(seed).choice(keep, limit, replace=False))
+        rows = [rows[i] for i in keep]
+    elif limit is not None and limit < len(rows):
         chosen = sorted(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
         rows = [rows[i] for i in chosen]
     outputs = generate_greedy(model, tokenizer, rows, target.max_new_tokens, batch_size)

@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import random
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from importlib import resources
@@ -253,12 +254,15 @@ def _text(path: Path, raw: bytes) -> str:
 
 
 def load_task(
-    spec: TaskSpec, limit: int | None = None, seed: int = 0, num_fewshot: int = 0
+    spec: TaskSpec, limit: int | None = None, seed: int = 0, num_fewshot: int = 0,
+    exclude: Collection[int] = (),
 ) -> LoadedTask:
-    """Read the rows, pick ``limit`` of them with ``seed`` (same seed, same items) and render."""
+    """Read the rows, pick ``limit`` of them with ``seed`` (same seed, same items) and render.
+    ``exclude``: row indices the sample must not use (a test sample disjoint from a
+    validation sample drawn from the same split, as ``forgetless tune`` needs)."""
     rows, files = _read_split(spec, spec.split)
     total = len(rows)
-    chosen = sample_indices(total, limit, seed)
+    chosen = sample_indices(total, limit, seed, exclude)
     shots: list[dict] = []
     if num_fewshot > 0 and spec.image:
         raise ForgetlessError(f"task '{spec.name}': few-shot examples with images are not "
@@ -277,7 +281,15 @@ def load_task(
     return LoadedTask(spec=spec, items=items, total=total, files=files)
 
 
-def sample_indices(total: int, limit: int | None, seed: int) -> list[int]:
+def sample_indices(total: int, limit: int | None, seed: int,
+                   exclude: Collection[int] = ()) -> list[int]:
+    """``limit`` row indices drawn with ``seed``; without ``exclude`` the same draw as ever."""
+    if exclude:
+        skip = set(exclude)
+        pool = [i for i in range(total) if i not in skip]
+        if limit is None or limit >= len(pool):
+            return pool
+        return sorted(random.Random(seed).sample(pool, limit))
     if limit is None or limit >= total:
         return list(range(total))
     return sorted(random.Random(seed).sample(range(total), limit))

@@ -1,0 +1,120 @@
+"""``forgetless tune`` on a tiny Llama: a 3-trial search, resume after a kill, early errors,
+and a ``best.yaml`` that ``forgetless train`` runs as is."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from forgetless.errors import ForgetlessError
+from forgetless.tune import load_tune_config, tune
+from test_compare import model_dir, tiny_llama  # noqa: F401 (module fixture)
+
+ENV = {**os.environ, "PYTHONPATH": "src", "FORGETLESS_FAULT_AT": "", "FORGETLESS_DEBUG": ""}
+
+
+def _config(tmp_path, model_dir, **extra):  # noqa: F811
+    return {
+        "train": dict(model=str(model_dir), data="count_letters", limit=8, batch_size=4,
+                      max_length=64, logging_steps=1),
+        "space": {"method": ["full", "attn", "lora"],
+                  "learning_rate": {"low": 1e-3, "high": 3e-2, "log": True},
+                  "max_steps": [1, 2], "lora_r": [2, 4]},
+        "budget": {"max_heldout_drop": 50, "max_kl": 5.0},
+        "search": {"n_trials": 3, "monitor_every": 1, "prune_startup_trials": 1},
+        "eval": {"suite": ["arc_easy"], "target": "count_letters", "batch_size": 4,
+                 "drift_prompts": 2, "validation": {"limit": 3, "target_limit": 2},
+                 "test": {"limit": 3, "target_limit": 2}},
+        "test": {"seeds": [0], "baselines": ["full"]},
+        "output_dir": str(tmp_path / "tune"),
+        **extra,
+    }
+
+
+def test_tiny_search_report_and_best_yaml(tmp_path, model_dir):  # noqa: F811
+    results = tune(_config(tmp_path, model_dir))
+    out = tmp_path / "tune"
+    for name in ("tune.md", "tune.html", "pareto.png", "optuna.db", "mlflow.db", "tune.json"):
+        assert (out / name).is_file(), name
+    assert results["counts"]["total"] == 3
+    assert results["counts"]["complete"] + results["counts"]["pruned"] == 3
+    assert results["best"] is not None
+    names = [(r["name"], r["seed"]) for r in results["test"]]
+    assert names == [("recommended", 0), ("full", 0)]
+    # the test sample is disjoint from the validation sample
+    val = json.loads((out / "base" / "validation.json").read_text())["per_item"]
+    test = json.loads((out / "base" / "test.json").read_text())["per_item"]
+    for task in ("arc_easy", "count_letters"):
+        assert not {r["id"] for r in val[task]} & {r["id"] for r in test[task]}, task
+    assert "3 run" in (out / "tune.md").read_text()
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["method"] == results["best"]["recipe"]["method"]
+    best["max_steps"] = 1  # the recipe as is, one step for time
+    best["report_to"] = []
+    (out / "best.yaml").write_text(yaml.safe_dump(best))
+    done = subprocess.run([sys.executable, "-m", "forgetless", "train", str(out / "best.yaml")],
+                          env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "best" / "metrics.json").is_file()
+    # a second run reuses everything: no trial trains again
+    again = tune(_config(tmp_path, model_dir))
+    assert again["counts"]["total"] == 3
+
+
+def test_resume_after_kill(tmp_path, model_dir):  # noqa: F811
+    config = _config(tmp_path, model_dir)
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "forgetless", "tune", str(path)]
+    killed = subprocess.run(command, env={**ENV, "FORGETLESS_FAULT_AT": "tune.trial_done:2"},
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    out = tmp_path / "tune"
+    assert not (out / "tune.json").exists()
+    finished = [p for p in (out / "trials").iterdir() if (p / "tune.json").is_file()]
+    assert len(finished) >= 1
+    log = tmp_path / "faults.log"
+    done = subprocess.run(command, env={**ENV, "FORGETLESS_FAULT_LOG": str(log)},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "tune.json").read_text())
+    assert results["counts"]["interrupted"] == 1
+    counted = results["counts"]["complete"] + results["counts"]["pruned"]
+    assert counted == 3
+    # the killed trial's finished folder was reused; only the missing trial(s) trained
+    # (one new trial + the two test runs: recommended and full)
+    points = log.read_text().split()
+    assert sum(p.startswith("tune.run_done:") for p in points) == 3
+    assert "reusing the finished run" in done.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"space": {"method": ["full", "nope"]}}, "nope"),
+    ({"space": {"method": ["full"], "learning_rate": {"low": 1, "high": 0.1}}}, "low"),
+    ({"space": {"method": ["full"], "model": ["x"]}}, "cannot be searched"),
+    ({"space": {"method": ["full"], "lr": [1e-3]}}, "unknown key 'lr'"),
+    ({"search": {"n_trials": None}}, "n_trials"),
+    ({"budget": {"max_kll": 1}}, "max_kll"),
+])
+def test_bad_config_fails_before_a_model_loads(tmp_path, model_dir, change, message):  # noqa: F811
+    config = {**_config(tmp_path, model_dir), **change}
+    with pytest.raises(ForgetlessError, match=message):
+        tune(config)
+    assert not (tmp_path / "tune").exists()
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("space: {method: [full, nope]}\noutput_dir: " + str(tmp_path / "o") + "\n")
+    done = subprocess.run([sys.executable, "-m", "forgetless", "tune", str(path)], env=ENV,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith("forgetless: error:") and done.stderr.count("\n") == 1
+
+
+def test_example_config_loads():
+    config = load_tune_config("configs/tune.yaml")
+    assert config.search.n_trials >= 12
