@@ -67,3 +67,63 @@ def test_xcopa_scored_with_acc_and_continuous_measures():
         assert f"{task}/acc_norm" not in result.metrics
         assert len(result.per_item[task]) == 2
     assert "heldout/gold_logprob" in result.metrics
+
+
+needs_humaneval = pytest.mark.skipif(not _has("humaneval"), reason="shared humaneval data absent")
+
+CODE_TASK = """
+name: tiny_code
+output_type: generate_until
+data_files: {test: code.jsonl}
+id: "key"
+text: "{{ prompt }}"
+target: "{{ solution }}"
+check: "\\n{{ test }}\\n"
+until: ["\\ndef"]
+max_new_tokens: "6"
+metrics: [acc]
+"""
+
+
+@needs_humaneval
+def test_humaneval_items_and_canonical_solutions_pass_in_the_sandbox():
+    from forgetless.sandbox import run_python
+
+    loaded = load_task(load_spec("humaneval"), limit=None)
+    assert len(loaded.items) == 164 and loaded.items[0].id == "HumanEval/0"
+    first = loaded.items[0]
+    assert first.requests[0][0].startswith("from typing import List")
+    assert first.check.rstrip().endswith("check(has_close_elements)")
+    for item in loaded.items[:3]:  # prompt + reference + tests pass: the program is assembled right
+        prompt, solution = item.requests[0]
+        assert run_python(prompt + solution + item.check).passed, item.id
+    broken = loaded.items[0]
+    assert not run_python(broken.requests[0][0] + "    return None\n" + broken.check).passed
+
+
+@needs_xcopa
+def test_code_task_pass_at_1_and_solution_logprob(tmp_path, monkeypatch):
+    import json
+
+    import forgetless.eval.evaluator as evaluator
+
+    rows = [{"key": "a", "prompt": "def f():\n", "solution": "    return 1\n",
+             "test": "assert f() == 1"},
+            {"key": "b", "prompt": "def g():\n", "solution": "    return 2\n",
+             "test": "assert g() == 2"}]
+    (tmp_path / "code.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "code.yaml").write_text(CODE_TASK)
+    completions = ["    return 1\ndef junk(): pass", "    while True: pass\n"]
+    monkeypatch.setattr(evaluator, "generate_greedy",
+                        lambda *a, prompts, **k: completions[: len(prompts)])
+    monkeypatch.setattr("forgetless.sandbox.Limits.__init__.__defaults__",
+                        (1.0, 1, 1 << 30, 1 << 20, 16, 64, 65536))
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    result = evaluate(model, tokenizer, suite=[str(tmp_path / "code.yaml"), "xcopa_it"],
+                      limit=2)
+    records = result.per_item["tiny_code"]
+    assert [r["correct"] for r in records] == [1, 0]  # cut at "\ndef"; the loop is killed
+    assert records[0]["output"] == "    return 1" and records[1]["timed_out"]
+    assert result.metrics["tiny_code/acc"].value == 0.5
+    assert all(r["gold_logprob"] < 0 for r in records)
+    assert "tiny_code/margin" not in result.metrics and "heldout/acc" in result.metrics
