@@ -33,6 +33,7 @@ class TrainConfig(BaseModel):
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     anchor_weight: float = Field(1e-2, ge=0.0)
+    lwf_weight: float = Field(1.0, ge=0.0)  # λ of +lwf methods (KL to the frozen base)
     merge_lora: bool = False
     # vision-language models (LLaMA-Factory's names): which non-text parts train as well
     freeze_vision_tower: bool = True

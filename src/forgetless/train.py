@@ -52,13 +52,15 @@ class TrainResult:
 
 
 class _ForgetlessTrainer(Trainer):
-    """A Trainer that adds the method's regulariser (e.g. L2 pull to θ₀) to the loss and stops
-    on a non-finite loss (the stock Trainer only hides such losses from its logs)."""
+    """A Trainer that adds the method's regulariser (e.g. L2 pull to θ₀) and LwF term (KL to
+    the frozen base on this batch) to the loss and stops on a non-finite loss (the stock
+    Trainer only hides such losses from its logs)."""
 
     def __init__(self, *args: Any, regularizer: Any = None, optimizer_factory: Any = None,
-                 **kwargs: Any) -> None:  # fmt: skip
+                 distiller: Any = None, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
         self.regularizer = regularizer
+        self.distiller = distiller
         self.optimizer_factory = optimizer_factory
         self.method_optimizer: torch.optim.Optimizer | None = None
 
@@ -70,10 +72,14 @@ class _ForgetlessTrainer(Trainer):
         return super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = result if return_outputs else (result, None)
+        need_outputs = return_outputs or self.distiller is not None
+        result = super().compute_loss(model, inputs, need_outputs, num_items_in_batch)
+        loss, outputs = result if need_outputs else (result, None)
         if self.regularizer is not None:
             loss = loss + self.regularizer(model)
+        if self.distiller is not None:
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+            loss = loss + self.distiller(logits, inputs)
         if not torch.isfinite(loss.detach()).all():
             raise ForgetlessError(
                 f"training loss became {loss.item()} at step {self.state.global_step + 1}: "
@@ -122,6 +128,7 @@ def _method_options(config: TrainConfig) -> MethodOptions:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         anchor_weight=config.anchor_weight,
+        lwf_weight=config.lwf_weight,
         freeze_vision_tower=config.freeze_vision_tower,
         freeze_multi_modal_projector=config.freeze_multi_modal_projector,
         freeze_language_model=config.freeze_language_model,
@@ -313,6 +320,7 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
         # ZeroLayoutCallback: MoFO under DeepSpeed ZeRO; _CheckpointMarker: complete checkpoints
         callbacks=[*(callbacks or []), ZeroLayoutCallback(), _CheckpointMarker()],
         regularizer=prepared.regularizer,
+        distiller=prepared.distiller,
         optimizer_factory=make_optimizer,
     )
     distributed = trainer.accelerator.num_processes > 1
@@ -374,6 +382,12 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
         "monitor": [monitor.summary() for monitor in monitors],
         "update_analytics": analytics[0].summary() if analytics else None,
     }
+    if prepared.distiller is not None:  # LwF's overhead: the base copy and its forward passes
+        metrics["lwf"] = prepared.distiller.summary(seconds)
+        lwf = metrics["lwf"]
+        print(f"[forgetless] lwf overhead: base copy {lwf['base_bytes'] / 2**20:.0f} MiB, "
+              f"base forward {lwf['base_forward_seconds']:.1f} s "
+              f"({100 * lwf.get('time_share', 0.0):.0f}% of training)", flush=True)
     if trainer.is_world_process_zero():
         fault_point("train.metrics")
         atomic_write_json(run_dir / "metrics.json", metrics)

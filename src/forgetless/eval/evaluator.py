@@ -77,8 +77,9 @@ def evaluate(
         _progress(f"{spec.name}: {len(records)} items", started)
         result.per_item[spec.name] = records
         result.metrics.update(metrics)
-        for measure in HELDOUT_MEASURES:
-            pooled[measure].append(metrics[f"{spec.name}/{measure}"])
+        for measure in HELDOUT_MEASURES:  # a code task has no margin (one answer, no choices)
+            if f"{spec.name}/{measure}" in metrics:
+                pooled[measure].append(metrics[f"{spec.name}/{measure}"])
         provenance["tasks"][spec.name] = {
             "split": spec.split, "available": loaded.total, "n": len(loaded.items),
             "limit": task_limit, "num_fewshot": num_fewshot or 0, "files": loaded.files,
@@ -165,6 +166,8 @@ def score_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
     name = loaded.spec.name
     if not loaded.items:
         raise ForgetlessError(f"task '{name}' has no items")
+    if loaded.spec.generates:
+        return score_code_task(model, tokenizer, loaded, batch_size)
     scores = _item_scores(model, tokenizer, loaded, batch_size)
     records, offset = [], 0
     for item in loaded.items:
@@ -185,6 +188,40 @@ def score_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
     metrics[f"{name}/gold_logprob"] = mean_metric([r["gold_logprob"] for r in records])
     metrics[f"{name}/margin"] = mean_metric([r["margin"] for r in records])
     return records, metrics
+
+
+def score_code_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
+    """A ``generate_until`` task: greedy completion cut at the first stop string, run with the
+    item's check code in ``forgetless.sandbox`` (never in this process) -> ``acc`` (pass@1);
+    ``gold_logprob`` = log p(reference | prompt) summed over its tokens, paired per item."""
+    from forgetless.sandbox import run_python
+
+    spec, items = loaded.spec, loaded.items
+    tok = text_tokenizer(tokenizer)
+    prompts = [item.requests[0][0] for item in items]
+    outputs = generate_greedy(model, tokenizer, None, int(spec.max_new_tokens),
+                              batch_size, prompts=prompts)
+    logprobs = score_requests(model, tok, [item.requests[0] for item in items],
+                              batch_size=max(1, batch_size // 2))
+    records = []
+    for item, prompt, output, logprob in zip(items, prompts, outputs, logprobs):
+        completion = _cut(output, spec.until)
+        run = run_python(prompt + completion + (item.check or ""))
+        records.append({
+            "id": item.id, "pred": 0 if run.passed else 1, "gold": 0,
+            "correct": int(run.passed), "gold_logprob": round(float(logprob), 6),
+            "output": completion, "timed_out": run.timed_out, "returncode": run.returncode,
+            "isolation": list(run.isolation),
+        })
+    metrics = {f"{spec.name}/acc": proportion_metric([r["correct"] for r in records]),
+               f"{spec.name}/gold_logprob": mean_metric([r["gold_logprob"] for r in records])}
+    return records, metrics
+
+
+def _cut(text: str, until: Sequence[str]) -> str:
+    """The completion up to its first stop string (the rest is not part of the function)."""
+    ends = [text.find(stop) for stop in until if stop in text]
+    return text[: min(ends)] if ends else text
 
 
 def _item_scores(model, tokenizer, loaded: LoadedTask, batch_size: int) -> list[float]:

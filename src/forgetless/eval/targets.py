@@ -250,22 +250,25 @@ def answer_nll(model, tokenizer, rows: list[TargetRow], batch_size: int = 8):
 
 
 def generate_greedy(
-    model, tokenizer, rows: list[TargetRow], max_new_tokens: int, batch_size: int = 16
+    model, tokenizer, rows: list[TargetRow] | None, max_new_tokens: int, batch_size: int = 16,
+    prompts: list[str] | None = None,
 ) -> list[str]:
     """Batched greedy completions of the chat prompts (left padding, rows sorted by length);
-    with a VLM's processor, each batch (images and all) is built by the processor."""
+    with a VLM's processor, each batch (images and all) is built by the processor. Raw text
+    ``prompts`` (no chat template; code tasks) replace ``rows``."""
     from forgetless.data import open_image, process
     from forgetless.models import is_processor, text_tokenizer
 
-    processor = tokenizer if is_processor(tokenizer) else None
+    processor = tokenizer if is_processor(tokenizer) and prompts is None else None
     tokenizer = text_tokenizer(tokenizer)
-    prompts = [render_prompt(processor or tokenizer, row.messages) for row in rows]
+    if prompts is None:
+        prompts = [render_prompt(processor or tokenizer, row.messages) for row in rows or []]
     encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
             if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
-    outputs: list[str] = [""] * len(rows)
+    outputs: list[str] = [""] * len(prompts)
     device = model_device(model)
     was_training = model.training
     model.eval()

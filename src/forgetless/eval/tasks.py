@@ -76,8 +76,33 @@ class TaskSpec:
     metrics: list[str] = field(default_factory=lambda: ["acc", "acc_norm"])
     base_dir: str | None = None  # folder relative data paths resolve against
     image: str | None = None  # Jinja expression -> image path(s) of a row (image tasks)
+    # Code tasks (HumanEval): greedy completion of ``text``, run as text + completion + ``check``
+    # in ``forgetless.sandbox`` (pass@1 as ``acc``); ``target`` is the reference continuation
+    # whose log-probability given ``text`` is the continuous measure (``gold_logprob``).
+    output_type: str = "multiple_choice"  # multiple_choice | generate_until
+    target: str | None = None  # Jinja template -> reference continuation (generate_until)
+    check: str | None = None  # Jinja template -> code run after the completion
+    until: list[str] = field(default_factory=list)  # stop strings for the completion
+    max_new_tokens: str = "256"
+
+    @property
+    def generates(self) -> bool:
+        return self.output_type == "generate_until"
 
     def __post_init__(self) -> None:
+        if self.output_type not in ("multiple_choice", "generate_until"):
+            raise ForgetlessError(f"task '{self.name}': output_type must be multiple_choice or "
+                                  f"generate_until, not '{self.output_type}'")
+        if self.generates:
+            if self.text is None or self.target is None or self.check is None:
+                raise ForgetlessError(f"task '{self.name}': generate_until needs 'text', "
+                                      "'target' and 'check'")
+            if not self.max_new_tokens.isdigit() or int(self.max_new_tokens) < 1:
+                raise ForgetlessError(f"task '{self.name}': max_new_tokens must be a positive "
+                                      "integer")
+            for key in ("text", "target", "check"):
+                self._compile(key, template=True)
+            return
         multiple_choice = self.text is not None and self.choices is not None
         partial = self.contexts is not None and self.continuation is not None
         if multiple_choice == partial:
@@ -117,7 +142,7 @@ class TaskSpec:
     @cached_property
     def _compiled(self) -> dict[str, Any]:
         keys = {"text": 1, "description": 1, "continuation": 1, "choices": 0, "gold": 0,
-                "contexts": 0, "id": 0, "image": 0}
+                "contexts": 0, "id": 0, "image": 0, "target": 1, "check": 1}
         compiled = {k: self._compile(k, bool(t)) for k, t in keys.items()}
         compiled["fields"] = {
             name: _JINJA.compile_expression(expr, undefined_to_none=False)
@@ -138,6 +163,7 @@ class Item:
     gold: int
     norm_lengths: list[int]
     images: tuple[Any, ...] = ()  # image paths: the requests are about these images
+    check: str | None = None  # generate_until: code run after prompt + completion
 
 
 @dataclass
@@ -231,7 +257,8 @@ _FIELD_KINDS = {
     "dataset_name": "str?", "split": "str", "columns": "list?", "fields": "dict", "id": "str?",
     "description": "str", "target_delimiter": "str", "fewshot_delimiter": "str",
     "fewshot_split": "str?", "fewshot_sampler": "str", "fewshot_match": "str?",
-    "metrics": "list", "base_dir": "str?", "image": "str?",
+    "metrics": "list", "base_dir": "str?", "image": "str?", "output_type": "str",
+    "target": "str?", "check": "str?", "until": "list", "max_new_tokens": "str",
 }
 _KIND_NAMES = {"str": "a string", "str?": "a string or null", "dict": "a mapping of strings",
                "list": "a list of strings", "list?": "a list of strings or null"}
@@ -349,6 +376,11 @@ def _qa(spec: TaskSpec, row: dict) -> tuple[list[str], list[str], int]:
 
 def _render(spec: TaskSpec, row: dict, shots: list[dict]) -> Item:
     """Build the prompts exactly as lm-eval's ``fewshot_context`` + ``construct_requests`` do."""
+    if spec.generates:  # one request: (prompt, reference continuation); the check code beside
+        item_id = _evaluate(spec, "id", row) if spec.id else f"{row['_file']}:{row['_row']}"
+        prompt, target = _evaluate(spec, "text", row), _evaluate(spec, "target", row)
+        return Item(str(item_id), [(prompt, target)], 0, [len(target)],
+                    check=_evaluate(spec, "check", row))
     prefix = _evaluate(spec, "description", row) if spec.description else ""
     for shot in shots:
         contexts, continuations, gold = _qa(spec, shot)
@@ -448,6 +480,9 @@ def _read_split(spec: TaskSpec, split: str) -> tuple[list[dict], dict[str, str]]
     for i, path in enumerate(paths):
         raw = _read_bytes(spec, path)
         files[str(path)] = hashlib.sha256(raw).hexdigest()
+        if path.suffix == ".gz":  # hashed as stored, parsed as its inner file (HumanEval)
+            raw = _gunzip(spec, path, raw)
+            path = path.with_suffix("")
         file_rows = _parse(spec, path, _text(path, raw))
         if label_paths:
             labels_raw = _read_bytes(spec, label_paths[i])
@@ -473,6 +508,15 @@ def _read_bytes(spec: TaskSpec, path: Path) -> bytes:
         return path.read_bytes()
     except OSError as err:
         raise ForgetlessError(f"task '{spec.name}': cannot read {path}: {err.strerror}") from None
+
+
+def _gunzip(spec: TaskSpec, path: Path, raw: bytes) -> bytes:
+    import gzip
+
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError) as err:
+        raise ForgetlessError(f"task '{spec.name}': cannot decompress {path}: {err}") from None
 
 
 def _evaluate_field(spec: TaskSpec, name: str, row: dict) -> Any:

@@ -21,6 +21,7 @@ from forgetless.methods.layout import (
     multimodal_parts,
     text_layout,
 )
+from forgetless.methods.lwf import LwFLoss
 from forgetless.methods.registry import MethodChoice, get_method, parse_method
 
 
@@ -47,6 +48,8 @@ class MethodOptions:
     lora_dropout: float = 0.0
     lora_targets: list[str] | str | None = None
     anchor_weight: float = 1e-2
+    # λ of ``+lwf``: loss = CE + λ·KL(base ‖ model) per token (docs/results.md, "LwF weight").
+    lwf_weight: float = 1.0
     # A VLM's parts (LLaMA-Factory's names): the method picks what trains in the language
     # model; the vision tower and projector train only when unfrozen (then fully).
     freeze_vision_tower: bool = True
@@ -62,6 +65,8 @@ class MethodOptions:
             raise ForgetlessError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.anchor_weight < 0:
             raise ForgetlessError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        if self.lwf_weight < 0:
+            raise ForgetlessError(f"lwf_weight must be >= 0, got {self.lwf_weight}")
 
 
 @dataclass
@@ -75,6 +80,7 @@ class PreparedModel:
     trainable: int
     total: int
     regularizer: AnchorPenalty | None = None
+    distiller: LwFLoss | None = None  # ``+lwf``: KL to a frozen copy of the base, on the batch
     lora_targets: list[str] = field(default_factory=list)
     parts: dict[str, int] = field(default_factory=dict)  # VLM: trainable count per part
 
@@ -90,6 +96,7 @@ class PreparedModel:
             else "AdamW"
         )
         extra = f", {self.regularizer!r}" if self.regularizer is not None else ""
+        extra += f", {self.distiller!r}" if self.distiller is not None else ""
         if self.parts:  # a VLM: say which of its parts train
             extra += "; trains " + ", ".join(
                 f"{part} {count:,}" if count else f"{part} frozen"
@@ -217,6 +224,8 @@ def prepare_model(
     lora_targets: list[str] = []
     text_layout(model)  # fail early and clearly on a model we cannot read
     unfrozen = _unfrozen_parts(model, options, choice.name)
+    # The base copy is taken before LoRA wraps or anything trains: it is the pre-trained model.
+    distiller = LwFLoss(model, options.lwf_weight) if choice.lwf else None
     if base.lora:
         if options.freeze_language_model:
             raise ForgetlessError(f"method '{choice.name}' adapts the language model; "
@@ -251,6 +260,7 @@ def prepare_model(
         trainable=sum(p.numel() for _, p in trainable),
         total=sum(p.numel() for _, p in named),
         regularizer=regularizer,
+        distiller=distiller,
         lora_targets=lora_targets,
         parts=_part_counts(model),
     )

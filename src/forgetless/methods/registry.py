@@ -1,8 +1,9 @@
 """Method names → what they train: a small registry, one entry per method.
 
 A method is a base selection (``full``, ``lora``, a layer preset, or an anchored ``full``)
-optionally combined with the MoFO optimizer by appending ``+mofo``; ``mofo`` alone means
-``full+mofo``.
+optionally combined with the MoFO optimizer by appending ``+mofo`` and/or with LwF distillation
+from the frozen base by appending ``+lwf``; ``mofo`` / ``lwf`` alone mean ``full+mofo`` /
+``full+lwf``. Canonical order: ``<base>+mofo+lwf``.
 """
 
 from __future__ import annotations
@@ -31,21 +32,25 @@ class Method:
 
 @dataclass(frozen=True)
 class MethodChoice:
-    """A parsed method name: the base method and whether MoFO updates its parameters."""
+    """A parsed method name: the base method, whether MoFO updates its parameters and whether
+    an LwF term (KL to the frozen base) joins the loss."""
 
     name: str
     base: Method
     mofo: bool
+    lwf: bool = False
 
 
 MOFO = "mofo"
+LWF = "lwf"
+_MODIFIERS = (MOFO, LWF)
 
 _METHODS: dict[str, Method] = {}
 
 
 def register_method(method: Method) -> Method:
     """Add a base method (usable with and without ``+mofo``); names are lower case."""
-    if "+" in method.name or method.name != method.name.lower() or method.name == MOFO:
+    if "+" in method.name or method.name != method.name.lower() or method.name in _MODIFIERS:
         raise ValueError(f"invalid method name {method.name!r}")
     _METHODS[method.name] = method
     return method
@@ -70,18 +75,24 @@ def get_method(name: str) -> Method | None:
 
 
 def list_methods() -> list[str]:
-    """Every accepted method name: each base, each ``base+mofo``, and ``mofo``."""
-    return [*_METHODS, MOFO, *(f"{name}+{MOFO}" for name in _METHODS if name != "full")]
+    """Every accepted method name: each base, ``mofo``, ``lwf`` and each base with ``+mofo``,
+    ``+lwf`` or ``+mofo+lwf``."""
+    others = [name for name in _METHODS if name != "full"]
+    return [*_METHODS, MOFO, LWF, *(f"{name}+{MOFO}" for name in others),
+            *(f"{name}+{LWF}" for name in others), f"{MOFO}+{LWF}",
+            *(f"{name}+{MOFO}+{LWF}" for name in others)]
 
 
 def parse_method(name: str) -> MethodChoice:
-    """``"attn+mofo"`` → ``MethodChoice(base=attn, mofo=True)``; unknown names list the valid."""
+    """``"attn+mofo"`` → ``MethodChoice(base=attn, mofo=True)``; ``"lwf+attn"`` →
+    ``attn+lwf``; unknown names list the valid."""
     parts = [part.strip() for part in str(name).lower().split("+")]
-    mofo = MOFO in parts
-    rest = [part for part in parts if part != MOFO]
-    if mofo and not rest:
+    mofo, lwf = MOFO in parts, LWF in parts
+    rest = [part for part in parts if part not in _MODIFIERS]
+    if (mofo or lwf) and not rest:
         rest = ["full"]
-    if len(rest) != 1 or parts.count(MOFO) > 1 or rest[0] not in _METHODS:
+    repeated = parts.count(MOFO) > 1 or parts.count(LWF) > 1
+    if len(rest) != 1 or repeated or rest[0] not in _METHODS:
         raise ForgetlessError(f"unknown method '{name}' (valid: {', '.join(list_methods())})")
-    canonical = rest[0] + (f"+{MOFO}" if mofo else "")
-    return MethodChoice(name=canonical, base=_METHODS[rest[0]], mofo=mofo)
+    canonical = rest[0] + (f"+{MOFO}" if mofo else "") + (f"+{LWF}" if lwf else "")
+    return MethodChoice(name=canonical, base=_METHODS[rest[0]], mofo=mofo, lwf=lwf)
