@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -78,12 +77,7 @@ def convert_gguf(gguf: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished the same conversion first: use theirs
-            if not (target / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        runs.publish_temporary(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -196,6 +196,17 @@ def cache_temporary(folder: Path, prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder))
 
 
+def publish_temporary(tmp: Path, target: Path) -> None:
+    """Rename a finished ``cache_temporary`` folder into place. A rename onto a non-empty
+    folder fails: another process finished the same model first, so theirs is kept."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

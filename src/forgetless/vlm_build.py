@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -93,12 +92,7 @@ def ensure_built(lm_folder: str | Path, cache: Path, spec: BuildSpec | None = No
         stats["build_seconds"] = round(time.perf_counter() - started, 1)
         (tmp / "forgetless_build.json").write_text(json.dumps(
             {"spec": asdict(spec), "language_model": str(lm_folder), **stats}, indent=1))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished the same build first: use theirs
-            if not (target / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        runs.publish_temporary(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
