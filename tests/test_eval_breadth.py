@@ -126,4 +126,8 @@ def test_code_task_pass_at_1_and_solution_logprob(tmp_path, monkeypatch):
     assert records[0]["output"] == "    return 1" and records[1]["timed_out"]
     assert result.metrics["tiny_code/acc"].value == 0.5
     assert all(r["gold_logprob"] < 0 for r in records)
+    # per reference token, so pooled with the MC tasks it is not a sum of tens of nats
+    for r in records:
+        assert r["tokens"] == len("\n    return 1\n")  # per character; the prompt's "\n" moves over
+        assert abs(r["gold_logprob"] * r["tokens"] - r["gold_logprob_sum"]) < 1e-4
     assert "tiny_code/margin" not in result.metrics and "heldout/acc" in result.metrics

@@ -17,7 +17,12 @@ import torch
 from forgetless.errors import ForgetlessError
 from forgetless.eval.drift import DriftPrompt, kl_and_number_mass, param_drift
 from forgetless.eval.result import METRICS_VERSION, EvalResult
-from forgetless.eval.scoring import check_model_tokenizer, score_processed, score_requests
+from forgetless.eval.scoring import (
+    check_model_tokenizer,
+    encode_pair,
+    score_processed,
+    score_requests,
+)
 from forgetless.eval.stats import (
     bootstrap_metric,
     combine_means,
@@ -193,7 +198,10 @@ def score_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
 def score_code_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
     """A ``generate_until`` task: greedy completion cut at the first stop string, run with the
     item's check code in ``forgetless.sandbox`` (never in this process) -> ``acc`` (pass@1);
-    ``gold_logprob`` = log p(reference | prompt) summed over its tokens, paired per item."""
+    ``gold_logprob`` = log p(reference | prompt) per reference token (nats/token), paired per
+    item: per token, so that pooling it with multiple-choice tasks' few-nat values into
+    ``heldout/gold_logprob`` does not let one long solution's tens of nats swamp them (the sum
+    stays in ``gold_logprob_sum``)."""
     from forgetless.sandbox import run_python
 
     spec, items = loaded.spec, loaded.items
@@ -203,13 +211,15 @@ def score_code_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
                               batch_size, prompts=prompts)
     logprobs = score_requests(model, tok, [item.requests[0] for item in items],
                               batch_size=max(1, batch_size // 2))
+    lengths = [len(encode_pair(tok, *item.requests[0])[1]) for item in items]
     records = []
-    for item, prompt, output, logprob in zip(items, prompts, outputs, logprobs):
+    for item, prompt, output, logprob, n in zip(items, prompts, outputs, logprobs, lengths):
         completion = _cut(output, spec.until)
         run = run_python(prompt + completion + (item.check or ""))
         records.append({
             "id": item.id, "pred": 0 if run.passed else 1, "gold": 0,
-            "correct": int(run.passed), "gold_logprob": round(float(logprob), 6),
+            "correct": int(run.passed), "gold_logprob": round(float(logprob) / n, 6),
+            "gold_logprob_sum": round(float(logprob), 6), "tokens": n,
             "output": completion, "timed_out": run.timed_out, "returncode": run.returncode,
             "isolation": list(run.isolation),
         })

@@ -21,8 +21,9 @@ from forgetless.eval.stats import Metric
 # retrains) results measured by an older version, so one report never mixes metric sets.
 # 1: first release; 2: paired per-prompt number-mass change with a standard error;
 # 3: per-item gold log-probability among the choices and margin (``<task>/gold_logprob``,
-# ``<task>/margin``, their ``heldout/`` means).
-METRICS_VERSION = 3
+# ``<task>/margin``, their ``heldout/`` means); 4: a code task's ``gold_logprob`` per reference
+# token (it was the sum, which swamped the pooled ``heldout/gold_logprob``).
+METRICS_VERSION = 4
 
 
 @dataclass
