@@ -222,6 +222,18 @@ def test_config_defaults_and_dotted_overrides():
         load_compare_config({"interpolate": [1.5]})
 
 
+def test_per_task_limits_reach_the_drift_prompts():
+    config = load_compare_config({"eval": {"suite": ["arc_easy", "piqa"],
+                                           "limit": {"arc_easy": 3, "piqa": 2},
+                                           "drift_prompts": 100}})
+    assert config.eval.limit == {"arc_easy": 3, "piqa": 2}
+    with pytest.raises(ForgetlessError, match="eval.limit"):
+        load_compare_config({"eval": {"limit": {"arc_easy": 0}}})
+    job = forgetless.compare._Session.__new__(forgetless.compare._Session)
+    job.config = config
+    assert len(job.drift_prompts()) == 5  # 3 ARC-Easy + 2 PIQA contexts: the limits apply
+
+
 def test_interpolation_is_linear_and_merges_lora():
     base = tiny_llama()
     tuned = tiny_llama()

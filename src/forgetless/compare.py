@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 import yaml
@@ -76,7 +76,9 @@ class EvalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     suite: list[str] = Field(default_factory=lambda: ["arc_easy", "piqa"])
-    limit: int | None = Field(200, ge=1)
+    # items per held-out task: one number for every task, or per task ({humaneval: 12,
+    # xcopa: 132}; a task not named gets the evaluator's default)
+    limit: Annotated[int, Field(ge=1)] | dict[str, Annotated[int, Field(ge=1)]] | None = 200
     # "auto": the training data when it is a known target (gsm8k, count_letters,
     # largest_number); null: none.
     target: str | None = "auto"
@@ -355,13 +357,15 @@ class _Session:
 
     def drift_prompts(self) -> list[str] | None:
         """The first ``eval.drift_prompts`` held-out contexts, as ``evaluate`` would pick them."""
-        from forgetless.eval import default_drift_prompts, load_spec, load_task
+        from forgetless.eval import DEFAULT_LIMIT, default_drift_prompts, load_spec, load_task
 
         settings = self.config.eval
         if settings.drift_prompts is None:
             return None
-        tasks = [load_task(load_spec(name), settings.limit, settings.seed,
-                           settings.num_fewshot or 0) for name in settings.suite]
+        limit = settings.limit
+        tasks = [load_task(spec, limit.get(spec.name, DEFAULT_LIMIT) if isinstance(limit, dict)
+                           else limit, settings.seed, settings.num_fewshot or 0)
+                 for spec in map(load_spec, settings.suite)]
         return default_drift_prompts(tasks, settings.drift_prompts) or None
 
     def base_record(self) -> dict | None:
