@@ -496,8 +496,10 @@ def _check_inputs(config: CompareConfig, data: str) -> None:
     from forgetless.eval import load_spec
 
     load_conversations(data, "train")
-    for name in config.eval.suite:
-        load_spec(name)
+    names = [load_spec(name).name for name in config.eval.suite]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # results are keyed by task name: one would overwrite the other
+        raise ForgetlessError(f"eval.suite: two tasks are named {', '.join(twice)}")
 
 
 def _headline(result) -> str:

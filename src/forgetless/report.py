@@ -111,10 +111,11 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
     ``methods`` are the finished records and ``plan`` their ``(name, train config)`` pairs, in
     the same order; a name planned with several seeds becomes one entry pooling them
     (``forgetless.pooling``) with its per-seed summaries under ``seeds``."""
-    from forgetless.eval import EvalResult
+    from forgetless.eval import EvalResult, load_spec
 
     base_eval = EvalResult.load(out / "base" / base["eval_file"])
-    suite = list(config["eval"]["suite"])
+    # results are keyed by the task's name; the config may give a task as a .yaml path
+    suite = [load_spec(task).name for task in config["eval"]["suite"]]
     groups: dict[str, list] = {}
     for record, (name, train_config) in zip(methods, plan):
         folder = Path(train_config["output_dir"])  # runs/<name>[/seed<k>] under ``out``

@@ -7,6 +7,7 @@ than ``mlflow.start_run`` so that nothing global changes in the caller's process
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -18,6 +19,7 @@ from forgetless.io import fault_point
 
 _BAD_CHARS = re.compile(r"[^0-9A-Za-z_\-. /:]")
 _MAX_PARAM = 6000  # MLflow's limit on a parameter value
+_MAX_KEY = 250  # MLflow's limit on a metric or parameter name
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -37,8 +39,23 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _key(name: str) -> str:
-    return _BAD_CHARS.sub("_", name)
+def mlflow_key(name: str) -> str:
+    """``name`` as a valid MLflow metric / parameter name, unchanged when it already is one.
+
+    MLflow allows alphanumerics, ``_ - . space / :`` and, because names may become file paths,
+    rejects one that is not already normalised (``//``, ``./``, ``..``, a leading or trailing
+    ``/``), all at most 250 characters. A name built from a file path (a compare target like
+    ``/data/x.jsonl``) breaks all of these, so: bad characters become ``_``, empty and ``.``
+    path parts go, ``..`` parts become ``__``, and a cut name keeps a digest of the whole.
+    """
+    parts = [part for part in _BAD_CHARS.sub("_", name).split("/") if part not in ("", ".")]
+    key = "/".join("__" if part == ".." else part for part in parts) or "_"
+    if key.startswith(".."):
+        key = "_" + key
+    if len(key) > _MAX_KEY:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        key = f"{key[: _MAX_KEY - 9].rstrip('/')}_{digest}"
+    return key
 
 
 class Tracker:
@@ -85,15 +102,15 @@ class Tracker:
         run_id = run.info.run_id
         try:
             flat = flatten(params)
-            param_list = [Param(_key(k), str(v)[:_MAX_PARAM]) for k, v in flat.items()]
+            param_list = [Param(mlflow_key(k), str(v)[:_MAX_PARAM]) for k, v in flat.items()]
             now = int(run.info.start_time)
             metric_list = [
-                Metric(_key(k), float(v), now, 0) for k, v in metrics.items()
+                Metric(mlflow_key(k), float(v), now, 0) for k, v in metrics.items()
                 if v is not None and math.isfinite(float(v))
             ]
             for key, points in dict(series).items():
                 metric_list += [
-                    Metric(_key(key), float(v), now, int(step)) for step, v in points
+                    Metric(mlflow_key(key), float(v), now, int(step)) for step, v in points
                     if math.isfinite(float(v))
                 ]
             for start in range(0, max(len(param_list), len(metric_list)), 100):

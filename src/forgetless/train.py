@@ -71,15 +71,46 @@ class _ForgetlessTrainer(Trainer):
             self.optimizer = self.method_optimizer = self.optimizer_factory()
         return super().create_optimizer(model)
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's micro-batches of one optimizer step; also counts their LwF positions,
+        so the KL is a mean over the whole step like the CE loss (see ``_extra_loss``)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.distiller is not None and batches:
+            self._step_positions = sum(self.distiller.positions(b) for b in batches)
+        return batches, num_items
+
+    def _extra_loss(self, model, inputs, outputs, num_items_in_batch) -> torch.Tensor | None:
+        """Anchor penalty + LwF term for this micro-batch, scaled so that a step's micro-batches
+        add up to penalty + λ·mean KL over the step whatever ``grad_accum`` is: the Trainer
+        either divides the whole loss by the micro-batch count (we pre-multiply) or, when the
+        model normalised its CE by the step's token count, divides nothing (we divide the
+        penalty by the micro-batch count and the KL sum by the step's positions)."""
+        training = model.training
+        micro = getattr(self, "current_gradient_accumulation_steps", None) if training else 1
+        micro = micro or self.args.gradient_accumulation_steps
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:  # the Trainer's own test in training_step
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None)
+        undo = 1 if scaled else micro  # what the Trainer will divide this loss by
+        extra = None
+        if self.regularizer is not None:
+            extra = self.regularizer(model) * (undo / micro)
+        if self.distiller is not None:
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+            positions = getattr(self, "_step_positions", None) if training else None
+            kl = self.distiller(logits, inputs, positions)
+            kl = kl * undo if positions is not None else kl * (undo / micro)
+            extra = kl if extra is None else extra + kl
+        return extra
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         need_outputs = return_outputs or self.distiller is not None
         result = super().compute_loss(model, inputs, need_outputs, num_items_in_batch)
         loss, outputs = result if need_outputs else (result, None)
-        if self.regularizer is not None:
-            loss = loss + self.regularizer(model)
-        if self.distiller is not None:
-            logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-            loss = loss + self.distiller(logits, inputs)
+        extra = self._extra_loss(model, inputs, outputs, num_items_in_batch)
+        if extra is not None:
+            loss = loss + extra
         if not torch.isfinite(loss.detach()).all():
             raise ForgetlessError(
                 f"training loss became {loss.item()} at step {self.state.global_step + 1}: "

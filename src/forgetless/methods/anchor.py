@@ -1,7 +1,8 @@
 """A penalty that pulls trained weights back towards their pre-trained values (L2-SP style).
 
 penalty = weight · Σ ‖θ − θ₀‖² (L2) or weight · Σ |θ − θ₀| (L1), summed over the *trainable*
-parameters only; θ₀ is a frozen copy of just those, so memory grows with what trains.
+parameters only; θ₀ is a frozen copy of just those, so memory grows with what trains. Added once
+per optimizer step: the trainer splits it over the ``grad_accum`` micro-batches.
 """
 
 from __future__ import annotations

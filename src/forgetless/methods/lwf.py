@@ -1,11 +1,12 @@
 """Learning without Forgetting (Li & Hoiem 2016), the data-free distillation baseline.
 
 loss = CE + λ · KL(p_base ‖ p_model), averaged over the real (unpadded) positions of the
-*training* batch, with ``p_base`` from a frozen copy of the model taken before any method
-touches it. The copy costs one more set of weights and one extra forward pass per step (no
-backward); both are measured (``base_bytes``, ``seconds``) and land in the run summary. The
-narrow-retraining paper (Zhu et al. 2025) reports its selective recipes against LwF, which is
-why it is a ``+lwf`` modifier of any method (``attn+lwf``) and not only of ``full``.
+*training* batch (all micro-batches of an optimizer step under ``grad_accum``, as the CE is),
+with ``p_base`` from a frozen copy of the model taken before any method touches it. The copy
+costs one more set of weights and one extra forward pass per step (no backward); both are
+measured (``base_bytes``, ``seconds``) and land in the run summary. The narrow-retraining
+paper (Zhu et al. 2025) reports its selective recipes against LwF, which is why it is a
+``+lwf`` modifier of any method (``attn+lwf``) and not only of ``full``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,18 @@ class LwFLoss:
         seen = {id(t): t for t in [*self.base.parameters(), *self.base.buffers()]}
         return sum(t.numel() * t.element_size() for t in seen.values())
 
-    def __call__(self, logits: torch.Tensor, inputs: dict) -> torch.Tensor:
+    @staticmethod
+    def positions(inputs: dict) -> torch.Tensor | int:
+        """The positions the KL averages over in ``inputs``: the real (unpadded) tokens (a
+        tensor on the mask's device: no host sync per micro-batch)."""
+        mask = inputs.get("attention_mask")
+        return mask.sum() if mask is not None else inputs["input_ids"].numel()
+
+    def __call__(self, logits: torch.Tensor, inputs: dict,
+                 positions: torch.Tensor | int | None = None) -> torch.Tensor:
+        """λ · KL summed over this batch's real positions, divided by ``positions`` (by default
+        this batch's own count; the trainer passes the count of the whole accumulated step, so
+        the micro-batches' terms add up to the mean over the step, as the CE loss does)."""
         started = time.perf_counter()
         device = logits.device
         if next(self.base.parameters()).device != device:
@@ -54,11 +66,10 @@ class LwFLoss:
         logp = F.log_softmax(logits.float(), dim=-1)
         per_position = (base_logp.exp() * (base_logp - logp)).sum(-1)  # KL(base ‖ model)
         mask = inputs.get("attention_mask")
-        if mask is None:
-            kl = per_position.mean()
-        else:
-            mask = mask.to(per_position.dtype)
-            kl = (per_position * mask).sum() / mask.sum().clamp(min=1.0)
+        if mask is not None:
+            per_position = per_position * mask.to(per_position.dtype)
+        count = torch.as_tensor(self.positions(inputs) if positions is None else positions)
+        kl = per_position.sum() / count.to(per_position.device, per_position.dtype).clamp(min=1)
         self.seconds += time.perf_counter() - started
         self.calls += 1
         return self.weight * kl

@@ -48,18 +48,27 @@ class ShardGroup:
     """The processes holding the shards of a tensor, and this process's place among them.
 
     Shard ``rank`` must hold the flat index range right after shard ``rank - 1``'s, which is
-    how FSDP2 (``Shard(0)``) and ZeRO partitions lay tensors out.
+    how FSDP2 (``Shard(0)``) and ZeRO partitions lay tensors out. ``device`` is where the
+    group's collectives take their tensors (``None``: from its backend, see
+    :func:`collective_device`); MoFO's counts live on the host and cross on it.
     """
 
     group: Any  # a torch.distributed ProcessGroup (None = the default group)
     rank: int
     size: int
+    device: torch.device | None = None
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            object.__setattr__(self, "device", collective_device(self.group))
 
     def sum(self, counts: Tensor) -> Tensor:
-        """Elementwise sum of a count tensor over the shards: MoFO's ``count_reduce``."""
-        counts = counts.clone()
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.group)
-        return counts
+        """Elementwise sum of a count tensor over the shards: MoFO's ``count_reduce``. The
+        counts go to the collective's device (NCCL refuses host tensors) and come back to
+        ``counts``' device, where the threshold search reads them."""
+        moved = counts.to(self.device, copy=True)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=self.group)
+        return moved.to(counts.device)
 
     def earlier(self, count: int) -> int:
         """Sum of ``count`` over the shards before this one (one small all-reduce)."""
@@ -70,6 +79,26 @@ class ShardGroup:
         slots = torch.zeros(len(counts), self.size, dtype=torch.int64)
         slots[:, self.rank] = torch.tensor(counts, dtype=torch.int64)
         return self.sum(slots)[:, : self.rank].sum(1).tolist()
+
+
+def _accelerator() -> torch.device:
+    """This process's current accelerator (CUDA, XPU, ...)."""
+    accelerator = torch.accelerator.current_accelerator()
+    if accelerator is None:
+        raise ForgetlessError("MoFO: the process group needs device tensors but this process "
+                              "sees no accelerator")
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
+def collective_device(group: Any = None) -> torch.device:
+    """Where ``group``'s collectives take tensors: the host if its backend serves CPU tensors
+    (gloo, MPI, or a ``cpu:gloo,cuda:nccl`` pair), else the current accelerator (NCCL, ...).
+    Not the parameters' device: ZeRO-offload and FSDP2 CPU offload keep those on the host while
+    their group is NCCL."""
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    return _accelerator()
 
 
 def shard_group_of(param: Tensor) -> ShardGroup | None:
