@@ -72,6 +72,15 @@ app.command("plan")(plan_command)
 app.command("tune")(tune_command)
 
 
+# Click's exceptions as typer raises them: recent typer vendors click (``typer._click``), older
+# typer uses click itself, so they are found from a class typer exports in both cases.
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_click_exceptions = sys.modules[_UsageError.__module__]
+_NoArgsIsHelp = getattr(_click_exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+_Abort = (typer.Abort, getattr(_click_exceptions, "Abort", typer.Abort))  # the same in old typer
+
+
 def _debug() -> bool:
     return os.environ.get("FORGETLESS_DEBUG", "").lower() not in ("", "0", "false", "no")
 
@@ -86,7 +95,20 @@ def main() -> None:
       once (re-running a long job with ``--debug`` just to see it would cost the job again).
     """
     try:
-        app()
+        code = app(standalone_mode=False)  # click's usage errors reach us, not its box
+        if code == 130:  # typer turns Ctrl-C into exit 130, silently
+            print("forgetless: interrupted", file=sys.stderr)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except _NoArgsIsHelp as err:  # a bare ``forgetless``: the overview
+        err.show()
+        sys.exit(err.exit_code)
+    except _ClickException as err:
+        print(f"forgetless: error: {_usage_error(err)}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, _UsageError) else err.exit_code)
+    except _Abort:
+        print("forgetless: interrupted", file=sys.stderr)
+        sys.exit(130)
     except ForgetlessError as err:
         if _debug():
             traceback.print_exc()
@@ -112,6 +134,19 @@ def main() -> None:
               f"{_first_line(err)}); traceback in {where} (or rerun with --debug)",
               file=sys.stderr)
         sys.exit(1)
+
+
+def _usage_error(err: Exception) -> str:
+    """Click's message on one line, naming the help of the (sub-)command it concerns."""
+    message = " ".join(err.format_message().split())
+    ctx = getattr(err, "ctx", None)
+    if ctx is None:
+        return message
+    names = []  # the sub-command's name, not the program's ("python -m forgetless")
+    while ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return f"{message} (see {' '.join(['forgetless', *reversed(names)])} --help)"
 
 
 def _first_line(err: BaseException) -> str:
