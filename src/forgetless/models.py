@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -111,7 +114,36 @@ def resolve_model(name: str = DEFAULT_MODEL) -> str:
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ForgetlessError(f"model path not found: {name}")
+    if hub_unreachable() and not _in_hub_cache(name):
+        raise ForgetlessError(f"model {name!r} is not a local folder or in the Hugging Face "
+                              "cache, and the Hub cannot be reached (no network)")
     return name  # a Hub id; transformers reports a missing one itself
+
+
+def hub_unreachable() -> bool:
+    """True when the Hub cannot be reached; then huggingface_hub is switched to offline mode,
+    so cached files load at once instead of after ~25 s of retries and a screen of warnings per
+    request. One quick connection probe (3 s at most), done once per process."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub and transformers
+        os.environ["HF_HUB_OFFLINE"] = "1"  # and by child processes
+        return True
+    return False
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """A model or adapter repo with files in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, name), str)
+               for name in ("config.json", "adapter_config.json"))
 
 
 def is_vlm_config(config: Any) -> bool:
