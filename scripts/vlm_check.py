@@ -2,7 +2,8 @@
 
 Builds it first if it is not in the cache. Checks the language model is bit-identical to the
 embedded SmolLM2, then scores each built-in image task by log-likelihood (multiple choice) and
-greedy exact match. Usage: ``PYTHONPATH=src python scripts/vlm_check.py [items] [out.json]``.
+greedy exact match. Usage: ``PYTHONPATH=src python scripts/vlm_check.py [items] [out.json]
+[task,task,...]`` (the third argument restricts the tasks, e.g. ``name_color,name_shape``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ def main() -> None:
     lm = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"))
     ours = model.model.language_model.state_dict()
     same = all(torch.equal(ours[k], v) for k, v in lm.model.state_dict().items())
-    out: dict = {"lm_bit_identical": same and torch.equal(model.lm_head.weight, lm.lm_head.weight)}
+    out: dict = {"model": resolve_model("llava-smollm2"),
+                 "lm_bit_identical": same and torch.equal(model.lm_head.weight, lm.lm_head.weight)}
     print(out, flush=True)
-    for task in ("name_color", "name_shape", *[t for t in IMAGE_TASKS
-                                               if t not in ("name_color", "name_shape")]):
+    tasks = ("name_color", "name_shape", *[t for t in IMAGE_TASKS
+                                           if t not in ("name_color", "name_shape")])
+    if len(sys.argv) > 3:
+        tasks = tuple(t for t in tasks if t in sys.argv[3].split(","))
+    for task in tasks:
         result = evaluate(model, processor, suite=[task], limit=items, target=task,
                           target_limit=items).to_dict()
         out[task] = {"metrics": result["metrics"],
