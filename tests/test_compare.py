@@ -281,7 +281,9 @@ def test_seeds_train_per_seed_pool_and_reuse_per_seed(tmp_path, model_dir, monke
     # no target: generation is the slow part, and the one-seed test covers the target columns
     config = _config(tmp_path, model_dir, ["full", "attn"], target=None, seeds=[0, 1])
     config["train"]["limit"] = 16  # two seeds see different examples, not only another order
+    config["eval"]["drift_prompts"] = 3
     results = compare(config).results
+    assert results["sample_sizes"]["drift_prompts"] == 3  # prompts, not the pooled seeds
     out = tmp_path / "cmp"
     assert trained == [("full", 0), ("full", 1), ("attn", 0), ("attn", 1)]
     full, attn = results["methods"]

@@ -120,7 +120,7 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
     for record, (name, train_config) in zip(methods, plan):
         folder = Path(train_config["output_dir"])  # runs/<name>[/seed<k>] under ``out``
         groups.setdefault(name, []).append((record, train_config, folder))
-    entries, reference = [], None
+    entries, reference, drift_n = [], None, None
     for name, runs in groups.items():
         tuned = [EvalResult.load(folder / record["eval_file"]) for record, _, folder in runs]
         per_seed = [_entry(record, train_config, folder, result, base_eval, suite, target)
@@ -128,6 +128,9 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
         if reference is not None:
             for one, result, ref in zip(per_seed, tuned, reference[1]):
                 one["vs_reference"] = _versus(reference[0], result, ref, suite, target)
+        # prompts per run (a pooled entry's KL ``n`` counts seeds)
+        drift_n = drift_n or next((one["drift"]["kl"]["n"] for one in per_seed
+                                   if "kl" in one["drift"]), None)
         entry = per_seed[0] if len(per_seed) == 1 else _pooled(
             per_seed, runs, tuned, base_eval, reference, suite, target)
         if reference is None:
@@ -136,7 +139,6 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
     sizes = {task: base_eval.metrics[f"{task}/acc"].n for task in suite}
     if target:
         sizes[target] = base_eval.metrics[f"{target}/exact_match"].n
-    drift_n = next((e["drift"]["kl"]["n"] for e in entries if "kl" in e["drift"]), None)
     return {
         "config": config,
         "model": base["model"],
