@@ -95,9 +95,10 @@ class ReportSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # What "forgetting" means in the headline table and the Pareto plot: held-out accuracy
-    # (points) or a continuous paired per-item measure (nats; forgetless.eval). Accuracy stays
-    # the default until a measurement on real compare runs picks one (docs/results.md).
-    forgetting_measure: Literal["accuracy", "gold_logprob", "margin"] = "accuracy"
+    # (points) or a continuous paired per-item measure (nats; forgetless.eval). The gold
+    # choice's log-probability by measurement: on the demo's runs it showed full fine-tuning's
+    # forgetting at |t| 1.7-3.9 where accuracy gave |t| <= 0.7 (docs/results.md, "make demo").
+    forgetting_measure: Literal["accuracy", "gold_logprob", "margin"] = "gold_logprob"
 
 
 class CompareConfig(BaseModel):
