@@ -149,3 +149,31 @@ def test_paired_heldout_change_per_stage():
     rows = change_rows(summary)
     assert rows[0][:2] == ["full", "accuracy (pts)"] and rows[0][2].startswith("+0.0")
     assert rows[1][2].startswith("-0.225*") and rows[2] == ["full", "margin (nats)", "–"]
+
+
+def test_a_code_task_in_the_held_out_suite(tmp_path, tiny_dir, monkeypatch):
+    """humaneval-style tasks (generation run in the sandbox, per-token solution log-prob) work as
+    continual's held-out suite: pass@1 per stage and the paired log-prob change."""
+    import forgetless.eval.evaluator as evaluator
+    from test_eval_breadth import CODE_TASK
+
+    rows = [{"key": k, "prompt": f"def {k}():\n", "solution": "    return 1\n",
+             "test": f"assert {k}() == 1"} for k in ("f", "g")]
+    (tmp_path / "code.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "code.yaml").write_text(CODE_TASK)
+    def fake_greedy(model, tokenizer, rows, *args, prompts=None, **kwargs):
+        return ["    return 1\n"] * len(prompts if prompts is not None else rows)
+
+    monkeypatch.setattr(evaluator, "generate_greedy", fake_greedy)
+    config = {"model": str(tiny_dir), "tasks": ["count_letters", "largest_number"],
+              "methods": ["full"],
+              "train": {"max_steps": 1, "batch_size": 2, "max_length": 64, "limit": 2,
+                        "report_to": [], "logging_steps": 1},
+              "eval": {"suite": [str(tmp_path / "code.yaml")], "limit": 2, "target_limit": 2,
+                       "batch_size": 4},
+              "output_dir": str(tmp_path / "out")}
+    summary = continual(config, track=False)
+    data = summary["methods"]["full"]
+    assert data["trajectory"]["heldout/acc"] == [1.0] * 3  # both programs pass, each stage
+    assert data["heldout_change"]["gold_logprob"][0]["n"] == 2
+    assert "gold_logprob (nats)" in (tmp_path / "out" / "continual.md").read_text()

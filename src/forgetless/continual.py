@@ -580,7 +580,11 @@ def _continual(config: ContinualConfig, callbacks: list | None, track: bool) -> 
     (run.out / "continual.json").unlink(missing_ok=True)
     base = run.base_result()
     per_method = {name: run.run_method(name, keys) for name, keys in run.methods}
-    summary = summarize(base, per_method, run.stages, list(config.eval.suite))
+    # results are keyed by task name; the suite may give a task as a .yaml path
+    from forgetless.eval import load_spec
+
+    suite = [load_spec(task).name for task in config.eval.suite]
+    summary = summarize(base, per_method, run.stages, suite)
     files = write_report(summary, run.out)
     if track:
         _track(run, summary, files)
