@@ -216,6 +216,7 @@ def test_config_defaults_and_dotted_overrides():
     assert len(DEFAULT_METHODS) == 6 and plan[4].train.fraction == 0.1
     assert all(p.train.max_steps == 7 for p in plan) and config.eval.limit == 50
     assert plan[2].train.output_dir.endswith("runs/compare/runs/attn")
+    assert config.report.forgetting_measure == "gold_logprob"  # chosen by docs/results.md
     with pytest.raises(ForgetlessError, match="unknown key 'evals'"):
         load_compare_config({"evals": {}})
     with pytest.raises(ForgetlessError, match="interpolate"):
