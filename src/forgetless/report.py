@@ -485,7 +485,8 @@ def _settings(results: dict) -> list[str]:
         + (f"seeds {', '.join(map(str, seeds))} (each method trained once per seed)" if seeds
            else f"seed {train.get('seed')} (the same for every method)"),
         "sample sizes: " + ", ".join(f"{k} n={v}" for k, v in sizes.items() if v is not None),
-        "Δ = tuned − base on the same items, in percentage points, with a paired-bootstrap 95% "
+        "Δ = tuned − base on the same items (accuracy and exact match in percentage points, "
+        "log-probabilities in nats), with a paired-bootstrap 95% "
         "CI; `*` (bold in HTML) = the CI excludes 0, i.e. a significant change. The held-out "
         "average Δ pools the per-task paired SEs (normal CI).",
         "held-out forgetting measure: " + {
