@@ -275,6 +275,7 @@ def test_seeds_train_per_seed_pool_and_reuse_per_seed(tmp_path, model_dir, monke
     assert trained == [("full", 0), ("full", 1), ("attn", 0), ("attn", 1)]
     full, attn = results["methods"]
     assert [one["seed"] for one in full["seeds"]] == [0, 1]
+    assert results["sample_sizes"]["drift_prompts"] == full["seeds"][0]["drift"]["kl"]["n"] > 2
     # the pooled change is the mean of the per-seed ones, on the same items
     per_seed = [one["heldout_avg"]["gold_logprob"]["delta"]["value"] for one in full["seeds"]]
     pooled = full["heldout_avg"]["gold_logprob"]["delta"]

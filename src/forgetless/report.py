@@ -135,7 +135,9 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
     sizes = {task: base_eval.metrics[f"{task}/acc"].n for task in suite}
     if target:
         sizes[target] = base_eval.metrics[f"{target}/exact_match"].n
-    drift_n = next((e["drift"]["kl"]["n"] for e in entries if "kl" in e["drift"]), None)
+    # prompts per run (a pooled entry's KL ``n`` counts seeds: take a seed's)
+    drift_n = next((one["drift"]["kl"]["n"] for e in entries for one in (e.get("seeds") or [e])
+                    if "kl" in (one.get("drift") or {})), None)
     return {
         "config": config,
         "model": base["model"],
