@@ -30,9 +30,16 @@ _UNIT = {"accuracy": "pts", "gold_logprob": "nats", "margin": "nats"}
 
 
 def forgetting_measure(results: dict) -> str:
-    """The measure the headline table and the Pareto plot use (``accuracy`` for old results)."""
+    """The measure the headline table and the Pareto plot use: ``accuracy`` for old results,
+    and when the continuous one asked for was not recorded (measured before METRICS_VERSION 3:
+    the default ``gold_logprob`` would leave the headline empty)."""
     measure = ((results.get("config") or {}).get("report") or {}).get("forgetting_measure")
-    return measure if measure in MEASURES else "accuracy"
+    if measure not in MEASURES:
+        return "accuracy"
+    if measure != "accuracy" and not any(heldout_delta(e, measure)
+                                         for e in results.get("methods") or []):
+        return "accuracy"
+    return measure
 
 
 def heldout_delta(item: dict, measure: str, task: str | None = None) -> dict | None:
