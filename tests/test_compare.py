@@ -216,6 +216,7 @@ def test_config_defaults_and_dotted_overrides():
     assert len(DEFAULT_METHODS) == 6 and plan[4].train.fraction == 0.1
     assert all(p.train.max_steps == 7 for p in plan) and config.eval.limit == 50
     assert plan[2].train.output_dir.endswith("runs/compare/runs/attn")
+    assert config.report.forgetting_measure == "gold_logprob"  # chosen by docs/results.md
     with pytest.raises(ForgetlessError, match="unknown key 'evals'"):
         load_compare_config({"evals": {}})
     with pytest.raises(ForgetlessError, match="interpolate"):
@@ -288,6 +289,7 @@ def test_seeds_train_per_seed_pool_and_reuse_per_seed(tmp_path, model_dir, monke
     assert trained == [("full", 0), ("full", 1), ("attn", 0), ("attn", 1)]
     full, attn = results["methods"]
     assert [one["seed"] for one in full["seeds"]] == [0, 1]
+    assert results["sample_sizes"]["drift_prompts"] == full["seeds"][0]["drift"]["kl"]["n"] > 2
     # the pooled change is the mean of the per-seed ones, on the same items
     per_seed = [one["heldout_avg"]["gold_logprob"]["delta"]["value"] for one in full["seeds"]]
     pooled = full["heldout_avg"]["gold_logprob"]["delta"]

@@ -149,6 +149,9 @@ def test_headline_measure_is_configurable():
                            "Δ held-out avg (pts)"]
     assert dict(zip(header, rows[-1]))["Δ arc_easy margin (nats)"] == "-0.010 [-0.020, +0.000]"
     assert main_table(fake_results())[0][5] == "KL drift (nats/tok)"  # old results: no extra
+    old = fake_results()  # asked for a measure the results lack: accuracy leads, not "–"
+    old["config"]["report"] = {"forgetting_measure": "gold_logprob"}
+    assert main_table(old)[0][3] == "Δ held-out avg (pts)"
 
 
 def test_report_and_summary_with_a_continuous_measure(tmp_path):

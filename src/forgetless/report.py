@@ -30,9 +30,16 @@ _UNIT = {"accuracy": "pts", "gold_logprob": "nats", "margin": "nats"}
 
 
 def forgetting_measure(results: dict) -> str:
-    """The measure the headline table and the Pareto plot use (``accuracy`` for old results)."""
+    """The measure the headline table and the Pareto plot use: ``accuracy`` for old results,
+    and when the continuous one asked for was not recorded (measured before METRICS_VERSION 3:
+    the default ``gold_logprob`` would leave the headline empty)."""
     measure = ((results.get("config") or {}).get("report") or {}).get("forgetting_measure")
-    return measure if measure in MEASURES else "accuracy"
+    if measure not in MEASURES:
+        return "accuracy"
+    if measure != "accuracy" and not any(heldout_delta(e, measure)
+                                         for e in results.get("methods") or []):
+        return "accuracy"
+    return measure
 
 
 def heldout_delta(item: dict, measure: str, task: str | None = None) -> dict | None:
@@ -488,7 +495,8 @@ def _settings(results: dict) -> list[str]:
         + (f"seeds {', '.join(map(str, seeds))} (each method trained once per seed)" if seeds
            else f"seed {train.get('seed')} (the same for every method)"),
         "sample sizes: " + ", ".join(f"{k} n={v}" for k, v in sizes.items() if v is not None),
-        "Δ = tuned − base on the same items, in percentage points, with a paired-bootstrap 95% "
+        "Δ = tuned − base on the same items (accuracy and exact match in percentage points, "
+        "log-probabilities in nats), with a paired-bootstrap 95% "
         "CI; `*` (bold in HTML) = the CI excludes 0, i.e. a significant change. The held-out "
         "average Δ pools the per-task paired SEs (normal CI).",
         "held-out forgetting measure: " + {
