@@ -191,7 +191,7 @@ def cache_temporary(folder: Path, prefix: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for path in folder.glob(f"{prefix}*"):
         pid = path.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder))
 
@@ -207,7 +207,9 @@ def publish_temporary(tmp: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (a stale lock or trial is one whose owner is
+    not); one we may not signal still counts as alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -267,7 +269,7 @@ class RunLock:
             # flock need not reach across hosts (NFS): another machine's run may be alive.
             os.close(fd)
             raise ForgetlessError(self._busy(owner) + f"; if that run is gone, delete {self.path}")
-        if owner and owner.get("pid") and not _alive(int(owner["pid"])):
+        if owner and owner.get("pid") and not alive(int(owner["pid"])):
             print(f"[forgetless] taking over the lock of a run that ended without releasing it "
                   f"(pid {owner['pid']})", flush=True)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "job": self.job,

@@ -118,6 +118,10 @@ class Search(BaseModel):
     seed: int = 0
     monitor_every: int | None = Field(2, ge=1)  # KL check every N steps (needs budget.max_kl)
     prune_startup_trials: int = Field(3, ge=0)  # median pruner: trials before it prunes
+    # median pruner: the first step it may prune at (the training loss of the first steps
+    # favours high learning rates); a trial's last step is never pruned (only its evaluation
+    # would be left, and that is what measures the target)
+    prune_warmup: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _bounded(self) -> Search:
@@ -235,7 +239,7 @@ class _TrialGuard:
     """Trainer callback ending a trial whose target progress is hopeless: the training loss
     goes to Optuna as the intermediate value and its pruner decides (single objective), or,
     for NSGA-II (no intermediate values), the loss has not fallen below its first value by
-    half-way."""
+    half-way. Never at the last step: training is done, the evaluation alone is left."""
 
     def __new__(cls, *args, **kwargs):  # a TrainerCallback subclass, imported lazily
         from transformers import TrainerCallback
@@ -252,13 +256,13 @@ class _TrialGuard:
                     return
                 self.first = loss if self.first is None else self.first
                 step = state.global_step
+                last = step >= state.max_steps
                 if self.multi:
-                    if step >= state.max_steps / 2 and step < state.max_steps \
-                            and loss >= self.first:
+                    if step >= state.max_steps / 2 and not last and loss >= self.first:
                         self.pruned = f"training loss {loss:.3f} not below {self.first:.3f}"
                 else:
                     self.trial.report(self.sign * loss, step)
-                    if self.trial.should_prune():
+                    if not last and self.trial.should_prune():
                         self.pruned = f"training loss {loss:.3f} at step {step}: median pruner"
                 if self.pruned:
                     control.should_training_stop = True
@@ -475,7 +479,8 @@ def _study(session: _Session, seed_offset: int = 0):
     else:
         sampler = optuna.samplers.TPESampler(seed=seed, **kwargs)
         directions = ["maximize" if config.objective == "exact_match" else "minimize"]
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=config.search.prune_startup_trials)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=config.search.prune_startup_trials,
+                                         n_warmup_steps=config.search.prune_warmup)
     storage = f"sqlite:///{(session.out / 'optuna.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(storage=storage, study_name="tune", directions=directions,
@@ -498,7 +503,7 @@ def _recover(study) -> int:
     found = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid, host = trial.user_attrs.get("pid"), trial.user_attrs.get("host")
-        if host != socket.gethostname() or not pid or runs._alive(int(pid)):
+        if host != socket.gethostname() or not pid or runs.alive(int(pid)):
             continue
         study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
