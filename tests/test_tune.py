@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import yaml
@@ -118,3 +119,37 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
 def test_example_config_loads():
     config = load_tune_config("configs/tune.yaml")
     assert config.search.n_trials >= 12
+
+
+@pytest.mark.parametrize("step, max_steps, pruned", [
+    (2, 6, False),  # before prune_warmup: the early loss favours high learning rates
+    (4, 6, True),   # past warm-up and worse than the median: pruned
+    (6, 6, False),  # the last step: only the evaluation is left, which measures the target
+])
+def test_median_pruner_waits_and_spares_the_last_step(step, max_steps, pruned):
+    import optuna
+
+    from forgetless.tune import _TrialGuard
+
+    study = optuna.create_study(pruner=optuna.pruners.MedianPruner(
+        n_startup_trials=1, n_warmup_steps=4))
+    done = study.ask()
+    for s in (2, 4, 6):
+        done.report(0.5, s)
+    study.tell(done, 0.5)
+    trial = study.ask()
+    guard = _TrialGuard(trial, 1.0, False)
+    control = types.SimpleNamespace(should_training_stop=False)
+    guard.on_log(None, types.SimpleNamespace(global_step=step, max_steps=max_steps), control,
+                 logs={"loss": 2.0})
+    assert bool(guard.pruned) is pruned
+    assert control.should_training_stop is pruned
+
+
+def test_prune_warmup_reaches_the_pruner(tmp_path):
+    from forgetless.tune import _study
+
+    config = load_tune_config(None, ["search.prune_warmup=4", f"output_dir={tmp_path}"])
+    session = types.SimpleNamespace(config=config, out=tmp_path,
+                                    violations=lambda scores: {})
+    assert _study(session).pruner._n_warmup_steps == 4
