@@ -89,6 +89,8 @@ def main() -> None:
     """Console entry point: every failure is one line on stderr unless ``--debug`` is given.
 
     * ``ForgetlessError`` (bad input): the message, exit code 2;
+    * a usage error (unknown option or command, a malformed or missing value): click's message
+      and the sub-command's ``--help`` on one line, exit code 2 (not typer's boxed usage);
     * Ctrl-C: "interrupted", exit code 130 (a re-run resumes what was finished);
     * ``OSError`` / ``MemoryError`` (disk full, no permission, out of memory): the reason, exit 1;
     * anything else is a bug: one line naming it, exit 1; its full traceback goes to a file at
@@ -96,9 +98,7 @@ def main() -> None:
     """
     try:
         code = app(standalone_mode=False)  # click's usage errors reach us, not its box
-        if code == 130:  # typer turns Ctrl-C into exit 130, silently
-            print("forgetless: interrupted", file=sys.stderr)
-        if isinstance(code, int) and code:
+        if isinstance(code, int) and code:  # typer.Exit(code); Ctrl-C: 130 (said below)
             sys.exit(code)
     except _NoArgsIsHelp as err:  # a bare ``forgetless``: the overview
         err.show()
