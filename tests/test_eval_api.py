@@ -165,3 +165,18 @@ def test_paired_measure_missing_from_an_old_result_says_re_evaluate(quiz):
         del r["margin"]
     with pytest.raises(ForgetlessError, match="older evaluator"):
         paired_difference(old, new, "quiz", "margin")
+
+
+def test_a_task_given_as_a_path_gets_its_limit_and_exclusions(quiz):
+    """``limit`` and ``exclude`` may be keyed by what the user wrote in the suite (a .yaml path,
+    as tune and compare pass it) or by the task's name: either way they apply. Keyed by the path
+    they used to be ignored, so tune's test sample could repeat validation items."""
+    from forgetless.eval import sampled_rows
+
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    validation = sampled_rows(quiz, 4, 0)
+    for key in (quiz, "quiz"):
+        result = evaluate(model, tokenizer, suite=[quiz], limit={key: 5}, seed=0,
+                          exclude={key: validation}, batch_size=4)
+        ids = {int(r["id"][1:]) for r in result.per_item["quiz"]}
+        assert len(ids) == 5 and not ids & set(validation), key

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,8 +75,9 @@ def evaluate(
     pooled: dict[str, list] = {measure: [] for measure in HELDOUT_MEASURES}
     for entry in suite:
         spec = load_spec(entry)
-        task_limit = limit.get(spec.name, DEFAULT_LIMIT) if isinstance(limit, Mapping) else limit
-        skip = (exclude or {}).get(spec.name, ())
+        task_limit = (_per_task(limit, entry, spec.name, DEFAULT_LIMIT)
+                      if isinstance(limit, Mapping) else limit)
+        skip = _per_task(exclude or {}, entry, spec.name, ())
         loaded = load_task(spec, task_limit, seed, num_fewshot or 0, skip)
         loaded_tasks.append(loaded)
         records, metrics = score_task(model, tokenizer, loaded, batch_size)
@@ -95,9 +97,11 @@ def evaluate(
         if per_task:
             result.metrics[f"heldout/{measure}"] = combine_means(per_task)
     if target is not None:
+        resolved = get_target(target)
+        key = target if isinstance(target, str) else resolved.name
         name, records, metrics, info = _score_target(
-            model, tokenizer, get_target(target), target_limit, seed, batch_size,
-            (exclude or {}).get(get_target(target).name, ()),
+            model, tokenizer, resolved, target_limit, seed, batch_size,
+            _per_task(exclude or {}, key, resolved.name, ()),
         )
         result.per_item[name] = records
         result.metrics.update(metrics)
@@ -115,6 +119,12 @@ def evaluate(
     provenance["seconds"] = round(time.perf_counter() - started, 2)
     result.provenance = provenance
     return result
+
+
+def _per_task(mapping: Mapping[str, Any], entry: str, name: str, default: Any) -> Any:
+    """A per-task setting keyed by what the user wrote (a built-in name or a .yaml path) or by
+    the task's own name: a path given in the suite must not silently miss its setting."""
+    return mapping[entry] if entry in mapping else mapping.get(name, default)
 
 
 def sampled_rows(name: str, limit: int | None, seed: int, target: bool = False) -> list[int]:
