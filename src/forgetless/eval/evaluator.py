@@ -98,10 +98,9 @@ def evaluate(
             result.metrics[f"heldout/{measure}"] = combine_means(per_task)
     if target is not None:
         resolved = get_target(target)
-        key = target if isinstance(target, str) else resolved.name
         name, records, metrics, info = _score_target(
             model, tokenizer, resolved, target_limit, seed, batch_size,
-            _per_task(exclude or {}, key, resolved.name, ()),
+            _per_task(exclude or {}, target, resolved.name, ()),
         )
         result.per_item[name] = records
         result.metrics.update(metrics)
@@ -121,10 +120,13 @@ def evaluate(
     return result
 
 
-def _per_task(mapping: Mapping[str, Any], entry: str, name: str, default: Any) -> Any:
+def _per_task(mapping: Mapping[str, Any], entry: Any, name: str, default: Any) -> Any:
     """A per-task setting keyed by what the user wrote (a built-in name or a .yaml path) or by
-    the task's own name: a path given in the suite must not silently miss its setting."""
-    return mapping[entry] if entry in mapping else mapping.get(name, default)
+    the task's own name: a path given in the suite must not silently miss its setting. (A suite
+    entry may also be a loaded spec: then only its name keys.)"""
+    if isinstance(entry, str) and entry in mapping:
+        return mapping[entry]
+    return mapping.get(name, default)
 
 
 def sampled_rows(name: str, limit: int | None, seed: int, target: bool = False) -> list[int]:
