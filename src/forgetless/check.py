@@ -83,7 +83,8 @@ class CheckResult:
             lines.append(f"gold log-probability: allowed mean drop {self.max_logprob_drop:g} "
                          "nats, same rule")
         lines.append("Δ logp: paired change of the gold choice's log-probability among the "
-                     "choices (nats per item)")
+                     "choices (nats per item; for a code task, of the canonical solution's "
+                     "log-probability per token)")
         if any(r.status == "WARN" for r in self.rows):
             lines.append("WARN: a drop above the limit is not significant yet; raise --limit")
         return "\n".join(lines)

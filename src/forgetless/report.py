@@ -502,7 +502,9 @@ def _settings(results: dict) -> list[str]:
         "held-out forgetting measure: " + {
             "accuracy": "accuracy (pts)",
             "gold_logprob": "gold log-prob = log-probability of the right choice among the "
-                            "choices (log-softmax of their log-likelihoods), nats per item",
+                            "choices (log-softmax of their log-likelihoods), nats per item; "
+                            "for a code task, the canonical solution's log-probability per "
+                            "token",
             "margin": "margin = log-likelihood of the right choice minus the best wrong one, "
                       "nats per item",
         }[forgetting_measure(results)] + " (`report.forgetting_measure`); the continuous "
