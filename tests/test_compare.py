@@ -324,3 +324,14 @@ def test_one_seed_is_the_plain_run():
     for bad in ("seeds=[]", "seeds=[1, 1]"):
         with pytest.raises(ForgetlessError, match="distinct seeds"):
             load_compare_config(None, [bad])
+
+
+def test_a_max_length_that_cuts_every_response_fails_before_the_base_evaluation(
+        tmp_path, model_dir, monkeypatch):
+    monkeypatch.setattr(forgetless.compare._Session, "evaluate",
+                        lambda *a, **k: pytest.fail("evaluated the base before the data check"))
+    config = _config(tmp_path, model_dir, ["full", "attn"])
+    config["train"]["max_length"] = 8  # every count_letters prompt is longer
+    with pytest.raises(ForgetlessError, match="no example keeps a response token within 8"):
+        compare(config)
+    assert not (tmp_path / "cmp" / "base" / "eval.json").exists()

@@ -177,3 +177,23 @@ def test_a_code_task_in_the_held_out_suite(tmp_path, tiny_dir, monkeypatch):
     assert data["trajectory"]["heldout/acc"] == [1.0] * 3  # both programs pass, each stage
     assert data["heldout_change"]["gold_logprob"][0]["n"] == 2
     assert "gold_logprob (nats)" in (tmp_path / "out" / "continual.md").read_text()
+
+
+def test_a_later_stage_whose_max_length_cuts_every_response_fails_first(tmp_path, tiny_dir,
+                                                                      monkeypatch):
+    import forgetless.continual
+
+    monkeypatch.setattr(forgetless.continual._Run, "evaluate",
+                        lambda *a, **k: pytest.fail("evaluated before the data check"))
+    doubles = [(f"Double {a}.", str(2 * a)) for a in range(30)]
+    tasks = ["count_letters",
+             {"name": "doubles", "data": _write_task(tmp_path, "doubles", doubles[:24]),
+              "target": _write_task(tmp_path, "doubles_test", doubles[24:]),
+              "train": {"max_length": 8}}]
+    config = {"model": str(tiny_dir), "tasks": tasks, "methods": ["attn"],
+              "train": {"max_steps": 1, "batch_size": 2, "max_length": 64, "limit": 4,
+                        "report_to": []},
+              "eval": {"suite": ["arc_easy"], "limit": 3, "target_limit": 3},
+              "output_dir": str(tmp_path / "out")}
+    with pytest.raises(ForgetlessError, match="no example keeps a response token within 8"):
+        continual(config)

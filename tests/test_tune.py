@@ -153,3 +153,15 @@ def test_prune_warmup_reaches_the_pruner(tmp_path):
     session = types.SimpleNamespace(config=config, out=tmp_path,
                                     violations=lambda scores: {})
     assert _study(session).pruner._n_warmup_steps == 4
+
+
+def test_a_searched_max_length_that_cuts_every_response_fails_before_the_search(
+        tmp_path, model_dir, monkeypatch):  # noqa: F811
+    import forgetless.tune
+
+    monkeypatch.setattr(forgetless.tune._Session, "evaluate",
+                        lambda *a, **k: pytest.fail("evaluated before the data check"))
+    config = _config(tmp_path, model_dir)
+    config["space"]["max_length"] = [64, 8]
+    with pytest.raises(ForgetlessError, match="no example keeps a response token within 8"):
+        tune(config)

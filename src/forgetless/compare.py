@@ -330,6 +330,7 @@ class _Session:
 
     def load_base(self) -> None:
         from forgetless.models import load_model
+        from forgetless.train import check_training_sets
 
         _say(f"loading base model {self.model_name}")
         self.base, self.tokenizer = load_model(
@@ -337,6 +338,7 @@ class _Session:
             attn_implementation=self.plan[0].train.attn_implementation,
         )
         self.base.eval()
+        check_training_sets(self.tokenizer, [planned.train for planned in self.plan])
 
     def evaluate(self, model, name: str, with_base: bool = True):
         from forgetless.eval import evaluate

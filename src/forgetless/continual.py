@@ -270,6 +270,7 @@ class _Run:
 
     def load_base(self) -> None:
         from forgetless.models import load_model
+        from forgetless.train import check_training_sets
 
         if self.base is None:
             _say(f"loading base model {self.config.model}")
@@ -278,6 +279,13 @@ class _Run:
                 attn_implementation=self.attn_implementation,
             )
             self.base.eval()
+            check_training_sets(self.tokenizer, self.train_configs())
+
+    def train_configs(self) -> list[TrainConfig]:
+        """What every (method, stage) trains with, as ``run_method`` builds it."""
+        return [validate(TrainConfig, {**keys, **stage.train, "data": stage.data,
+                                       "model": self.config.model}, where=f"method '{name}'")
+                for name, keys in self.methods for stage in self.stages]
 
     def evaluate(self, model, label: str):
         """Held-out suite (+ drift vs base) and every task's target, merged in one result."""

@@ -264,6 +264,20 @@ def _check_model_name(name: str) -> None:
         resolve_model(name)
 
 
+def check_training_sets(tokenizer: Any, configs: list[TrainConfig]) -> None:
+    """Build each distinct training set once as ``train`` will, so a ``max_length`` that cuts
+    every response (or packing for a VLM) fails before a compare or continual run spends
+    minutes on the base evaluation and earlier methods, not at the method that trains it."""
+    seen: set[tuple] = set()
+    for config in configs:
+        seed = config.seed if config.limit is not None else None  # the order matters only cut
+        key = (config.data, config.max_length, config.limit, seed, config.packing)
+        if key not in seen:
+            seen.add(key)
+            build_dataset(tokenizer, config.data, config.max_length, config.limit,
+                          config.seed, config.packing)
+
+
 def train(
     config: TrainConfig | dict | str | Path | None = None,
     callbacks: list[TrainerCallback] | None = None,

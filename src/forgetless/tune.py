@@ -311,11 +311,18 @@ class _Session:
     def load_base(self) -> None:
         from forgetless.eval import sampled_rows
         from forgetless.models import load_model
+        from forgetless.train import check_training_sets
 
         _say(f"loading base model {self.model_name}")
         self.base, self.tokenizer = load_model(self.model_name, dtype=self.dtype,
                                                device=self.device)
         self.base.eval()
+        lengths = self.config.space.get("max_length")
+        lengths = lengths if isinstance(lengths, list) else [None]  # a range: its trials check
+        check_training_sets(self.tokenizer, [
+            validate(TrainConfig, {**self.config.train, "method": self.config.space["method"][0],
+                                   **({"max_length": n} if n is not None else {})})
+            for n in lengths])
         settings = self.config.eval
         val = settings.validation
         # the test sample never holds a validation row
