@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlamaConfig
 
 from forgetless.errors import ForgetlessError
 from forgetless.models import resolve_model
@@ -41,6 +41,8 @@ def test_optimizer_bytes_equal_a_real_run(tmp_path, tokenizer, tiny_folder, meth
         assert metrics["optimizer_state_bytes"] == mine.optimizer_bytes, method
         assert metrics["trainable_params"] == mine.trainable_params, method
         assert metrics["total_params"] == mine.total_params, method
+        # what the update analytics held, counted from their tensors, is what plan counted
+        assert metrics["update_analytics"]["bytes"] == mine.analytics_bytes > 0, method
         # float32 gradients in both cases (bf16 trains float32 masters, cast back afterwards)
         assert mine.grads_bytes == 4 * sum(p.numel() for p in result.model.parameters()
                                            if p.requires_grad)
@@ -61,7 +63,7 @@ def test_dtype_and_methods_shape_the_numbers(tiny_folder):
         assert one.activation_checkpointed_bytes < one.activation_bytes
         assert one.total_bytes == (one.weights_bytes + one.grads_bytes + one.optimizer_bytes
                                    + one.anchor_bytes + one.autocast_bytes
-                                   + one.activation_bytes)
+                                   + one.analytics_bytes + one.activation_bytes)
 
 
 def test_activation_estimate_grows_with_the_batch_and_eager_attention(tiny_folder):
@@ -130,3 +132,17 @@ def test_cli_entry_point_bad_input():
     done = subprocess.run([sys.executable, "-m", "forgetless", "plan", "--gpu-mem", "lots"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.startswith("forgetless: error: --gpu-mem")
+
+
+def test_update_analytics_memory_is_counted_and_bounded_by_the_sample():
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4)
+    def analytics(**keys):
+        return plan(config, ["full"], dtype="float32", **keys).methods[0].analytics_bytes
+
+    trainable = plan(config, ["full"], dtype="float32").methods[0].trainable_params
+    assert analytics(update_stats_sample=None) == 9 * trainable  # θ₀, snapshot, a bool each
+    assert analytics(update_stats_every=None) == 0
+    # sampled: the nine weight matrices (embedding, lm_head, q/k/v/o, gate/up/down) on 1,000
+    # coordinates each (+ their int64 indices), the three 256-wide norms in full
+    assert analytics(update_stats_sample=1000) == 9 * 1000 * 17 + 3 * 256 * 9

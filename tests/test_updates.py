@@ -88,3 +88,50 @@ def test_measure_matches_the_plain_formulas_on_a_non_contiguous_weight():
     assert abs(values["updates/rms/total"] - float((now - before).pow(2).mean().sqrt())) < 1e-6
     drift = float((now - start).norm() / start.norm())
     assert abs(values["updates/drift/total"] - drift) < 1e-6
+
+
+def test_a_sampled_tensor_gives_close_estimates_whatever_the_pattern():
+    """Above ``sample`` coordinates a tensor is tracked on a fixed random subset: moved shares,
+    RMS and drift are close to the exact values for a random step and for a strided one (the
+    pattern a strided subset would alias with), and the memory is the sample's."""
+    import torch
+
+    from forgetless.updates import analytics_bytes, tracked_indices
+
+    assert torch.equal(tracked_indices(10**6, 4096, seed=3), tracked_indices(10**6, 4096, seed=3))
+    assert tracked_indices(4096, 4096, seed=3) is None and tracked_indices(10, None, 0) is None
+
+    class State:
+        global_step, max_steps = 0, 5
+
+    for pattern in ("random", "strided"):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(384, 600, bias=False)
+        model = torch.nn.Module()
+        model.q_proj = layer
+        sampled, exact = UpdateAnalytics(every=1, sample=4096), UpdateAnalytics(every=1,
+                                                                                  sample=None)
+        for analytics in (sampled, exact):
+            analytics.on_train_begin(None, State, None, model=model)
+            analytics.on_pre_optimizer_step(None, State, None)
+        with torch.no_grad():  # a MoFO-like step: 10% of the coordinates move
+            flat = layer.weight.view(-1)
+            if pattern == "random":
+                chosen = torch.rand(flat.shape) < 0.1
+                flat[chosen] += 0.01 * torch.randn(int(chosen.sum()))
+            else:
+                flat[::10] += 0.01 * torch.randn(flat[::10].shape)
+        for analytics in (sampled, exact):
+            analytics.on_optimizer_step(None, State, None)
+        estimate, truth = sampled._pending, exact._pending
+        for measure in ("moved", "moved_ever"):
+            key = f"updates/{measure}/total"
+            assert abs(truth[key] - 0.1) < 0.01, pattern
+            assert abs(estimate[key] - truth[key]) < 0.015, (pattern, estimate[key])
+        for measure in ("rms", "drift"):
+            key = f"updates/{measure}/total"
+            assert abs(estimate[key] / truth[key] - 1) < 0.1, (pattern, measure)
+        summary = sampled.summary()
+        assert summary["tracked_coordinates"] == 4096
+        assert summary["bytes"] == analytics_bytes([layer.weight], 4096) == 4096 * 17
+        assert exact.summary()["bytes"] == analytics_bytes([layer.weight], None) == 600 * 384 * 9

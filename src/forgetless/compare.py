@@ -51,7 +51,7 @@ SHARED_KEYS = {"model", "data", "seed", "max_steps", "batch_size", "grad_accum",
 # Keys that change where or how a run is logged or computed, not what it learns (left out of the
 # hash).
 _UNHASHED_KEYS = {"output_dir", "report_to", "logging_steps", "save_steps", "resume", "device",
-                  "gradient_checkpointing", "update_stats_every"}
+                  "gradient_checkpointing", "update_stats_every", "update_stats_sample"}
 # Keys added after compare folders existed: hashed only away from the value earlier runs used
 # (dtype resolved first: "auto" is bfloat16 on a CUDA device), so those runs stay reusable.
 _HASHED_IF_NOT = {"dtype": "float32", "fp32_master_weights": True, "attn_implementation": "sdpa",

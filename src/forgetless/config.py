@@ -17,6 +17,10 @@ from forgetless.errors import ForgetlessError
 Config = TypeVar("Config", bound=BaseModel)
 
 
+# Coordinates the update analytics track per tensor by default: a share's standard error is
+# at most 0.2 points, and the memory a few hundred KiB per tensor (forgetless.updates).
+UPDATE_STATS_SAMPLE = 65536
+
 class TrainConfig(BaseModel):
     """Everything one fine-tuning run needs; saved resolved next to its results."""
 
@@ -66,8 +70,11 @@ class TrainConfig(BaseModel):
     monitor_max_number_mass_gain: float | None = Field(None, gt=0.0)
     monitor_action: Literal["stop", "warn"] = "stop"
     # parameter-update analytics (forgetless.updates): moved / ever-moved share, update RMS and
-    # drift per module type and layer every N optimizer steps; null turns them off
+    # drift per module type and layer every N optimizer steps; null turns them off.
+    # update_stats_sample: coordinates tracked per tensor (estimates above it); null = all,
+    # exact, at 9 bytes per float32 trainable parameter (updates.analytics_bytes)
     update_stats_every: int | None = Field(10, ge=1)
+    update_stats_sample: int | None = Field(UPDATE_STATS_SAMPLE, ge=1)
     # devices and precision (forgetless.devices; README "Devices and dtypes")
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on CUDA

@@ -19,6 +19,10 @@ and every byte that follows from them are exact, not a rule of thumb:
   copy of the whole base model (weights and buffers) its KL term runs;
 * ``autocast_bytes``: under a half dtype with float32 masters, autocast's half copy of each
   trainable weight, held from the forward pass until the backward pass has used it;
+* ``analytics_bytes``: what the parameter-update analytics (on by default,
+  ``update_stats_every``) keep: θ₀ and a pre-step snapshot of the tracked coordinates and a
+  bool each (``updates.analytics_bytes``; 9 bytes per float32 trainable parameter when
+  ``update_stats_sample`` is null, a few hundred KiB per tensor by default);
 * ``activation_bytes`` / ``activation_checkpointed_bytes``: an *estimate* (see
   ``activation_estimate``), the only number here that is not exact.
 
@@ -40,6 +44,7 @@ from typing import Any
 import torch
 import typer
 
+from forgetless.config import UPDATE_STATS_SAMPLE as DEFAULT_SAMPLE
 from forgetless.errors import ForgetlessError
 
 DEFAULT_METHODS = ("full", "attn", "attn-qkv", "mlp", "mlp-gate-up", "lora", "mofo",
@@ -50,7 +55,8 @@ STEP_BYTES = 4
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
           "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
           "tib": 2**40}
-NOTE = ("other = anchor copy + autocast half copies; activations are an estimate "
+NOTE = ("other = anchor copy + autocast half copies + update analytics; activations are an "
+        "estimate "
         "(forgetless.plan.activation_estimate); not counted: CUDA context, allocator caching, "
         "data")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*$")
@@ -90,6 +96,7 @@ class MethodPlan:
     optimizer_bytes: int
     anchor_bytes: int
     autocast_bytes: int
+    analytics_bytes: int
     activation_bytes: int
     activation_checkpointed_bytes: int
     total_bytes: int
@@ -143,7 +150,8 @@ class Plan:
         for m in self.methods:
             row = [m.method, f"{m.trainable_params:,}", human(m.weights_bytes),
                    human(m.grads_bytes), human(m.optimizer_bytes),
-                   human(m.anchor_bytes + m.autocast_bytes), human(m.activation_bytes),
+                   human(m.anchor_bytes + m.autocast_bytes + m.analytics_bytes),
+                   human(m.activation_bytes),
                    human(m.total_bytes), human(m.activation_checkpointed_bytes),
                    human(m.total_checkpointed_bytes)]
             if self.gpu_mem_bytes:
@@ -260,10 +268,12 @@ def activation_estimate(config, batch_size: int, max_length: int, compute_bytes:
 
 def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
                 batch_size: int, max_length: int, attn_implementation: str = "sdpa",
-                options: Any = None) -> MethodPlan:
+                options: Any = None, update_stats_every: int | None = 10,
+                update_stats_sample: int | None = DEFAULT_SAMPLE) -> MethodPlan:
     """One method on a fresh meta model of ``config``, prepared exactly as ``train`` does."""
     from forgetless.methods import prepare_model
     from forgetless.train import _cast_trainable
+    from forgetless.updates import analytics_bytes
 
     model = meta_model(config, dtype)
     with torch.device("meta"):  # LoRA layers and the anchor copy land on meta too
@@ -282,12 +292,13 @@ def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
     autocast = sum(p.numel() for p in trainable if p.ndim >= 2) * half if master != dtype else 0
     activations, checkpointed = activation_estimate(config, batch_size, max_length, half,
                                                     attn_implementation)
-    fixed = weights + grads + optimizer + anchor + autocast
+    analytics = analytics_bytes(trainable, update_stats_sample) if update_stats_every else 0
+    fixed = weights + grads + optimizer + anchor + autocast + analytics
     return MethodPlan(
         method=prepared.method.name, trainable_params=prepared.trainable,
         total_params=prepared.total, trainable_tensors=len(trainable), weights_bytes=weights,
         grads_bytes=grads, optimizer_bytes=optimizer, anchor_bytes=anchor,
-        autocast_bytes=autocast, activation_bytes=activations,
+        autocast_bytes=autocast, analytics_bytes=analytics, activation_bytes=activations,
         activation_checkpointed_bytes=checkpointed, total_bytes=fixed + activations,
         total_checkpointed_bytes=fixed + checkpointed,
     )
@@ -303,6 +314,8 @@ def plan(
     attn_implementation: str = "sdpa",
     gpu_mem: int | str | None = None,
     options: Any = None,
+    update_stats_every: int | None = 10,
+    update_stats_sample: int | None = DEFAULT_SAMPLE,
 ) -> Plan:
     """Plan the memory of each of ``methods`` for ``model`` at ``batch_size`` x ``max_length``.
 
@@ -310,7 +323,9 @@ def plan(
 
     ``dtype`` as in ``TrainConfig``, except that ``auto`` means bfloat16 here: a plan is for
     the GPU, where ``train`` picks bfloat16. ``options`` is a ``methods.MethodOptions``
-    (LoRA rank, …); ``gpu_mem`` (bytes or ``"24GiB"``) fills in ``fits``.
+    (LoRA rank, …); ``gpu_mem`` (bytes or ``"24GiB"``) fills in ``fits``;
+    ``update_stats_every`` / ``update_stats_sample`` as in ``TrainConfig`` (None = analytics
+    off / every coordinate).
     """
     from forgetless.config import TrainConfig
     from forgetless.devices import DTYPES, check_attn_implementation, dtype_name
@@ -344,7 +359,8 @@ def plan(
                   gpu_mem_bytes=budget)
     for name in methods:
         one = plan_method(config, name, dtype, master, batch_size, max_length,
-                          attn_implementation, options)
+                          attn_implementation, options, update_stats_every,
+                          update_stats_sample)
         if budget:
             one.fits = one.total_bytes <= budget
             one.fits_checkpointed = one.total_checkpointed_bytes <= budget
@@ -369,6 +385,11 @@ def plan_command(
     attn_implementation: str = typer.Option("sdpa", "--attn-implementation",
                                             help="sdpa, eager or flash_attention_2."),
     lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank (lora methods)."),
+    update_stats: bool = typer.Option(True, "--update-stats/--no-update-stats",
+                                      help="Count the update analytics (train's default: on)."),
+    update_stats_sample: int = typer.Option(
+        DEFAULT_SAMPLE, "--update-stats-sample",
+        help="Coordinates the analytics track per tensor; 0 = every one (exact)."),
     gpu_mem: str | None = typer.Option(None, "--gpu-mem",
                                        help="GPU memory to fit in, e.g. 24GiB or 80GB."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -379,12 +400,16 @@ def plan_command(
 
     if lora_r < 1:
         raise ForgetlessError(f"--lora-r must be at least 1, got {lora_r}")
+    if update_stats_sample < 0:
+        raise ForgetlessError("--update-stats-sample must be 0 (every coordinate) or more")
     names = [v.strip() for value in method or [] for v in value.split(",") if v.strip()]
     options = _method_options(TrainConfig(lora_r=lora_r))
     result = plan(model, names or None, batch_size=batch_size, max_length=max_length,
                   dtype=dtype, fp32_master_weights=fp32_master_weights,
                   attn_implementation=attn_implementation,
-                  gpu_mem=parse_size(gpu_mem) if gpu_mem is not None else None, options=options)
+                  gpu_mem=parse_size(gpu_mem) if gpu_mem is not None else None, options=options,
+                  update_stats_every=10 if update_stats else None,
+                  update_stats_sample=update_stats_sample or None)
     if as_json:
         typer.echo(result.to_json())
     else:

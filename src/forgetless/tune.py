@@ -228,7 +228,8 @@ def _train_config(config: TuneConfig, recipe: dict, folder: Path, seed: int | No
 def recipe_hash(train: TrainConfig) -> str:
     """What a run learns: the resolved config minus where it writes and how it logs."""
     skip = {"output_dir", "report_to", "logging_steps", "save_steps", "resume", "save_model",
-            "update_stats_every", "monitor_every", "monitor_max_kl", "monitor_action"}
+            "update_stats_every", "update_stats_sample", "monitor_every", "monitor_max_kl",
+            "monitor_action"}
     return runs.config_hash({k: v for k, v in train.model_dump().items() if k not in skip})
 
 
