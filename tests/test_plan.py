@@ -146,3 +146,6 @@ def test_update_analytics_memory_is_counted_and_bounded_by_the_sample():
     # sampled: the nine weight matrices (embedding, lm_head, q/k/v/o, gate/up/down) on 1,000
     # coordinates each (+ their int64 indices), the three 256-wide norms in full
     assert analytics(update_stats_sample=1000) == 9 * 1000 * 17 + 3 * 256 * 9
+    # up to twice the sample a tensor is tracked in full (a sample would cost more): at
+    # 65,536 only the 256,000-coordinate embedding and lm_head are sampled
+    assert analytics(update_stats_sample=65536) == 9 * (trainable - 2 * 256_000) + 2 * 65536 * 17

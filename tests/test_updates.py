@@ -99,7 +99,8 @@ def test_a_sampled_tensor_gives_close_estimates_whatever_the_pattern():
     from forgetless.updates import analytics_bytes, tracked_indices
 
     assert torch.equal(tracked_indices(10**6, 4096, seed=3), tracked_indices(10**6, 4096, seed=3))
-    assert tracked_indices(4096, 4096, seed=3) is None and tracked_indices(10, None, 0) is None
+    assert tracked_indices(8192, 4096, seed=3) is None and tracked_indices(10, None, 0) is None
+    assert len(tracked_indices(8193, 4096, seed=3)) == 4096
 
     class State:
         global_step, max_steps = 0, 5

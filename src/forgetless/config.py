@@ -71,8 +71,8 @@ class TrainConfig(BaseModel):
     monitor_action: Literal["stop", "warn"] = "stop"
     # parameter-update analytics (forgetless.updates): moved / ever-moved share, update RMS and
     # drift per module type and layer every N optimizer steps; null turns them off.
-    # update_stats_sample: coordinates tracked per tensor (estimates above it); null = all,
-    # exact, at 9 bytes per float32 trainable parameter (updates.analytics_bytes)
+    # update_stats_sample: coordinates tracked per tensor (a random sample above twice it:
+    # estimates); null = all, exact, 9 bytes per float32 trainable parameter (updates.py)
     update_stats_every: int | None = Field(10, ge=1)
     update_stats_sample: int | None = Field(UPDATE_STATS_SAMPLE, ge=1)
     # devices and precision (forgetless.devices; README "Devices and dtypes")

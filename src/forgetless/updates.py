@@ -21,14 +21,14 @@ history of totals and the last per-type values for compare's coverage plot.
 
 Memory: tracking every coordinate costs a copy of the trainable weights (θ₀), a bool per
 coordinate and a transient pre-step copy, 9 bytes per float32 trainable parameter — 63 GB on
-a 7B full fine-tune. So by default a tensor above ``sample`` (65,536) coordinates is tracked on
-``sample`` of them drawn at random once (seeded by the tensor's position, so a resumed run
-draws the same); each tensor's sums are scaled up by ``numel / sample`` before the groups are
-added. Shares are then unbiased estimates whatever the update's pattern (a strided subset was
-tried first and aliased with strided updates: 0.12 measured for a true 0.10), with a standard
-error of at most 0.2 points per tensor and less in the totals; smaller tensors, and
-``sample=None``, stay exact. ``analytics_bytes`` says what either costs (``forgetless plan``
-counts it). Cost in time: docs/performance.md (``bench/update_analytics.py``).
+a 7B full fine-tune. So by default a tensor above twice ``sample`` (65,536) coordinates is
+tracked on ``sample`` of them drawn at random once (seeded by the tensor's position, so a
+resumed run draws the same); each tensor's sums are scaled up by ``numel / sample`` before the
+groups are added. Shares are then unbiased estimates whatever the update's pattern (a strided
+subset was tried first and aliased with strided updates: 0.12 measured for a true 0.10), with
+a standard error of at most 0.2 points per tensor and less in the totals; smaller tensors,
+and ``sample=None``, stay exact. ``analytics_bytes`` says what either costs (``forgetless
+plan`` counts it). Cost in time: docs/performance.md (``bench/update_analytics.py``).
 """
 
 from __future__ import annotations
@@ -65,13 +65,20 @@ def layer_of(name: str) -> str:
 def tracked_indices(numel: int, sample: int | None, seed: int,
                     device: torch.device | str = "cpu") -> torch.Tensor | None:
     """The coordinates a tensor of ``numel`` is tracked on: ``None`` (all of them) when it has
-    at most ``sample``; else ``sample`` random ones (with replacement, sorted for locality),
-    the same for the same ``seed``."""
-    if sample is None or numel <= sample:
+    at most twice ``sample`` (then exact tracking costs no more than a sample and its int64
+    indices); else ``sample`` random ones (with replacement, sorted for locality), the same for
+    the same ``seed``."""
+    if not is_sampled(numel, sample):
         return None
     generator = torch.Generator().manual_seed(seed)
     index = torch.randint(numel, (sample,), generator=generator).sort().values
     return index.to(device)
+
+
+def is_sampled(numel: int, sample: int | None) -> bool:
+    """Whether a tensor of ``numel`` coordinates is tracked on a sample (see
+    ``tracked_indices``)."""
+    return sample is not None and numel > 2 * sample
 
 
 def analytics_bytes(params: list[torch.Tensor], sample: int | None = DEFAULT_SAMPLE) -> int:
@@ -81,7 +88,7 @@ def analytics_bytes(params: list[torch.Tensor], sample: int | None = DEFAULT_SAM
     ``forgetless plan`` adds it to each method."""
     total = 0
     for param in params:
-        sampled = sample is not None and param.numel() > sample
+        sampled = is_sampled(param.numel(), sample)
         tracked = sample if sampled else param.numel()
         total += tracked * (2 * param.element_size() + 1 + (8 if sampled else 0))
     return total
