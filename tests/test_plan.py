@@ -142,7 +142,7 @@ def test_update_analytics_memory_is_counted_and_bounded_by_the_sample():
 
     trainable = plan(config, ["full"], dtype="float32").methods[0].trainable_params
     assert analytics(update_stats_sample=None) == 9 * trainable  # θ₀, snapshot, a bool each
-    assert analytics(update_stats_every=None) == 0
+    assert analytics(update_stats=False) == 0
     # sampled: the nine weight matrices (embedding, lm_head, q/k/v/o, gate/up/down) on 1,000
     # coordinates each (+ their int64 indices), the three 256-wide norms in full
     assert analytics(update_stats_sample=1000) == 9 * 1000 * 17 + 3 * 256 * 9

@@ -18,8 +18,9 @@ Config = TypeVar("Config", bound=BaseModel)
 
 
 # Coordinates the update analytics track per tensor by default: a share's standard error is
-# at most 0.2 points, and the memory a few hundred KiB per tensor (forgetless.updates).
+# at most 0.2 points, and the memory about 1 MiB per float32 tensor (forgetless.updates).
 UPDATE_STATS_SAMPLE = 65536
+
 
 class TrainConfig(BaseModel):
     """Everything one fine-tuning run needs; saved resolved next to its results."""

@@ -283,8 +283,8 @@ class _Run:
 
     def train_configs(self) -> list[TrainConfig]:
         """What every (method, stage) trains with, as ``run_method`` builds it."""
-        return [validate(TrainConfig, {**keys, **stage.train, "data": stage.data,
-                                       "model": self.config.model}, where=f"method '{name}'")
+        return [validate(TrainConfig, {**_stage_keys(keys, stage), "model": self.config.model},
+                         where=f"method '{name}'")
                 for name, keys in self.methods for stage in self.stages]
 
     def evaluate(self, model, label: str):
@@ -336,7 +336,7 @@ class _Run:
         results, model, previous, key = [], None, None, self.eval_key
         for index, stage in enumerate(self.stages, start=1):
             folder = self.out / name / f"stage{index}-{stage.name}"
-            settings = {**keys, **stage.train, "data": stage.data, "output_dir": str(folder)}
+            settings = {**_stage_keys(keys, stage), "output_dir": str(folder)}
             key = runs.config_hash({"previous": key, "train": {k: v for k, v in settings.items()
                                                     if k != "output_dir"}})
             if runs.finished(folder, "stage.json", ("eval.json",), key=key):
@@ -376,6 +376,11 @@ class _Run:
                 f"delete {folder.parent} to restart this method"
             )
         return load_model(str(folder / "model"), dtype=self.dtype, device=self.device)[0]
+
+
+def _stage_keys(keys: dict[str, Any], stage: Stage) -> dict[str, Any]:
+    """A method's TrainConfig keys for one stage: its own, the stage's overrides, its data."""
+    return {**keys, **stage.train, "data": stage.data}
 
 
 def _check_inputs(config: ContinualConfig, stages: list[Stage]) -> None:

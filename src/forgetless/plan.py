@@ -20,9 +20,10 @@ and every byte that follows from them are exact, not a rule of thumb:
 * ``autocast_bytes``: under a half dtype with float32 masters, autocast's half copy of each
   trainable weight, held from the forward pass until the backward pass has used it;
 * ``analytics_bytes``: what the parameter-update analytics (on by default,
-  ``update_stats_every``) keep: θ₀ and a pre-step snapshot of the tracked coordinates and a
-  bool each (``updates.analytics_bytes``; 9 bytes per float32 trainable parameter when
-  ``update_stats_sample`` is null, a few hundred KiB per tensor by default);
+  ``update_stats_every``) keep: θ₀ and a pre-step snapshot of the tracked coordinates, a bool
+  each and a sampled tensor's int64 indices (``updates.analytics_bytes``; 9 bytes per float32
+  trainable parameter when ``update_stats_sample`` is null, at most ~1 MiB per tensor by
+  default);
 * ``activation_bytes`` / ``activation_checkpointed_bytes``: an *estimate* (see
   ``activation_estimate``), the only number here that is not exact.
 
@@ -56,9 +57,8 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb"
           "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
           "tib": 2**40}
 NOTE = ("other = anchor copy + autocast half copies + update analytics; activations are an "
-        "estimate "
-        "(forgetless.plan.activation_estimate); not counted: CUDA context, allocator caching, "
-        "data")
+        "estimate (forgetless.plan.activation_estimate); not counted: CUDA context, allocator "
+        "caching, data")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*$")
 
 
@@ -268,7 +268,7 @@ def activation_estimate(config, batch_size: int, max_length: int, compute_bytes:
 
 def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
                 batch_size: int, max_length: int, attn_implementation: str = "sdpa",
-                options: Any = None, update_stats_every: int | None = 10,
+                options: Any = None, update_stats: bool = True,
                 update_stats_sample: int | None = DEFAULT_SAMPLE) -> MethodPlan:
     """One method on a fresh meta model of ``config``, prepared exactly as ``train`` does."""
     from forgetless.methods import prepare_model
@@ -292,7 +292,7 @@ def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
     autocast = sum(p.numel() for p in trainable if p.ndim >= 2) * half if master != dtype else 0
     activations, checkpointed = activation_estimate(config, batch_size, max_length, half,
                                                     attn_implementation)
-    analytics = analytics_bytes(trainable, update_stats_sample) if update_stats_every else 0
+    analytics = analytics_bytes(trainable, update_stats_sample) if update_stats else 0
     fixed = weights + grads + optimizer + anchor + autocast + analytics
     return MethodPlan(
         method=prepared.method.name, trainable_params=prepared.trainable,
@@ -314,7 +314,7 @@ def plan(
     attn_implementation: str = "sdpa",
     gpu_mem: int | str | None = None,
     options: Any = None,
-    update_stats_every: int | None = 10,
+    update_stats: bool = True,
     update_stats_sample: int | None = DEFAULT_SAMPLE,
 ) -> Plan:
     """Plan the memory of each of ``methods`` for ``model`` at ``batch_size`` x ``max_length``.
@@ -324,8 +324,8 @@ def plan(
     ``dtype`` as in ``TrainConfig``, except that ``auto`` means bfloat16 here: a plan is for
     the GPU, where ``train`` picks bfloat16. ``options`` is a ``methods.MethodOptions``
     (LoRA rank, …); ``gpu_mem`` (bytes or ``"24GiB"``) fills in ``fits``;
-    ``update_stats_every`` / ``update_stats_sample`` as in ``TrainConfig`` (None = analytics
-    off / every coordinate).
+    ``update_stats`` whether the update analytics run (``TrainConfig.update_stats_every`` set,
+    the default), ``update_stats_sample`` as in ``TrainConfig`` (None = every coordinate).
     """
     from forgetless.config import TrainConfig
     from forgetless.devices import DTYPES, check_attn_implementation, dtype_name
@@ -359,8 +359,7 @@ def plan(
                   gpu_mem_bytes=budget)
     for name in methods:
         one = plan_method(config, name, dtype, master, batch_size, max_length,
-                          attn_implementation, options, update_stats_every,
-                          update_stats_sample)
+                          attn_implementation, options, update_stats, update_stats_sample)
         if budget:
             one.fits = one.total_bytes <= budget
             one.fits_checkpointed = one.total_checkpointed_bytes <= budget
@@ -408,8 +407,7 @@ def plan_command(
                   dtype=dtype, fp32_master_weights=fp32_master_weights,
                   attn_implementation=attn_implementation,
                   gpu_mem=parse_size(gpu_mem) if gpu_mem is not None else None, options=options,
-                  update_stats_every=10 if update_stats else None,
-                  update_stats_sample=update_stats_sample or None)
+                  update_stats=update_stats, update_stats_sample=update_stats_sample or None)
     if as_json:
         typer.echo(result.to_json())
     else:

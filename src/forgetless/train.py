@@ -270,7 +270,7 @@ def check_training_sets(tokenizer: Any, configs: list[TrainConfig]) -> None:
     minutes on the base evaluation and earlier methods, not at the method that trains it."""
     seen: set[tuple] = set()
     for config in configs:
-        seed = config.seed if config.limit is not None else None  # the order matters only cut
+        seed = config.seed if config.limit is not None else None  # order matters when cut
         key = (config.data, config.max_length, config.limit, seed, config.packing)
         if key not in seen:
             seen.add(key)

@@ -320,9 +320,9 @@ class _Session:
         self.base.eval()
         lengths = self.config.space.get("max_length")
         lengths = lengths if isinstance(lengths, list) else [None]  # a range: its trials check
+        first = {"method": self.config.space["method"][0]}
         check_training_sets(self.tokenizer, [
-            validate(TrainConfig, {**self.config.train, "method": self.config.space["method"][0],
-                                   **({"max_length": n} if n is not None else {})})
+            _train_config(self.config, {**first, **({"max_length": n} if n else {})}, self.out)
             for n in lengths])
         settings = self.config.eval
         val = settings.validation
