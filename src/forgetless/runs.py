@@ -121,7 +121,8 @@ def checkpoints(trainer_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
 
 
-def _main_process() -> bool:
+def main_process() -> bool:
+    """Rank 0 under ``accelerate launch`` (and a plain process): the run folder's one writer."""
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -134,14 +135,14 @@ def resume_checkpoint(trainer_dir: str | Path, say: Any = print) -> Path | None:
         if problem is None:
             if skipped:
                 say(f"[forgetless] {'; '.join(skipped)}: resuming from {folder.name}")
-            if _main_process():
+            if main_process():
                 for name in skipped:
                     shutil.rmtree(Path(trainer_dir) / name.split(" ")[0], ignore_errors=True)
             return folder
         skipped.append(f"{folder.name} is incomplete ({problem})")
     if skipped:
         say(f"[forgetless] {'; '.join(skipped)}: no complete checkpoint, starting from step 0")
-        if _main_process():
+        if main_process():
             for folder in checkpoints(trainer_dir):
                 shutil.rmtree(folder, ignore_errors=True)
     return None
@@ -241,7 +242,7 @@ class RunLock:
         self.release()
 
     def acquire(self) -> RunLock:
-        if not _main_process():
+        if not main_process():
             return self
         make_dir(self.folder)
         while True:

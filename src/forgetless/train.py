@@ -313,8 +313,12 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
     """``train`` once the config is valid and this process owns the run folder."""
     device = resolve_device(config.device)
     run_dir = Path(config.output_dir)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
-    (run_dir / "metrics.json").unlink(missing_ok=True)  # this run is not finished yet
+    # The folder's one writer: under accelerate launch, rank 0 holds the RunLock and clears
+    # leftover temporaries, which would delete another rank's half-written config.yaml.
+    if runs.main_process():
+        atomic_write_text(run_dir / "config.yaml",
+                          yaml.safe_dump(config.model_dump(), sort_keys=False))
+        (run_dir / "metrics.json").unlink(missing_ok=True)  # this run is not finished yet
     set_seed(config.seed)
 
     # Device and precision (README "Devices and dtypes"): the weights load in ``dtype`` on
