@@ -98,3 +98,21 @@ def test_accelerate_launch_compare_two_processes(tiny_folder, tmp_path):
     runs = client.search_runs([results["tracking"]["experiment_id"]])
     assert sorted(run.info.run_name for run in runs) == ["base", "full", "mofo"]
     assert (out / "report.html").is_file()
+
+
+def test_a_finished_command_ends_its_process_group(tmp_path, monkeypatch):
+    """Without ``destroy_process_group`` gloo's threads outlive the interpreter and abort a
+    finished rank now and then (CI: rank 1 SIGABRT after "saved to", the launch failed)."""
+    import torch.distributed as dist
+
+    from forgetless.cli import main
+
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(sys, "argv", ["forgetless", "train", "--help"])  # a success, fast
+        main()  # returns: exit code 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -100,6 +100,7 @@ def main() -> None:
         code = app(standalone_mode=False)  # click's usage errors reach us, not its box
         if isinstance(code, int) and code:  # typer.Exit(code); Ctrl-C: 130 (said below)
             sys.exit(code)
+        _close_process_group()
     except _NoArgsIsHelp as err:  # a bare ``forgetless``: the overview
         err.show()
         sys.exit(err.exit_code)
@@ -134,6 +135,18 @@ def main() -> None:
               f"{_first_line(err)}); traceback in {where} (or rerun with --debug)",
               file=sys.stderr)
         sys.exit(1)
+
+
+def _close_process_group() -> None:
+    """End an ``accelerate launch`` process group before the interpreter ends: gloo's worker
+    threads outliving it abort the process at exit now and then ("terminate called without an
+    active exception", SIGABRT), so a run that finished and saved everything exits as failed.
+    Only after success: a rank that failed while others wait in a collective could hang here
+    (the launcher stops the others when one fails)."""
+    torch = sys.modules.get("torch")  # never imported (``--help``, a usage error): nothing to end
+    dist = getattr(torch, "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _usage_error(err: Exception) -> str:
