@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import tempfile
@@ -86,7 +87,18 @@ def _debug() -> bool:
 
 
 def main() -> None:
-    """Console entry point: every failure is one line on stderr unless ``--debug`` is given.
+    """Console entry point; see ``_main``. A process of a multi-process launch leaves through
+    ``_leave_launch`` with the same exit code."""
+    try:
+        _main()
+    except SystemExit as done:
+        _leave_launch(done.code)
+        raise
+    _leave_launch(0)
+
+
+def _main() -> None:
+    """Every failure is one line on stderr unless ``--debug`` is given.
 
     * ``ForgetlessError`` (bad input): the message, exit code 2;
     * a usage error (unknown option or command, a malformed or missing value): click's message
@@ -100,7 +112,6 @@ def main() -> None:
         code = app(standalone_mode=False)  # click's usage errors reach us, not its box
         if isinstance(code, int) and code:  # typer.Exit(code); Ctrl-C: 130 (said below)
             sys.exit(code)
-        _close_process_group()
     except _NoArgsIsHelp as err:  # a bare ``forgetless``: the overview
         err.show()
         sys.exit(err.exit_code)
@@ -137,16 +148,32 @@ def main() -> None:
         sys.exit(1)
 
 
-def _close_process_group() -> None:
-    """End an ``accelerate launch`` process group before the interpreter ends: gloo's worker
-    threads outliving it abort the process at exit now and then ("terminate called without an
-    active exception", SIGABRT), so a run that finished and saved everything exits as failed.
-    Only after success: a rank that failed while others wait in a collective could hang here
-    (the launcher stops the others when one fails)."""
+def _leave_launch(code: object) -> None:
+    """Under ``accelerate launch`` / torchrun, exit without Python's finalization.
+
+    A gloo worker thread that drops the last reference to a finished collective's tensors
+    while the interpreter finalizes aborts the process ("terminate called without an active
+    exception", SIGABRT; pytorch#179291), so a rank that finished and saved everything fails
+    the launch now and then. ``destroy_process_group`` does not stop those threads while
+    anything else still holds the group (after a DDP run all of them were still running). So:
+    end the group after success (not after a failure: the other ranks may wait in a
+    collective), run the exit handlers (MLflow, logging), flush, and ``os._exit`` with the
+    command's code. A process outside a launch (``WORLD_SIZE`` unset or 1) exits as usual.
+    """
     torch = sys.modules.get("torch")  # never imported (``--help``, a usage error): nothing to end
     dist = getattr(torch, "distributed", None)
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    launched = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+    if not launched or dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if isinstance(code, str):  # SystemExit("message"): Python would print it
+        print(code, file=sys.stderr)
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if status == 0:
         dist.destroy_process_group()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _usage_error(err: Exception) -> str:
