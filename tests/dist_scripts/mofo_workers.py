@@ -325,6 +325,11 @@ def _worker(rank: int, scenarios: str, world: int, port: int, out: str) -> None:
                 Path(out).write_text(json.dumps(summaries, indent=2))
     finally:
         dist.destroy_process_group()
+    # Leave without Python's finalization, where a gloo thread freeing a collective's tensors
+    # aborts the process now and then (docs/distributed.md, "How a launched process exits").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
