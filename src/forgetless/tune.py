@@ -322,7 +322,8 @@ class _Session:
         lengths = lengths if isinstance(lengths, list) else [None]  # a range: its trials check
         first = {"method": self.config.space["method"][0]}
         check_training_sets(self.tokenizer, [
-            _train_config(self.config, {**first, **({"max_length": n} if n else {})}, self.out)
+            _train_config(self.config, {**first, **({} if n is None else {"max_length": n})},
+                          self.out)
             for n in lengths])
         settings = self.config.eval
         val = settings.validation
