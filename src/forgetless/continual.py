@@ -166,7 +166,7 @@ def resolve_stages(config: ContinualConfig, out: Path) -> list[Stage]:
     from forgetless.compare import ensure_target
     from forgetless.data import BUILTIN_TASKS
     from forgetless.eval import registered_targets
-    from forgetless.image_tasks import IMAGE_TASKS
+    from forgetless.vlm.tasks import IMAGE_TASKS
 
     stages = []
     for entry in config.tasks:
