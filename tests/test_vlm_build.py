@@ -109,7 +109,7 @@ def test_the_alias_builds_from_the_embedded_lm(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(models, "convert_gguf", lambda gguf: tmp_path / "lm")
     monkeypatch.setattr(models, "embedded_gguf", lambda alias="smollm2-135m": Path("x.gguf"))
-    monkeypatch.setattr(vlm_build, "ensure_built",
+    monkeypatch.setattr(models, "ensure_built",
                         lambda lm, cache: calls.append((lm, cache)) or tmp_path / "vlm")
     assert models.resolve_model("llava-smollm2") == str(tmp_path / "vlm")
     assert calls == [(tmp_path / "lm", models.cache_dir() / "models")]
