@@ -142,3 +142,16 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     problems, _ = _violations()
     assert any("forgetless.vlm.bad (vlm) imports forgetless.data (core)" in p for p in problems)
     assert any("private name _y" in p for p in problems)
+
+
+def test_the_cli_starts_without_torch():
+    """``forgetless --help`` stays fast: the CLI imports each job inside its command, and
+    ``import forgetless`` resolves MoFO and ForgettingMonitor only when asked for."""
+    import subprocess
+
+    code = ("import sys, forgetless.cli; print([m for m in ('torch', 'transformers', 'mlflow') "
+            "if m in sys.modules])")
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
