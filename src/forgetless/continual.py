@@ -238,6 +238,23 @@ def _target_key(target: str) -> str:
     return get_target(target).name
 
 
+# --- run identities ---------------------------------------------------------------------------
+
+
+def eval_key(config: ContinualConfig, targets: list[str], dtype: str = "float32") -> str:
+    """Identity of the base evaluation and the root of every stage's chain of keys."""
+    key = {"eval": config.eval.model_dump(), "model": config.model, "targets": targets}
+    if dtype != "float32":  # float32 is what every earlier run evaluated in
+        key["dtype"] = dtype
+    return runs.config_hash(key)
+
+
+def stage_key(previous: str, settings: dict[str, Any]) -> str:
+    """Identity of one stage: the previous stage's key (or the eval key) and its raw keys."""
+    return runs.config_hash({"previous": previous, "train": {k: v for k, v in settings.items()
+                                                             if k != "output_dir"}})
+
+
 # --- orchestration ----------------------------------------------------------------------------
 
 
@@ -245,8 +262,6 @@ class _Run:
     """Shared state of one continual run: base model, stages, eval settings."""
 
     def __init__(self, config: ContinualConfig, callbacks: list | None):
-        import torch
-
         from forgetless.devices import dtype_name, resolve_device, resolve_dtype
 
         self.config = config
@@ -261,11 +276,8 @@ class _Run:
         self.device = resolve_device(shared.device)
         self.dtype = resolve_dtype(shared.dtype, self.device)
         self.attn_implementation = shared.attn_implementation
-        key = {"eval": config.eval.model_dump(), "model": config.model,
-               "targets": [s.target for s in self.stages]}
-        if self.dtype != torch.float32:  # float32 is what every earlier run evaluated in
-            key["dtype"] = dtype_name(self.dtype)
-        self.eval_key = runs.config_hash(key)
+        self.eval_key = eval_key(config, [s.target for s in self.stages],
+                                 dtype_name(self.dtype))
         self.base = self.tokenizer = None
 
     def load_base(self) -> None:
@@ -337,8 +349,7 @@ class _Run:
         for index, stage in enumerate(self.stages, start=1):
             folder = self.out / name / f"stage{index}-{stage.name}"
             settings = {**_stage_keys(keys, stage), "output_dir": str(folder)}
-            key = runs.config_hash({"previous": key, "train": {k: v for k, v in settings.items()
-                                                    if k != "output_dir"}})
+            key = stage_key(key, settings)
             if runs.finished(folder, "stage.json", ("eval.json",), key=key):
                 _say(f"{name} stage {index} ({stage.name}): finished before, loading its result")
                 results.append(EvalResult.load(folder / "eval.json"))
