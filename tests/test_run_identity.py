@@ -10,11 +10,11 @@ changes any of them fails here. A deliberate change gets its own test and a note
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from forgetless import compare, continual, tune
+from forgetless.jobs.tune_space import TRIAL_TRAIN, train_config
 
 SHARED = {"model": "smollm2-135m", "data": "gsm8k", "max_steps": 5, "device": "cpu"}
 
@@ -99,14 +99,12 @@ TUNE_RECIPES = [
 @pytest.mark.parametrize(("recipe", "expected"), TUNE_RECIPES)
 def test_tune_recipe_hashes_unchanged(recipe, expected):
     config = tune.load_tune_config({"train": SHARED})
-    trial = tune._train_config(config, recipe, Path("."), **tune._TRIAL_TRAIN)
-    test = tune._train_config(config, recipe, Path("runs/tune/test/x-seed1"), seed=1,
-                              **tune._TRIAL_TRAIN)
+    trial = train_config(config, recipe, Path("."), **TRIAL_TRAIN)
+    test = train_config(config, recipe, Path("runs/tune/test/x-seed1"), seed=1, **TRIAL_TRAIN)
     assert (tune.recipe_hash(trial), tune.recipe_hash(test)) == expected
 
 
 def test_tune_eval_hashes_unchanged():
     config = tune.load_tune_config({"train": SHARED})
-    session = SimpleNamespace(config=config, target="gsm8k", model_name="smollm2-135m")
-    assert tune._Session._eval_hash(session, "validation") == "342696008853688a"
-    assert tune._Session._eval_hash(session, "test") == "c2cd65ba95383e58"
+    assert tune.eval_hash(config, "validation", "gsm8k", "smollm2-135m") == "342696008853688a"
+    assert tune.eval_hash(config, "test", "gsm8k", "smollm2-135m") == "c2cd65ba95383e58"

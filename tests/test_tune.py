@@ -129,7 +129,7 @@ def test_example_config_loads():
 def test_median_pruner_waits_and_spares_the_last_step(step, max_steps, pruned):
     import optuna
 
-    from forgetless.tune import _TrialGuard
+    from forgetless.jobs.tune_study import TrialGuard
 
     study = optuna.create_study(pruner=optuna.pruners.MedianPruner(
         n_startup_trials=1, n_warmup_steps=4))
@@ -138,7 +138,7 @@ def test_median_pruner_waits_and_spares_the_last_step(step, max_steps, pruned):
         done.report(0.5, s)
     study.tell(done, 0.5)
     trial = study.ask()
-    guard = _TrialGuard(trial, 1.0, False)
+    guard = TrialGuard(trial, 1.0, False)
     control = types.SimpleNamespace(should_training_stop=False)
     guard.on_log(None, types.SimpleNamespace(global_step=step, max_steps=max_steps), control,
                  logs={"loss": 2.0})
@@ -147,12 +147,12 @@ def test_median_pruner_waits_and_spares_the_last_step(step, max_steps, pruned):
 
 
 def test_prune_warmup_reaches_the_pruner(tmp_path):
-    from forgetless.tune import _study
+    from forgetless.jobs.tune_study import open_study
 
     config = load_tune_config(None, ["search.prune_warmup=4", f"output_dir={tmp_path}"])
     session = types.SimpleNamespace(config=config, out=tmp_path,
                                     violations=lambda scores: {})
-    assert _study(session).pruner._n_warmup_steps == 4
+    assert open_study(session).pruner._n_warmup_steps == 4
 
 
 def test_a_searched_max_length_that_cuts_every_response_fails_before_the_search(

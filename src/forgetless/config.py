@@ -106,6 +106,16 @@ class TrainConfig(BaseModel):
         return value
 
 
+class MethodEntry(BaseModel):
+    """One compared method: a registered ``method`` plus per-method TrainConfig overrides
+    (e.g. ``fraction``, ``learning_rate``) as extra keys; ``name`` labels it (default: method)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str
+    name: str | None = None
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``["lr=1e-4", "method=attn"]`` → dict, values parsed as YAML scalars."""
     out: dict[str, Any] = {}
