@@ -272,14 +272,14 @@ def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
                 update_stats_sample: int | None = DEFAULT_SAMPLE) -> MethodPlan:
     """One method on a fresh meta model of ``config``, prepared exactly as ``train`` does."""
     from forgetless.methods import prepare_model
-    from forgetless.train import _cast_trainable
+    from forgetless.train import cast_trainable
     from forgetless.updates import analytics_bytes
 
     model = meta_model(config, dtype)
     with torch.device("meta"):  # LoRA layers and the anchor copy land on meta too
         prepared = prepare_model(model, method, options)
     if master != dtype:
-        _cast_trainable(prepared.model, master)
+        cast_trainable(prepared.model, master)
     params = list(prepared.model.parameters())  # unique: tied weights count once
     trainable = [p for p in params if p.requires_grad]
     weights = _bytes(params) + _bytes(prepared.model.buffers())
@@ -348,9 +348,9 @@ def plan(
     master = torch.float32 if half and fp32_master_weights else dtype
     budget = parse_size(gpu_mem) if isinstance(gpu_mem, str) else gpu_mem
     if options is None:
-        from forgetless.train import _method_options
+        from forgetless.methods.options import method_options
 
-        options = _method_options(TrainConfig())
+        options = method_options(TrainConfig())
     config = load_config(model) if isinstance(model, str | Path) else model
     name = str(model) if isinstance(model, str | Path) else type(model).__name__
     result = Plan(model=name, architecture=type(config).__name__.removesuffix("Config"),
@@ -395,14 +395,14 @@ def plan_command(
 ) -> None:
     """Memory per method (weights, gradients, optimizer, activations) without loading weights."""
     from forgetless.config import TrainConfig
-    from forgetless.train import _method_options
+    from forgetless.methods.options import method_options
 
     if lora_r < 1:
         raise ForgetlessError(f"--lora-r must be at least 1, got {lora_r}")
     if update_stats_sample < 0:
         raise ForgetlessError("--update-stats-sample must be 0 (every coordinate) or more")
     names = [v.strip() for value in method or [] for v in value.split(",") if v.strip()]
-    options = _method_options(TrainConfig(lora_r=lora_r))
+    options = method_options(TrainConfig(lora_r=lora_r))
     result = plan(model, names or None, batch_size=batch_size, max_length=max_length,
                   dtype=dtype, fp32_master_weights=fp32_master_weights,
                   attn_implementation=attn_implementation,

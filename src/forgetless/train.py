@@ -30,7 +30,8 @@ from forgetless.data import build_dataset, data_collator, load_conversations
 from forgetless.devices import dtype_name, resolve_device, resolve_dtype
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_dir, atomic_write_json, atomic_write_text, fault_point
-from forgetless.methods import MethodOptions, merge_lora, prepare_model
+from forgetless.methods import merge_lora, prepare_model
+from forgetless.methods.options import method_options
 from forgetless.models import load_model
 from forgetless.monitor import install_monitors
 from forgetless.optim.zero import ZeroLayoutCallback
@@ -150,22 +151,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
-def _method_options(config: TrainConfig) -> MethodOptions:
-    return MethodOptions(
-        fraction=config.fraction,
-        mofo_filter=config.mofo_filter,
-        mofo_exact=config.mofo_exact,
-        lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        anchor_weight=config.anchor_weight,
-        lwf_weight=config.lwf_weight,
-        freeze_vision_tower=config.freeze_vision_tower,
-        freeze_multi_modal_projector=config.freeze_multi_modal_projector,
-        freeze_language_model=config.freeze_language_model,
-    )
-
-
 def _sharded_launch() -> bool:
     """FSDP or DeepSpeed under ``accelerate launch``: they place, shard and cast the weights."""
     return any(os.environ.get(key, "").lower() == "true"
@@ -193,7 +178,7 @@ def _floating_dtype(model) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _cast_trainable(model, dtype: torch.dtype) -> None:
+def cast_trainable(model, dtype: torch.dtype) -> None:
     """Cast the trainable parameters in place: the same Parameter objects, so the anchor and the
     optimizer built later still hold them."""
     for param in model.parameters():
@@ -343,9 +328,9 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
     master = torch.float32 if half and config.fp32_master_weights else dtype
     if sharded and master != dtype:
         model.to(master)  # FSDP / DeepSpeed keep float32 shards and compute in half themselves
-    prepared = prepare_model(model, config.method, _method_options(config))
+    prepared = prepare_model(model, config.method, method_options(config))
     if not sharded:
-        _cast_trainable(prepared.model, master)
+        cast_trainable(prepared.model, master)
     precision = dtype_name(dtype) + (" (float32 master weights)" if master != dtype else "")
     print(f"[forgetless] {config.method}: {prepared.summary()}; {device}, {precision}",
           flush=True)
@@ -395,7 +380,7 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
     ]
     tuned = prepared.model
     if not sharded:
-        _cast_trainable(tuned, dtype)  # saved and evaluated in the run's dtype, on its device
+        cast_trainable(tuned, dtype)  # saved and evaluated in the run's dtype, on its device
     model_dir = None
     if config.save_model and distributed:  # all processes gather shards, the main one writes
         model_dir = run_dir / "model"

@@ -14,6 +14,7 @@ from typing import Any
 from forgetless import runs
 from forgetless.config import TrainConfig
 from forgetless.eval.result import METRICS_VERSION
+from forgetless.methods.options import DEFAULT_OPTIONS
 
 FLOAT32 = "float32"  # what every run evaluated in before the dtype joined the identity
 
@@ -25,8 +26,8 @@ COMPARE_UNHASHED = frozenset({"output_dir", "report_to", "logging_steps", "save_
 # (dtype resolved first: "auto" is bfloat16 on a CUDA device), so those runs stay reusable.
 COMPARE_HASHED_IF_NOT: Mapping[str, Any] = {
     "dtype": FLOAT32, "fp32_master_weights": True, "attn_implementation": "sdpa",
-    "freeze_vision_tower": True, "freeze_multi_modal_projector": True,
-    "freeze_language_model": False}
+    **{name: getattr(DEFAULT_OPTIONS, name) for name in
+       ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model")}}
 # A tune recipe also leaves out whether it saves weights and how its monitor watches it.
 TUNE_UNHASHED = frozenset({"output_dir", "report_to", "logging_steps", "save_steps", "resume",
                            "save_model", "update_stats_every", "update_stats_sample",

@@ -14,15 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from forgetless.config import MethodEntry, TrainConfig, load_sectioned_config, validate
 from forgetless.errors import ForgetlessError
+from forgetless.methods.options import USED_BY  # sampled only when the method uses it
 
 # Fixed for the whole search (set under train:); the space may not vary them.
 FIXED = {"model", "data", "output_dir", "device", "dtype", "seed", "resume", "report_to",
          "save_model", "monitor_every", "monitor_max_kl", "monitor_action"}
 INT_KEYS = {"max_steps", "lora_r", "warmup_steps", "grad_accum", "batch_size"}
-# Settings that only mean something for some methods: sampled only when the method uses them.
-USED_BY = {"fraction": "mofo", "mofo_filter": "mofo", "mofo_exact": "mofo", "lora_r": "lora",
-           "lora_alpha": "lora", "lora_dropout": "lora", "merge_lora": "lora",
-           "anchor_weight": "anchor"}
 # A trial's own training: no TensorBoard, no saved weights, no update analytics (time).
 TRIAL_TRAIN = {"report_to": [], "save_model": False, "update_stats_every": None,
                "resume": False}
