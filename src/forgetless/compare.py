@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import typer
 import yaml
 
 from forgetless import __version__, runs
@@ -56,10 +55,10 @@ from forgetless.jobs.session import (
     target_for,
 )
 from forgetless.models import is_model_folder
-from forgetless.report import build_results, summary_text, write_report
+from forgetless.report import build_results, write_report
 
 __all__ = ["DEFAULT_METHODS", "SHARED_KEYS", "CompareConfig", "CompareResult", "EvalSettings",
-           "MethodEntry", "PlannedMethod", "ReportSettings", "compare", "compare_command",
+           "MethodEntry", "PlannedMethod", "ReportSettings", "compare",
            "ensure_target", "eval_hash", "load_compare_config", "plan_methods", "redraw",
            "target_name", "train_hash"]
 
@@ -331,32 +330,3 @@ def redraw(config: CompareConfig | dict | str | Path | None = None,
     results.setdefault("config", {})["report"] = settings.report.model_dump()
     with runs.RunLock(out, "compare --report-only"):
         return write_report(results, out)
-
-
-def compare_command(
-    config: str = typer.Argument(..., help="Compare YAML (train:, methods:, eval:, ...)."),
-    overrides: list[str] = typer.Argument(
-        None, help="key=value overrides, dotted into sections: train.max_steps=5 eval.limit=50"
-    ),
-    tracking_uri: str | None = typer.Option(
-        None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in the output folder)."
-    ),
-    report_only: bool = typer.Option(
-        False, "--report-only", help="Only redraw the report from the output's results.json."
-    ),
-) -> None:
-    """Fine-tune several methods under one budget and report learning vs forgetting."""
-    if report_only:
-        files = redraw(config, overrides or [])
-        print(f"[forgetless compare] report: {files['html']} (and report.md)")
-        return
-    result = compare(config, overrides or [], tracking_uri=tracking_uri)
-    if not result.results:  # not the main process of an ``accelerate launch``
-        return
-    out = result.output_dir
-    uri = result.results["tracking"]["uri"]
-    print(summary_text(result.results))
-    print(f"[forgetless compare] done in {result.results['compare_seconds']:.0f} s "
-          f"({result.results['compare_cpu_seconds']:.0f} CPU s)")
-    print(f"[forgetless compare] report: {out / 'report.html'} (and report.md, results.json)")
-    print(f"[forgetless compare] MLflow UI: mlflow ui --backend-store-uri {uri}")

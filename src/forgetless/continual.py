@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from forgetless import runs
@@ -59,7 +58,7 @@ from forgetless.jobs.identity import chained_key, identity, with_dtype
 from forgetless.jobs.session import JobSession, check_inputs, check_target, target_for
 
 __all__ = ["ARC_LETTER", "BUILTIN_SEQUENCE", "HELDOUT_CHANGES", "ContinualConfig", "ContinualEval",
-           "Stage", "TaskEntry", "change_rows", "continual", "continual_command",
+           "Stage", "TaskEntry", "change_rows", "continual",
            "continual_metrics", "eval_key", "extract_letter", "heldout_change",
            "load_continual_config", "plan_methods", "register_arc_letter", "resolve_stages",
            "stage_key", "summarize", "write_report"]
@@ -367,20 +366,3 @@ def _continual(config: ContinualConfig, callbacks: list | None, track: bool) -> 
     fault_point("continual.report")
     atomic_write_json(run.out / "continual.json", summary)
     return summary
-
-
-def continual_command(
-    config: str = typer.Argument(None, help="Continual YAML (tasks:, methods:, train:, eval:)."),
-    overrides: list[str] = typer.Argument(
-        None, help="key=value overrides, dotted into sections: train.max_steps=20 eval.limit=50"
-    ),
-) -> None:
-    """Tune through a task sequence (each stage from the last); report R, ACC, BWT, FWT."""
-    if config and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides, config = [config, *(overrides or [])], None
-    summary = continual(config, overrides or [])
-    for name, data in summary["methods"].items():
-        print(f"[forgetless continual] {name}: ACC {data['acc']:.3f}  BWT {data['bwt']:+.3f}  "
-              f"FWT {data['fwt']:+.3f}")
-    print(f"[forgetless continual] report: {summary['files']['markdown']} "
-          f"({summary['seconds']:.0f} s)")

@@ -32,7 +32,7 @@ from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_dir, atomic_write_json, atomic_write_text, fault_point
 from forgetless.methods import merge_lora, prepare_model
 from forgetless.methods.options import method_options
-from forgetless.models import load_model
+from forgetless.models import is_alias, load_model, resolve_model
 from forgetless.monitor import install_monitors
 from forgetless.optim.zero import ZeroLayoutCallback
 from forgetless.progress import use_loss_progress
@@ -240,10 +240,9 @@ def _run_label(config: TrainConfig) -> str:
 def _check_model_name(name: str) -> None:
     """A missing model folder or file fails now; aliases and GGUF files resolve (and convert,
     once) only when the model loads."""
-    from forgetless.models import _ALIASES, VLM_ALIAS, resolve_model
 
     path = Path(name).expanduser()
-    if name in _ALIASES or name == VLM_ALIAS:
+    if is_alias(name):
         return
     if not (path.suffix == ".gguf" and path.is_file()):
         resolve_model(name)

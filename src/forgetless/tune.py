@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import typer
 import yaml
 
 from forgetless import __version__, runs
@@ -41,7 +40,7 @@ from forgetless.jobs.session import (
     say,
     target_for,
 )
-from forgetless.jobs.tune_report import mean_over_seeds, recipe_text, write_report
+from forgetless.jobs.tune_report import mean_over_seeds, write_report
 from forgetless.jobs.tune_space import (
     TRIAL_TRAIN,
     TuneConfig,
@@ -53,7 +52,7 @@ from forgetless.jobs.tune_study import TrialGuard, choose, search, trial_rows
 from forgetless.monitor import ForgettingMonitor
 from forgetless.report import summarize
 
-__all__ = ["TuneConfig", "load_tune_config", "recipe_hash", "tune", "tune_command"]
+__all__ = ["TuneConfig", "load_tune_config", "recipe_hash", "tune"]
 
 
 def _say(message: str) -> None:
@@ -297,27 +296,3 @@ def tune(config: TuneConfig | dict | str | Path | None = None,
         atomic_write_json(session.out / "tune.json", results)  # last: the tune is complete
     results["files"] = {k: str(v) for k, v in files.items()}
     return results
-
-
-def tune_command(
-    config: str = typer.Argument(..., help="Tune YAML (train:, space:, budget:, search:, ...)."),
-    overrides: list[str] = typer.Argument(
-        None, help="key=value overrides, dotted into sections: search.n_trials=3"),
-    tracking_uri: str | None = typer.Option(
-        None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in the output folder)."
-    ),
-) -> None:
-    """Search methods and settings for the best target score within a forgetting budget."""
-    results = tune(config, overrides or [], tracking_uri=tracking_uri)
-    counts, best = results["counts"], results["best"]
-    _say(f"{counts['total']} trials ({counts['complete']} complete, {counts['pruned']} pruned) "
-         f"in {results['search_seconds']:.0f} s; test phase {results['test_seconds']:.0f} s")
-    if best:
-        _say(f"recommended: {recipe_text(best['recipe'])}")
-    else:
-        _say("no trial met the budget")
-    for name, mean in results["test_means"].items():
-        _say(f"test {name}: target {mean['target']:+.1f} pts, held-out {mean['heldout']:+.1f} "
-             "pts")
-    _say(f"report: {results['files']['markdown']} (and tune.html, best.yaml, optuna.db)")
-

@@ -1,4 +1,4 @@
-"""The sandbox's launcher (see ``forgetless.sandbox``); runs as its own ``python -I -S``
+"""The sandbox's launcher (see ``forgetless.eval.sandbox``); runs as its own ``python -I -S``
 process, never imported by forgetless: it isolates itself, then forks and execs the program.
 
 argv: limits JSON. Namespaces are best effort: each step that the OS refuses is skipped and

@@ -6,11 +6,8 @@ from pathlib import Path
 
 import typer
 
+from forgetless.cli.options import split
 from forgetless.errors import ForgetlessError
-
-
-def _split(values: list[str] | None) -> list[str]:
-    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
 
 
 def eval_command(
@@ -37,13 +34,15 @@ def eval_command(
                               "bfloat16, float16 or float32: the precision both models load in."),
 ) -> None:
     """Measure held-out accuracy, target skill and drift from the base model."""
+    # the job's modules (torch, transformers): only when it runs
     from forgetless.devices import resolve_device, resolve_dtype
     from forgetless.eval.evaluator import DEFAULT_SUITE, evaluate
     from forgetless.eval.targets import get_target
     from forgetless.eval.tasks import load_spec
     from forgetless.models import load_model
+    from forgetless.runs import make_dir
 
-    tasks = _split(suite) or list(DEFAULT_SUITE)
+    tasks = split(suite) or list(DEFAULT_SUITE)
     if tasks == ["none"]:
         tasks = []
     if not tasks and target is None and base is None:
@@ -52,8 +51,6 @@ def eval_command(
     if target is not None:
         get_target(target)
     if output is not None:  # an output that cannot be written fails now, not after the run
-        from forgetless.runs import make_dir
-
         make_dir(Path(output).parent or Path("."), "folder for --output")
     place = resolve_device(device)
     precision = resolve_dtype(dtype, place)

@@ -1,0 +1,25 @@
+"""``forgetless continual``: the command-line face of ``forgetless.continual.continual``."""
+
+from __future__ import annotations
+
+import typer
+
+from forgetless.cli.options import config_first
+
+
+def continual_command(
+    config: str = typer.Argument(None, help="Continual YAML (tasks:, methods:, train:, eval:)."),
+    overrides: list[str] = typer.Argument(
+        None, help="key=value overrides, dotted into sections: train.max_steps=20 eval.limit=50"
+    ),
+) -> None:
+    """Tune through a task sequence (each stage from the last); report R, ACC, BWT, FWT."""
+    from forgetless.continual import continual  # the job (torch, transformers): when it runs
+
+    config, overrides = config_first(config, overrides)
+    summary = continual(config, overrides)
+    for name, data in summary["methods"].items():
+        print(f"[forgetless continual] {name}: ACC {data['acc']:.3f}  BWT {data['bwt']:+.3f}  "
+              f"FWT {data['fwt']:+.3f}")
+    print(f"[forgetless continual] report: {summary['files']['markdown']} "
+          f"({summary['seconds']:.0f} s)")
