@@ -108,3 +108,15 @@ def test_tune_eval_hashes_unchanged():
     config = tune.load_tune_config({"train": SHARED})
     assert tune.eval_hash(config, "validation", "gsm8k", "smollm2-135m") == "342696008853688a"
     assert tune.eval_hash(config, "test", "gsm8k", "smollm2-135m") == "c2cd65ba95383e58"
+
+
+def test_tune_eval_hash_names_a_half_dtype():
+    """Deliberate change (after the engine move): tune's eval hash named neither dtype nor
+    device, so a float32 base evaluation was reused by a bfloat16 search. The dtype now joins
+    it away from float32 (as in compare and continual): float32 caches keep their hash above."""
+    config = tune.load_tune_config({"train": SHARED})
+    val = tune.eval_hash(config, "validation", "gsm8k", "smollm2-135m", "bfloat16")
+    assert val == "d88910cc47fe7b97"
+    assert val != tune.eval_hash(config, "validation", "gsm8k", "smollm2-135m", "float16")
+    assert tune.eval_hash(config, "validation", "gsm8k", "smollm2-135m",
+                          "float32") == "342696008853688a"

@@ -165,3 +165,24 @@ def test_a_searched_max_length_that_cuts_every_response_fails_before_the_search(
     config["space"]["max_length"] = [64, 8]
     with pytest.raises(ForgetlessError, match="no example keeps a response token within 8"):
         tune(config)
+
+
+
+def _session(tmp_path):
+    from forgetless import tune as job
+
+    config = load_tune_config({
+        "train": {"data": "count_letters", "dtype": "bfloat16", "device": "cpu",
+                  "attn_implementation": "eager"},
+        "eval": {"suite": ["arc_easy"], "target": "count_letters"},
+        "output_dir": str(tmp_path / "tune")})
+    return job, config, job._Session(config, None)
+
+
+def test_session_hashes_the_dtype_it_evaluates_in(tmp_path):
+    """A float32 base evaluation is not reused by a bfloat16 search (it used to be)."""
+    job, config, session = _session(tmp_path)
+    assert session.val_hash == job.eval_hash(config, "validation", "count_letters",
+                                             "smollm2-135m", "bfloat16")
+    assert session.val_hash != job.eval_hash(config, "validation", "count_letters",
+                                             "smollm2-135m")

@@ -30,7 +30,7 @@ from forgetless.config import MethodEntry, TrainConfig, validate
 from forgetless.errors import ForgetlessError
 from forgetless.eval import EvalResult, sampled_rows
 from forgetless.io import atomic_write_json, atomic_write_text, fault_point
-from forgetless.jobs.identity import identity, tune_train_key
+from forgetless.jobs.identity import FLOAT32, identity, tune_train_key, with_dtype
 from forgetless.jobs.session import (
     JobSession,
     check_inputs,
@@ -64,10 +64,13 @@ def recipe_hash(train: TrainConfig) -> str:
     return tune_train_key(train)
 
 
-def eval_hash(config: TuneConfig, which: str, target: str | None, model: str) -> str:
-    """Identity of one sample's evaluation (``which``: validation or test)."""
-    return identity({"eval": config.eval.model_dump(), "which": which, "target": target,
-                     "base": model})
+def eval_hash(config: TuneConfig, which: str, target: str | None, model: str,
+              dtype: str = FLOAT32) -> str:
+    """Identity of one sample's evaluation (``which``: validation or test), with the dtype the
+    base and trials evaluate in (named away from float32, as compare and continual do: cached
+    float32 evaluations stay valid, a bfloat16 search no longer reuses them)."""
+    return identity({"eval": with_dtype(config.eval.model_dump(), dtype), "which": which,
+                     "target": target, "base": model})
 
 
 class _Session(JobSession):
@@ -83,8 +86,9 @@ class _Session(JobSession):
             raise ForgetlessError("eval.target: tune needs a target task to score learning")
         check_target(self.target)
         check_inputs([train.data], config.eval.suite)
-        self.val_hash = eval_hash(config, "validation", self.target, self.model_name)
-        self.test_hash = eval_hash(config, "test", self.target, self.model_name)
+        self.val_hash = eval_hash(config, "validation", self.target, self.model_name,
+                                  self.dtype_name)
+        self.test_hash = eval_hash(config, "test", self.target, self.model_name, self.dtype_name)
         runs.make_dir(self.out)
         self.open_tracker(tracking_uri or config.tracking_uri, config.experiment)
 
