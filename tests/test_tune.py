@@ -186,3 +186,21 @@ def test_session_hashes_the_dtype_it_evaluates_in(tmp_path):
                                              "smollm2-135m", "bfloat16")
     assert session.val_hash != job.eval_hash(config, "validation", "count_letters",
                                              "smollm2-135m")
+
+
+class _Loaded(Exception):
+    """Raised by a stand-in model loader: carries what the job asked it for."""
+
+
+def test_base_loads_with_attn_implementation(tmp_path, monkeypatch):
+    """tune loaded its base without ``attn_implementation`` (compare and continual pass it)."""
+    import forgetless.models
+
+    def loader(name, **kwargs):
+        raise _Loaded(kwargs)
+
+    _, _, session = _session(tmp_path)
+    monkeypatch.setattr(forgetless.models, "load_model", loader)
+    with pytest.raises(_Loaded) as loaded:
+        session.load_base()
+    assert loaded.value.args[0]["attn_implementation"] == "eager"

@@ -80,7 +80,6 @@ class _Session(JobSession):
         self.config = config
         train = validate(TrainConfig, {**config.train, "method": config.space["method"][0]})
         super().__init__("tune", config.output_dir, train)
-        self.attn_implementation = None  # tune loaded the base without it (fixed next)
         self.target = target_for(config.eval.target, train.data)
         if self.target is None:
             raise ForgetlessError("eval.target: tune needs a target task to score learning")
