@@ -242,7 +242,7 @@ def _pooled(per_seed: list[dict], runs: list, tuned: list, base_eval, reference,
 # --- formatting -----------------------------------------------------------------------------
 
 
-def _with_ci(metric: dict | None, scale: float, digits: int) -> str:
+def ci_cell(metric: dict | None, scale: float, digits: int) -> str:
     """A change with its 95% CI; ``*`` marks CIs that exclude 0."""
     if not metric:
         return "–"
@@ -254,18 +254,18 @@ def _with_ci(metric: dict | None, scale: float, digits: int) -> str:
     return f"{value}{star} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
-def _pts(metric: dict | None) -> str:
+def pts_cell(metric: dict | None) -> str:
     """A fraction as percentage points."""
-    return _with_ci(metric, 100, 1)
+    return ci_cell(metric, 100, 1)
 
 
 def _nats(metric: dict | None) -> str:
     """A change in nats."""
-    return _with_ci(metric, 1, 3)
+    return ci_cell(metric, 1, 3)
 
 
 def _change(metric: dict | None, measure: str) -> str:
-    return _pts(metric) if measure == "accuracy" else _nats(metric)
+    return pts_cell(metric) if measure == "accuracy" else _nats(metric)
 
 
 def _column(measure: str, task: str | None = None) -> str:
@@ -368,7 +368,7 @@ def versus_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
     rows = []
     for entry in later:
         versus = entry["vs_reference"]
-        row = [entry["name"]] + ([_pts(versus["target"])] if target else [])
+        row = [entry["name"]] + ([pts_cell(versus["target"])] if target else [])
         changes = [_versus_delta(versus, measure),
                    *[_versus_delta(versus, measure, t) for t in results["suite"]]]
         row += [_change(change, measure) for change in changes]
@@ -401,7 +401,7 @@ def seeds_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
             row = [entry["name"], str(one["seed"])]
             if target:
                 row += [f"{100 * one['target']['exact_match']['value']:.1f}",
-                        _pts(one["target"]["delta"])]
+                        pts_cell(one["target"]["delta"])]
             row.append(_change(heldout_delta(one, measure), measure))
             if reference:
                 versus = one.get("vs_reference")
@@ -424,7 +424,7 @@ def _row(results: dict, item: dict, entry: dict) -> list[str]:
     row = [_label(entry, None if item is entry else item)]
     if results["target"]:
         target = item["target"]
-        row += [f"{100 * target['exact_match']['value']:.1f}", _pts(target["delta"])]
+        row += [f"{100 * target['exact_match']['value']:.1f}", pts_cell(target["delta"])]
         row += [_nats(target.get("nll_delta"))] if _has_nll(results) else []
     measure, second = forgetting_measure(results), _second_measure(results)
     row.append(_change(heldout_delta(item, measure), measure))
@@ -527,7 +527,7 @@ def _settings(results: dict) -> list[str]:
 # --- plots ----------------------------------------------------------------------------------
 
 
-def _pareto(points: list[tuple[float, float]]) -> list[int]:
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points no other point beats on both axes (higher is better on both)."""
     front = []
     for i, (x, y) in enumerate(points):
@@ -571,7 +571,7 @@ def plot_tradeoff(results: dict, path: Path) -> None:
         for one in entry.get("seeds") or []:  # the seed spread: one small mark per seed
             x, y, _, _ = _coords(one, target, measure)
             ax.scatter([x], [y], marker="x", s=22, color=color, alpha=0.7, zorder=3)
-    front = sorted(_pareto(points), key=lambda i: points[i][0])
+    front = sorted(pareto_front(points), key=lambda i: points[i][0])
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="grey",
             linewidth=1.2, zorder=1, label="Pareto front")
     ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=220,
@@ -753,7 +753,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     if per_seed:
         tables += "<p>Per training seed (item-only paired CIs):</p>" + html_table(*per_seed)
     atomic_write_text(out / "report.html",
-                      _html(title, settings, tables, images, captions, _footer(results)))
+                      html_page(title, settings, tables, images, captions, _footer(results)))
     return {"markdown": out / "report.md", "html": out / "report.html",
             **{f"plot_{k}": p for k, p in images.items()}}
 
@@ -771,7 +771,7 @@ padding:4px 8px;text-align:right;white-space:nowrap}td:first-child,th:first-chil
 th{background:#f2f2f2}img{max-width:100%;border:1px solid #eee;margin:.5em 0}code{font-size:90%}"""
 
 
-def _html(title, settings, tables, images, captions, footer) -> str:
+def html_page(title, settings, tables, images, captions, footer) -> str:
     items = "".join(f"<li>{_inline_code(line)}</li>" for line in settings)
     figures = "".join(
         f"<h2>{captions[k]}</h2><img alt='{captions[k]}' src='data:image/png;base64,"

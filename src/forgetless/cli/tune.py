@@ -9,11 +9,6 @@ def _say(message: str) -> None:
     print(f"[forgetless tune] {message}", flush=True)
 
 
-def _recipe_text(recipe: dict) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in recipe.items())
-
-
 def tune_command(
     config: str = typer.Argument(..., help="Tune YAML (train:, space:, budget:, search:, ...)."),
     overrides: list[str] = typer.Argument(
@@ -23,14 +18,16 @@ def tune_command(
     ),
 ) -> None:
     """Search methods and settings for the best target score within a forgetting budget."""
-    from forgetless.tune import tune  # the job (torch, optuna, mlflow): only when it runs
+    # the job (torch, optuna, mlflow): only when it runs
+    from forgetless.jobs.tune_report import recipe_text
+    from forgetless.tune import tune
 
     results = tune(config, overrides or [], tracking_uri=tracking_uri)
     counts, best = results["counts"], results["best"]
     _say(f"{counts['total']} trials ({counts['complete']} complete, {counts['pruned']} pruned) "
          f"in {results['search_seconds']:.0f} s; test phase {results['test_seconds']:.0f} s")
     if best:
-        _say(f"recommended: {_recipe_text(best['recipe'])}")
+        _say(f"recommended: {recipe_text(best['recipe'])}")
     else:
         _say("no trial met the budget")
     for name, mean in results["test_means"].items():
