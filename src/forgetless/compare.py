@@ -39,6 +39,7 @@ from forgetless.config import (
 from forgetless.errors import ForgetlessError
 from forgetless.eval.result import METRICS_VERSION
 from forgetless.io import atomic_write_json, atomic_write_text, fault_point
+from forgetless.merging import MergeSpec, check_specs
 
 DEFAULT_METHODS: list[Any] = [
     "full", "lora", "attn", "mlp-gate-up", {"name": "mofo", "method": "mofo", "fraction": 0.1},
@@ -114,6 +115,10 @@ class CompareConfig(BaseModel):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
     interpolate: list[float] = Field(default_factory=list)
+    # Sparse merges of every run's task vector onto the base (forgetless.merging), each
+    # evaluated as its own row ``<name> <kind>-d<density>[-s<scale>]``: [{kind: ties,
+    # density: 0.2}, {kind: dare, density: 0.1, scale: 1.0, seed: 0}].
+    merge: list[MergeSpec] = Field(default_factory=list)
     # Training seeds: each method trains once per seed on the same evaluation items and the
     # report pools them. Unset: the one ``train.seed`` (default 0), folders as before.
     seeds: list[int] | None = None
@@ -127,6 +132,11 @@ class CompareConfig(BaseModel):
         if any(not 0.0 < lam < 1.0 for lam in values):
             raise ValueError("interpolation weights must lie strictly between 0 and 1")
         return sorted(set(values))
+
+    @field_validator("merge")
+    @classmethod
+    def _distinct_merges(cls, values: list[MergeSpec]) -> list[MergeSpec]:
+        return check_specs(values)
 
     @field_validator("seeds")
     @classmethod
@@ -408,15 +418,18 @@ class _Session:
         if not self.procs.main:
             return None
         params = {"train": planned.train.model_dump(), "eval": self.config.eval.model_dump(),
-                  "target": self.target, "interpolate": self.config.interpolate}
+                  "target": self.target, "interpolate": self.config.interpolate,
+                  "merge": [spec.key for spec in self.config.merge]}
         train = runs.read_json(folder / "metrics.json")
         return self._tracked(folder, record, params=params, train=train, label=planned.label)
 
     def _complete(self, folder: Path, record: dict, thash: str) -> bool:
         files = [record.get("eval_file"), *record.get("interpolation", {}).values()]
+        merges = record.get("merges", {})  # a merge added later: re-evaluate from the weights
         return (
             record.get("train_hash") == thash and record.get("eval_hash") == self.eval_hash
-            and runs.has_files(folder, ["metrics.json", *files])
+            and all(spec.key in merges for spec in self.config.merge)
+            and runs.has_files(folder, ["metrics.json", *files, *merges.values()])
         )
 
     def _train_and_evaluate(self, planned, folder: Path, thash: str, old: dict | None) -> dict:
@@ -457,14 +470,31 @@ class _Session:
             self.evaluate(mixed, f"{planned.label} λ={lam:g}").save(folder / file)
             points[f"{lam:g}"] = file
             del mixed
+        merges = self.evaluate_merges(tuned, planned, folder)
         del tuned
         gc.collect()
         record = {"name": planned.name, "method": planned.train.method, "seed": planned.seed,
                   "train_hash": thash,
                   "eval_hash": self.eval_hash, "eval_file": "eval.json", "interpolation": points}
+        if merges:  # absent otherwise: records stay as before merges existed
+            record["merges"] = merges
         fault_point("compare.method_done")
         atomic_write_json(folder / "compare.json", record)  # last: marks the method complete
         return record
+
+    def evaluate_merges(self, tuned, planned: PlannedMethod, folder: Path) -> dict[str, str]:
+        """Each ``merge:`` of the run's task vector, evaluated like an interpolation point;
+        returns {merge key: eval file}."""
+        from forgetless.merging import merge
+
+        files = {}
+        for spec in self.config.merge:
+            merged = merge(self.base, tuned, spec)
+            file = f"eval_merge_{spec.key}.json"
+            self.evaluate(merged, f"{planned.label} {spec.key}").save(folder / file)
+            files[spec.key] = file
+            del merged
+        return files
 
     def _tracked(self, folder: Path, record: dict, params: dict, train: dict | None,
                  label: str | None = None) -> dict:
@@ -483,6 +513,9 @@ class _Session:
         for lam, file in record.get("interpolation", {}).items():
             mixed = EvalResult.load(folder / file)
             metrics.update({f"lambda_{lam}/{k}": m.value for k, m in mixed.metrics.items()})
+        for key, file in record.get("merges", {}).items():
+            merged = EvalResult.load(folder / file)
+            metrics.update({f"merge_{key}/{k}": m.value for k, m in merged.metrics.items()})
         artifacts = [folder / name for name in
                      ("compare.json", record["eval_file"], "metrics.json", "config.yaml")]
         record["mlflow_run_id"] = self.tracker.log_run(
