@@ -185,26 +185,35 @@ def model_dir(tmp_path_factory):
 
 
 def test_compare_evaluates_each_merge_as_a_row_and_reuses_it(tmp_path, model_dir, monkeypatch):
-    merges = [{"kind": "ties", "density": 0.2}, {"kind": "dare", "density": 0.5, "seed": 1}]
+    from forgetless.eval import EvalResult
+
+    merges = [{"kind": "dare", "density": 0.5, "seed": 1}]
     config = {
         "train": dict(model=str(model_dir), data="count_letters", limit=8, batch_size=4,
                       max_steps=2, max_length=64, learning_rate=1e-2, report_to=[]),
         "methods": ["full"],
-        "eval": dict(suite=["arc_easy"], limit=4, target=None, batch_size=4),
+        "eval": dict(suite=["arc_easy"], limit=4, target=None, batch_size=4, drift_prompts=2),
         "merge": merges,
+        "seeds": [0, 1],
         "output_dir": str(tmp_path / "cmp"),
     }
     results = compare(config).results
     out = tmp_path / "cmp"
     full = results["methods"][0]
-    assert [p["merge"] for p in full["merges"]] == ["ties-d0.2", "dare-d0.5-seed1"]
-    assert full["merges"][0]["heldout"]["arc_easy"]["delta"]["n"] == 4
-    record = json.loads((out / "runs" / "full" / "compare.json").read_text())
-    assert record["merges"] == {"ties-d0.2": "eval_merge_ties-d0.2.json",
-                                "dare-d0.5-seed1": "eval_merge_dare-d0.5-seed1.json"}
+    assert [p["merge"] for p in full["merges"]] == ["dare-d0.5-seed1"]
+    record = json.loads((out / "runs" / "full" / "seed1" / "compare.json").read_text())
+    assert record["merges"] == {"dare-d0.5-seed1": "eval_merge_dare-d0.5-seed1.json"}
+    # the row pools both seeds' merged models: the mean paired change over seeds and items
+    base = EvalResult.load(out / "base" / "eval.json").metrics["heldout/gold_logprob"].value
+    merged = [EvalResult.load(out / "runs" / "full" / f"seed{s}" / record["merges"][
+        "dare-d0.5-seed1"]).metrics["heldout/gold_logprob"].value for s in (0, 1)]
+    pooled = full["merges"][0]["heldout_avg"]["gold_logprob"]["delta"]
+    assert pooled["value"] == pytest.approx(sum(m - base for m in merged) / 2)
+    assert all("merges" not in one for one in full["seeds"])
     report = (out / "report.md").read_text()
-    assert "| full ties-d0.2 |" in report and "| full dare-d0.5-seed1 |" in report
-    stamp = (out / "runs" / "full" / "eval_merge_ties-d0.2.json").stat().st_mtime_ns
+    assert "| full dare-d0.5-seed1 |" in report and "rows `name ties-dX`" in report
+    file = out / "runs" / "full" / "seed0" / "eval_merge_dare-d0.5-seed1.json"
+    stamp = file.stat().st_mtime_ns
 
     monkeypatch.setattr(forgetless.train, "train", lambda *a, **k: pytest.fail("retrained"))
     real = forgetless.compare._Session.evaluate
@@ -218,9 +227,11 @@ def test_compare_evaluates_each_merge_as_a_row_and_reuses_it(tmp_path, model_dir
     again = compare(config).results  # finished: nothing trains or evaluates again
     assert evaluated == []
     assert again["methods"][0]["merges"] == full["merges"]
-    assert (out / "runs" / "full" / "eval_merge_ties-d0.2.json").stat().st_mtime_ns == stamp
+    assert file.stat().st_mtime_ns == stamp
 
-    config["merge"] = [*merges, {"kind": "ties", "density": 0.5}]  # one more merge
+    config["merge"] = [*merges, {"kind": "ties", "density": 0.2}]  # one more merge
     added = compare(config).results
-    assert "full ties-d0.5" in evaluated  # from the saved weights, not retrained
-    assert [p["merge"] for p in added["methods"][0]["merges"]][-1] == "ties-d0.5"
+    assert "full seed 0 ties-d0.2" in evaluated  # from the saved weights, not retrained
+    assert [p["merge"] for p in added["methods"][0]["merges"]] == [
+        "dare-d0.5-seed1", "ties-d0.2"]
+    assert "| full ties-d0.2 |" in (out / "report.md").read_text()
