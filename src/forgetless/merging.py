@@ -141,7 +141,8 @@ def merge(base: nn.Module, tuned: nn.Module, spec: MergeSpec) -> nn.Module:
             )
         theta0 = param.float()
         delta = other.to(param.device, torch.float32) - theta0
-        param.copy_(theta0 + merge_delta(delta, spec, name))
+        if delta.any():  # a frozen tensor (a preset's, LoRA's) stays θ₀ without the work
+            param.copy_(theta0 + merge_delta(delta, spec, name))
     return out.eval()
 
 
