@@ -235,3 +235,9 @@ def test_compare_evaluates_each_merge_as_a_row_and_reuses_it(tmp_path, model_dir
     assert [p["merge"] for p in added["methods"][0]["merges"]] == [
         "dare-d0.5-seed1", "ties-d0.2"]
     assert "| full ties-d0.2 |" in (out / "report.md").read_text()
+
+    evaluated.clear()  # a merge taken out of the config leaves the report, nothing re-runs
+    config["merge"] = merges
+    fewer = compare(config).results
+    assert evaluated == [] and [p["merge"] for p in fewer["methods"][0]["merges"]] == [
+        "dare-d0.5-seed1"]

@@ -421,7 +421,11 @@ class _Session:
                   "target": self.target, "interpolate": self.config.interpolate,
                   "merge": [spec.key for spec in self.config.merge]}
         train = runs.read_json(folder / "metrics.json")
-        return self._tracked(folder, record, params=params, train=train, label=planned.label)
+        record = self._tracked(folder, record, params=params, train=train, label=planned.label)
+        if "merges" in record:  # the report shows the merges asked for now, not every one made
+            record = {**record, "merges": {spec.key: record["merges"][spec.key]
+                                           for spec in self.config.merge}}
+        return record
 
     def _complete(self, folder: Path, record: dict, thash: str) -> bool:
         files = [record.get("eval_file"), *record.get("interpolation", {}).values()]
