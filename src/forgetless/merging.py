@@ -12,12 +12,13 @@ these keep only part of τ at full strength: the merged model is θ₀ + s·m(τ
 
 Both work tensor by tensor (as PEFT's ``merge_utils`` and MergeKit do). The trim breaks ties in
 magnitude by position (the earlier coordinate is kept), and DARE draws each tensor's mask on the
-CPU from a generator seeded by (seed, parameter name): a merge is the same on every rerun and
-every device, and does not depend on the order parameters are visited. That is why the masks
-are made here rather than with PEFT's ``prune`` (``torch.topk``'s order among equal values is
-unspecified; ``random_pruning`` draws from the global RNG of the tensor's device); the
-arithmetic after the mask equals ``peft.utils.merge_utils.ties`` / ``dare_linear`` on one
-task vector (tests/test_merging.py checks it against ``ties``).
+CPU from a generator seeded by (seed, parameter name): a merge is the same on every rerun, its
+masks do not depend on the device the model sits on (by construction; checked on the CPU only)
+nor on the order parameters are visited. That is why the masks are made here rather than with
+PEFT's ``prune`` (``torch.topk``'s order among equal values is unspecified; ``random_pruning``
+draws from the global RNG of the tensor's device); the arithmetic after the mask equals
+``peft.utils.merge_utils.ties`` / ``dare_linear`` on one task vector (tests/test_merging.py
+checks it against ``ties``).
 
 A LoRA run is merged into its base first (``interpolate.merged_copy``), so τ is the full
 weight change. ``merge_run`` applies a merge to a finished run folder outside ``compare``.
