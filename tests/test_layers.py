@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("models", "data", "optim", "config", "devices")),
     ("eval/methods", ("eval", "methods")),
     ("jobs", ("train", "jobs", "compare", "continual", "tune", "check", "plan", "report",
-              "pooling", "tracking", "interpolate", "monitor", "updates", "progress")),
+              "pooling", "tracking", "interpolate", "merging", "monitor", "updates", "progress")),
     ("cli", ("cli", "__main__")),
 ]
 

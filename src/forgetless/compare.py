@@ -54,6 +54,7 @@ from forgetless.jobs.session import (
     say,
     target_for,
 )
+from forgetless.merging import merge
 from forgetless.models import is_model_folder
 from forgetless.report import build_results, write_report
 
@@ -176,15 +177,22 @@ class _Session(JobSession):
         if not self.procs.main:
             return None
         params = {"train": planned.train.model_dump(), "eval": self.config.eval.model_dump(),
-                  "target": self.target, "interpolate": self.config.interpolate}
+                  "target": self.target, "interpolate": self.config.interpolate,
+                  "merge": [spec.key for spec in self.config.merge]}
         train = runs.read_json(folder / "metrics.json")
-        return self._tracked(folder, record, params=params, train=train, label=planned.label)
+        record = self._tracked(folder, record, params=params, train=train, label=planned.label)
+        if "merges" in record:  # the report shows the merges asked for now, not every one made
+            record = {**record, "merges": {spec.key: record["merges"][spec.key]
+                                           for spec in self.config.merge}}
+        return record
 
     def _complete(self, folder: Path, record: dict, thash: str) -> bool:
         files = [record.get("eval_file"), *record.get("interpolation", {}).values()]
+        merges = record.get("merges", {})  # a merge added later: re-evaluate from the weights
         return (
             record.get("train_hash") == thash and record.get("eval_hash") == self.eval_hash
-            and runs.has_files(folder, ["metrics.json", *files])
+            and all(spec.key in merges for spec in self.config.merge)
+            and runs.has_files(folder, ["metrics.json", *files, *merges.values()])
         )
 
     def _train_and_evaluate(self, planned, folder: Path, thash: str, old: dict | None) -> dict:
@@ -219,14 +227,29 @@ class _Session(JobSession):
             self.evaluate(mixed, f"{planned.label} λ={lam:g}").save(folder / file)
             points[f"{lam:g}"] = file
             del mixed
+        merges = self.evaluate_merges(tuned, planned, folder)
         del tuned
         gc.collect()
         record = {"name": planned.name, "method": planned.train.method, "seed": planned.seed,
                   "train_hash": thash,
                   "eval_hash": self.eval_hash, "eval_file": "eval.json", "interpolation": points}
+        if merges:  # absent otherwise: records stay as before merges existed
+            record["merges"] = merges
         fault_point("compare.method_done")
         atomic_write_json(folder / "compare.json", record)  # last: marks the method complete
         return record
+
+    def evaluate_merges(self, tuned, planned: PlannedMethod, folder: Path) -> dict[str, str]:
+        """Each ``merge:`` of the run's task vector, evaluated like an interpolation point;
+        returns {merge key: eval file}."""
+        files = {}
+        for spec in self.config.merge:
+            merged = merge(self.base, tuned, spec)
+            file = f"eval_merge_{spec.key}.json"
+            self.evaluate(merged, f"{planned.label} {spec.key}").save(folder / file)
+            files[spec.key] = file
+            del merged
+        return files
 
     def _tracked(self, folder: Path, record: dict, params: dict, train: dict | None,
                  label: str | None = None) -> dict:
@@ -243,6 +266,9 @@ class _Session(JobSession):
         for lam, file in record.get("interpolation", {}).items():
             mixed = EvalResult.load(folder / file)
             metrics.update({f"lambda_{lam}/{k}": m.value for k, m in mixed.metrics.items()})
+        for key, file in record.get("merges", {}).items():
+            merged = EvalResult.load(folder / file)
+            metrics.update({f"merge_{key}/{k}": m.value for k, m in merged.metrics.items()})
         artifacts = [folder / name for name in
                      ("compare.json", record["eval_file"], "metrics.json", "config.yaml")]
         self.track_once(record, label or record["name"], params, metrics, series, artifacts,

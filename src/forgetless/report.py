@@ -182,7 +182,12 @@ def _entry(record: dict, train_config: dict, folder: Path, tuned, base_eval, sui
          **summarize(EvalResult.load(folder / file), base_eval, suite, target)}
         for lam, file in record.get("interpolation", {}).items()
     ]
-    for point in entry["interpolation"]:
+    # sparse merges of the task vector (forgetless.merging), one row each
+    entry["merges"] = [
+        {"merge": key, **summarize(EvalResult.load(folder / file), base_eval, suite, target)}
+        for key, file in record.get("merges", {}).items()
+    ]
+    for point in [*entry["interpolation"], *entry["merges"]]:
         point.pop("param_drift", None)  # the heat map shows the tuned end only
     return entry
 
@@ -227,12 +232,16 @@ def _pooled(per_seed: list[dict], runs: list, tuned: list, base_eval, reference,
         mixed = [EvalResult.load(folder / record["interpolation"][lam])
                  for record, _, folder in runs]
         entry["interpolation"][k] = pool_summary(point, bases, mixed, suite, target)
+    for k, point in enumerate(entry.get("merges") or []):
+        merged = [EvalResult.load(folder / record["merges"][point["merge"]])
+                  for record, _, folder in runs]
+        entry["merges"][k] = pool_summary(point, bases, merged, suite, target)
     if reference is not None:
         entry["vs_reference"] = _versus(reference[0], tuned[0], reference[1][0], suite, target,
                                         pooled=(reference[1], tuned))
     entry["seeds"] = []
     for one, (_, train_config, _) in zip(per_seed, runs):
-        for key in ("param_drift", "interpolation", "train_config"):
+        for key in ("param_drift", "interpolation", "merges", "train_config"):
             one.pop(key, None)
         one["train"] = {"train_seconds": one["train"]["train_seconds"]}
         entry["seeds"].append({"seed": train_config["seed"], **one})
@@ -290,7 +299,11 @@ def _size(count: float | None, unit: str = "") -> str:
 
 
 def _label(entry: dict, point: dict | None = None) -> str:
-    return entry["name"] if point is None else f"{entry['name']} λ={point['lambda']:g}"
+    if point is None:
+        return entry["name"]
+    if "merge" in point:
+        return f"{entry['name']} {point['merge']}"
+    return f"{entry['name']} λ={point['lambda']:g}"
 
 
 def base_table(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -352,6 +365,7 @@ def main_table(results: dict) -> tuple[list[str], list[list[str]]]:
     for entry in results["methods"]:
         rows.append(_row(results, entry, entry))
         rows += [_row(results, point, entry) for point in entry["interpolation"]]
+        rows += [_row(results, point, entry) for point in entry.get("merges") or []]
     return header, rows
 
 
@@ -521,6 +535,12 @@ def _settings(results: dict) -> list[str]:
             "over seeds (± SE between seeds). The per-seed table lists the runs.")
     if any(e["interpolation"] for e in results["methods"]):
         lines.append("rows `name λ=x` are weight interpolations θ₀ + λ(θ − θ₀) of that method.")
+    if any(e.get("merges") for e in results["methods"]):
+        lines.append(
+            "rows `name ties-dX` / `name dare-dX` merge that method's task vector τ = θ − θ₀ "
+            "back onto θ₀ sparsely: TIES keeps the share X of τ's largest coordinates per "
+            "tensor, DARE keeps a random share X rescaled by 1/X (`-sY`: times Y; "
+            "forgetless.merging).")
     return lines
 
 
@@ -568,6 +588,14 @@ def plot_tradeoff(results: dict, path: Path) -> None:
                         label=entry["name"] if is_end else None)
         if entry["interpolation"]:
             ax.plot(path_x, path_y, ":", color=color, linewidth=1, zorder=2)
+        for point in entry.get("merges") or []:  # off the λ path: a marked point each
+            x, y, xerr, yerr = _coords(point, target, measure)
+            labels.append(_label(entry, point))
+            points.append((x, y))
+            ax.annotate(point["merge"], (x, y), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7, color=color)
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="^", color=color, markersize=5,
+                        alpha=0.6, capsize=2, elinewidth=0.8, zorder=3)
         for one in entry.get("seeds") or []:  # the seed spread: one small mark per seed
             x, y, _, _ = _coords(one, target, measure)
             ax.scatter([x], [y], marker="x", s=22, color=color, alpha=0.7, zorder=3)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from forgetless.config import MethodEntry, TrainConfig, load_sectioned_config, validate
 from forgetless.errors import ForgetlessError
+from forgetless.merging import MergeSpec, check_specs
 
 DEFAULT_METHODS: list[Any] = [
     "full", "lora", "attn", "mlp-gate-up", {"name": "mofo", "method": "mofo", "fraction": 0.1},
@@ -72,6 +73,10 @@ class CompareConfig(BaseModel):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
     interpolate: list[float] = Field(default_factory=list)
+    # Sparse merges of every run's task vector onto the base (forgetless.merging), each
+    # evaluated as its own row ``<name> <kind>-d<density>[-s<scale>]``: [{kind: ties,
+    # density: 0.2}, {kind: dare, density: 0.1, scale: 1.0, seed: 0}].
+    merge: list[MergeSpec] = Field(default_factory=list)
     # Training seeds: each method trains once per seed on the same evaluation items and the
     # report pools them. Unset: the one ``train.seed`` (default 0), folders as before.
     seeds: list[int] | None = None
@@ -85,6 +90,11 @@ class CompareConfig(BaseModel):
         if any(not 0.0 < lam < 1.0 for lam in values):
             raise ValueError("interpolation weights must lie strictly between 0 and 1")
         return sorted(set(values))
+
+    @field_validator("merge")
+    @classmethod
+    def _distinct_merges(cls, values: list[MergeSpec]) -> list[MergeSpec]:
+        return check_specs(values)
 
     @field_validator("seeds")
     @classmethod
