@@ -98,7 +98,8 @@ def sample_keys(g: Tensor, m: Tensor, w1: float, seed: int, mode: int) -> Tensor
 
 
 def _histogram(keys: Tensor, lo, shift, bins: int) -> Tensor:
-    """[bins + 1]: keys in each bin of width 2**shift from ``lo``, then the count above them.
+    """Raw counters [bins + 2 * SPREAD]: keys in each bin of width 2**shift from ``lo``, then
+    the dummy slots of keys below and above the bins (``histograms`` reduces a stack of them).
 
     One scatter of ones: a key in the bracket adds to its bin; a key below or above it adds to
     one of ``SPREAD`` dummy slots of its side (by index), so the atomic adds of the ~90 % of
@@ -113,9 +114,15 @@ def _histogram(keys: Tensor, lo, shift, bins: int) -> Tensor:
     kind = torch.int32 if keys.numel() < 2**31 else torch.int64
     counts = torch.zeros(bins + 2 * SPREAD, dtype=kind, device=keys.device)
     ones = torch.ones((), dtype=kind, device=keys.device).expand(keys.numel())
-    counts.index_put_((slot,), ones, accumulate=True)
-    above = counts[bins + SPREAD :].sum(dtype=torch.int64).reshape(1)
-    return torch.cat([counts[:bins].to(torch.int64), above])
+    return counts.index_put_((slot,), ones, accumulate=True)
+
+
+def histograms(raw: list[Tensor], bins: int) -> Tensor:
+    """[len(raw), bins + 1] int64 from ``_histogram``'s counters: the bins, then the count
+    above them (a few ops for a whole group)."""
+    stacked = torch.stack([r.to(torch.int64) for r in raw]) if len({r.dtype for r in raw}) > 1 \
+        else torch.stack(raw).to(torch.int64)
+    return torch.cat([stacked[:, :bins], stacked[:, bins + SPREAD :].sum(1, keepdim=True)], 1)
 
 
 def moments_histogram(g: Tensor, m: Tensor, v: Tensor, w1: float, beta2: float, w2: float,
@@ -177,9 +184,11 @@ _broken: list[str] = []  # why compilation failed in this process (then: eager f
 @functools.cache
 def _compiled(fn: Callable) -> Callable:
     # dynamic: one graph for every tensor size; emulate_precision_casts: bf16/fp16 ops round
-    # between ops as eager AdamW does (else Inductor keeps fp32 intermediates)
+    # between ops as eager AdamW does (else Inductor keeps fp32 intermediates); C++ kernels
+    # named in the profiler (as GPU kernels are), so a CPU test can count launches
     return torch.compile(fn, dynamic=True, fullgraph=True,
-                         options={"emulate_precision_casts": True})  # fmt: skip
+                         options={"emulate_precision_casts": True,
+                                  "cpp.enable_kernel_profile": True})  # fmt: skip
 
 
 METER: list[tuple[str, int, int]] | None = None  # set to a list: (function, elements, itemsize)
@@ -284,7 +293,8 @@ class FusedBatch(TorchBatch):
                            shift[i], self.seeds[row], self.mode, bins)
                  for i, row in enumerate(rows)
                  for _p, g, m, v in (self.flat[row],)]  # fmt: skip
-        packed = torch.cat([torch.stack(hists), lo.unsqueeze(1), shift.unsqueeze(1)], 1).cpu()
+        packed = torch.cat([histograms(hists, bins), lo.unsqueeze(1), shift.unsqueeze(1)],
+                           1).cpu()  # fmt: skip
         return packed[:, : bins + 1], packed[:, bins + 1], packed[:, bins + 2]
 
     def moments(self, beta1, beta2, los: Tensor, shifts: Tensor, bins: int = BINS) -> Tensor:
@@ -296,7 +306,7 @@ class FusedBatch(TorchBatch):
             hists = [self._run(moments_histogram, g, m, v, 1 - beta1, beta2, 1 - beta2,
                                int(los[row]), int(shifts[row]), self.seeds[row], self.mode, bins)
                      for row in rows for _p, g, m, v in (self.flat[row],)]  # fmt: skip
-            counts[rows] = torch.stack(hists).cpu()
+            counts[rows] = histograms(hists, bins).cpu()
         return counts
 
     def _whole_moments(self, beta1: float, beta2: float, filtered: set[int]) -> None:
@@ -320,7 +330,7 @@ class FusedBatch(TorchBatch):
                  for row, lo, shift in zip(rows.tolist(), los.tolist(), shifts.tolist(),
                                            strict=True)
                  for _p, g, m, _v in (self.flat[row],)]  # fmt: skip
-        return torch.stack(hists).cpu()
+        return histograms(hists, bins).cpu()
 
     # -- pass 4: the step ----------------------------------------------------------------------
 
