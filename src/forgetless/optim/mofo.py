@@ -51,9 +51,12 @@ class MoFO(torch.optim.Optimizer):
             Here ties at the threshold are broken by index within each shard;
             ``forgetless.optim.distributed.ShardedMoFO`` ranks them across shards.
         backend: ``"auto"`` (the compiled kernel, ``forgetless.optim.kernel``, for groups of
-            contiguous float32 CPU tensors; torch ops for anything else, e.g. CUDA or bf16),
-            ``"kernel"`` (error if unavailable) or ``"torch"``. Both compute the same selection
-            and follow AdamW's arithmetic op by op.
+            contiguous float32 CPU tensors; on an accelerator the fused device passes of
+            ``forgetless.optim.device``, compiled with ``torch.compile``, where they compile;
+            chunked torch ops otherwise, e.g. bf16 on a CPU), ``"kernel"`` (error if
+            unavailable), ``"fused"`` (the fused passes, compiled unless
+            ``FORGETLESS_MOFO_COMPILE=0``) or ``"torch"`` (chunked torch ops). All compute the
+            same selection and follow AdamW's arithmetic op by op.
 
     How the top-k set is found: from counts only (``forgetless.optim.select``): a sampled
     bracket, then exact histograms of the keys inside it, fused into the pass that updates the
