@@ -81,3 +81,94 @@ def test_adamw_falls_back_to_foreach_where_fused_has_no_kernel(monkeypatch):
         param = torch.nn.Parameter(torch.empty(4, 4, device="cuda"))
         optimizer = module.adamw([{"params": [param]}], lr=1e-3)
     assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]
+
+
+class _HostSyncs:
+    """Counts the ops that make the host wait for the device: reading a value
+    (``.item()``, ``bool(t)``, ``float(t)``: ``aten._local_scalar_dense``) and ``torch.equal``.
+
+    Not counted (``model``): transformers' own check in the model's forward whether the
+    attention mask has padding (``masking_utils``, one per forward, to skip building a mask).
+    """
+
+    def __init__(self) -> None:
+        import traceback
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        waits = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default}
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in waits:
+                    stack = traceback.extract_stack(limit=12)
+                    if any(f.filename.endswith("masking_utils.py") for f in stack):
+                        counter.model += 1
+                    else:
+                        counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count = self.model = 0
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from forgetless.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+        pad_token_id=2, eos_token_id=2))
+
+
+@pytest.mark.parametrize("method", ["full", "l2-anchor+lwf"])
+def test_no_host_sync_per_micro_batch(tmp_path, tokenizer, method):
+    """Host syncs per training run do not grow with the micro-batches: two optimizer steps of 1
+    and of 4 micro-batches wait on the device equally often (the finite-loss check and the
+    Trainer's NaN filter each read the loss once per micro-batch before)."""
+    from forgetless.train import train
+
+    counts = {}
+    for accum in (1, 4):
+        with _HostSyncs() as syncs:
+            train(model=_tiny_llama(), tokenizer=tokenizer, method=method, data="count_letters",
+                  limit=16, batch_size=1, grad_accum=accum, max_steps=2, max_length=64,
+                  logging_steps=1, learning_rate=1e-3, report_to=[], save_model=False,
+                  output_dir=str(tmp_path / f"run{accum}"), device="cpu")
+        counts[accum] = syncs.count
+        assert syncs.model <= 4 * accum  # the model's forward: outside the training loop
+    assert counts[4] == counts[1], counts
+
+
+def test_non_finite_loss_stops_before_a_checkpoint_between_log_lines(tmp_path, tokenizer):
+    """Checked where the Trainer syncs anyway: a non-finite loss between two log lines still
+    stops the run at the next save (no checkpoint of NaN weights) and writes no metrics."""
+    from forgetless import runs
+    from forgetless.errors import ForgetlessError
+    from forgetless.train import train
+
+    with pytest.raises(ForgetlessError, match=r"training loss became (nan|inf) at step [12]:"):
+        train(model=_tiny_llama(), tokenizer=tokenizer, method="full", data="count_letters",
+              limit=16, batch_size=4, max_steps=20, max_length=64, logging_steps=100,
+              save_steps=3, learning_rate=1e12, max_grad_norm=0.0, report_to=[],
+              output_dir=str(tmp_path / "run"), device="cpu")
+    assert not runs.checkpoints(tmp_path / "run" / "trainer")
+    assert not (tmp_path / "run" / "metrics.json").exists()
