@@ -172,3 +172,38 @@ def test_non_finite_loss_stops_before_a_checkpoint_between_log_lines(tmp_path, t
               output_dir=str(tmp_path / "run"), device="cpu")
     assert not runs.checkpoints(tmp_path / "run" / "trainer")
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+# torch APIs the code uses that are newer than some torch a user may have, with the release
+# that made each public (torch's release notes); the pyproject floor must cover every one used.
+_TORCH_API_SINCE = {
+    "torch.accelerator": (2, 6),
+    "torch.distributed.tensor": (2, 5),  # public DTensor (torch.distributed._tensor before)
+    "torch.distributed.fsdp import fully_shard": (2, 6),  # FSDP2 public path
+    "torch.nn.attention.flex_attention": (2, 5),
+}
+
+
+def test_torch_floor_in_pyproject_covers_the_apis_the_code_uses():
+    """``torch>=2.4`` was too low: ``optim/distributed.py`` imports torch.distributed.tensor
+    (2.5) and calls torch.accelerator (2.6), so every ``+mofo`` method failed on 2.4."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).parents[1]
+    dependencies = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_req = next(Requirement(d) for d in dependencies if Requirement(d).name == "torch")
+    floors = [s.version for s in torch_req.specifier if s.operator == ">="]
+    assert len(floors) == 1, torch_req
+    floor = tuple(int(part) for part in floors[0].split(".")[:2])
+    source = "\n".join(p.read_text() for p in (root / "src" / "forgetless").rglob("*.py"))
+    used = {api: since for api, since in _TORCH_API_SINCE.items()
+            if re.search(re.escape(api) + r"\b", source)}
+    assert "torch.accelerator" in used and "torch.distributed.tensor" in used  # the scan works
+    too_new = {api: since for api, since in used.items() if since > floor}
+    assert not too_new, f"pyproject says torch>={floors[0]} but the code uses {too_new}"
+    import torch.accelerator  # noqa: F401 - the installed torch has what the floor promises
+    import torch.distributed.tensor  # noqa: F401
