@@ -207,3 +207,50 @@ def test_torch_floor_in_pyproject_covers_the_apis_the_code_uses():
     assert not too_new, f"pyproject says torch>={floors[0]} but the code uses {too_new}"
     import torch.accelerator  # noqa: F401 - the installed torch has what the floor promises
     import torch.distributed.tensor  # noqa: F401
+
+
+def _reference_kl(logits, base_logits, mask, count):
+    """The unchunked formula LwF used before: float32 log-softmaxes of the whole batch."""
+    import torch.nn.functional as F
+
+    base_logp = F.log_softmax(base_logits.float(), dim=-1)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    per_position = (base_logp.exp() * (base_logp - logp)).sum(-1) * mask.float()
+    return per_position.sum() / count
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_lwf_kl_equals_the_unchunked_formula(dtype):
+    from forgetless.methods.lwf import kl_to_base
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, 7, 11)).to(dtype).requires_grad_()
+    base = (3 * torch.randn(2, 7, 11)).to(dtype)
+    mask = torch.ones(2, 7)
+    mask[1, 5:] = 0
+    count = mask.sum()
+    expected = _reference_kl(logits, base, mask, count)
+    (want,) = torch.autograd.grad(expected, logits)
+    for rows in (1, 3, 14, None):  # chunks that cut rows, one chunk, the default
+        got = kl_to_base(logits, base, mask / count, rows)
+        (grad,) = torch.autograd.grad(got, logits)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+        tolerance = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else {}
+        torch.testing.assert_close(grad, want, **tolerance)
+
+
+def test_lwf_term_keeps_one_logits_sized_tensor_for_backward():
+    """Autograd keeps only the gradient (logits' size and dtype) for the LwF term: the unchunked
+    formula kept three batch × length × vocab float32 tensors (and made more while running)."""
+    model = tiny_model("llama")
+    prepared = prepare_model(model, "full+lwf")
+    ids = torch.randint(0, 64, (2, 9))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    logits = model(**inputs).logits
+    kl, saved = _saved_storages(lambda: prepared.distiller(logits, inputs))
+    size = logits.numel() * logits.element_size()
+    assert [s for _, s in saved if s > 64] == [size]
+    kl.backward()
+    reference = _reference_kl(logits, prepared.distiller.base(**inputs).logits,
+                              inputs["attention_mask"], ids.numel())
+    torch.testing.assert_close(kl, prepared.distiller.weight * reference)
