@@ -254,3 +254,39 @@ def test_lwf_term_keeps_one_logits_sized_tensor_for_backward():
     reference = _reference_kl(logits, prepared.distiller.base(**inputs).logits,
                               inputs["attention_mask"], ids.numel())
     torch.testing.assert_close(kl, prepared.distiller.weight * reference)
+
+
+@pytest.mark.parametrize("launch", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+@pytest.mark.parametrize("method", ["l2-anchor", "l1-anchor+mofo", "attn+lwf", "lwf"])
+def test_anchor_and_lwf_methods_are_refused_under_fsdp_and_deepspeed(monkeypatch, launch,
+                                                                     method):
+    """Under FSDP2 the penalty read abandoned parameters (0) and ZeRO-3 failed at step 1:
+    refused before a model loads (the model name here does not even exist), and in a compare
+    or continual plan before anything trains (check_training_sets)."""
+    from forgetless.config import TrainConfig
+    from forgetless.errors import ForgetlessError
+    from forgetless.train import check_launch, check_training_sets, train
+
+    check_launch(method)  # one process: fine
+    monkeypatch.setenv(launch, "true")  # what accelerate launch sets for an FSDP / DS config
+    with pytest.raises(ForgetlessError, match=r"supported in one process and under DDP"):
+        train(model="no/such-model-folder", method=method, data="count_letters")
+    with pytest.raises(ForgetlessError, match=method.split("+")[0]):
+        check_training_sets(None, [TrainConfig(method="full"), TrainConfig(method=method)])
+    check_launch("full+mofo")  # methods without those terms still run sharded
+
+
+def test_cli_refuses_an_anchor_method_under_deepspeed_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true"}
+    done = subprocess.run(
+        [sys.executable, "-m", "forgetless", "train", "method=l2-anchor", "model=smollm2-135m",
+         "data=count_letters", f"output_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("forgetless: error: method 'l2-anchor'")
+    assert "DDP" in lines[0] and not (tmp_path / "run" / "metrics.json").exists()

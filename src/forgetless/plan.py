@@ -25,7 +25,10 @@ and every byte that follows from them are exact, not a rule of thumb:
   trainable parameter when ``update_stats_sample`` is null, at most ~1 MiB per tensor by
   default);
 * ``activation_bytes`` / ``activation_checkpointed_bytes``: an *estimate* (see
-  ``activation_estimate``), the only number here that is not exact.
+  ``activation_estimate``), the only number here that is not exact; both include
+  ``method_activation_bytes``, what a method's own loss term holds on top of the model's
+  activations (``method_activation_estimate``: LwF's logits-sized gradient and the base's
+  logits, the anchor penalty's transient difference), which checkpointing does not shrink.
 
 ``total_bytes`` adds them all (activations without checkpointing);
 ``total_checkpointed_bytes`` the same with ``gradient_checkpointing``. Not counted: the CUDA
@@ -99,6 +102,7 @@ class MethodPlan:
     analytics_bytes: int
     activation_bytes: int
     activation_checkpointed_bytes: int
+    method_activation_bytes: int
     total_bytes: int
     total_checkpointed_bytes: int
     fits: bool | None = None
@@ -266,6 +270,30 @@ def activation_estimate(config, batch_size: int, max_length: int, compute_bytes:
     return full, checkpointed
 
 
+def method_activation_estimate(config, prepared, batch_size: int, max_length: int,
+                               compute_bytes: int) -> int:
+    """Bytes a method's own loss term holds at the peak, beyond the model's activations.
+
+    ``+lwf`` (``methods.lwf``): the gradient with respect to the logits, saved from the KL's
+    forward to the backward pass, and the base's logits during that forward, each batch ×
+    length × vocab in the compute dtype; plus one chunk's float32 temporaries (about six of
+    ``CHUNK_ELEMENTS``). Anchors (``methods.anchor``): autograd keeps only θ and θ₀ (counted in
+    ``anchor_bytes``), but computing a term makes up to two temporaries the size of that tensor,
+    counted for the largest trainable tensor.
+    """
+    from forgetless.methods.lwf import chunk_rows
+
+    held = 0
+    if prepared.distiller is not None:
+        vocab = _dims(config)["vocab"]
+        tokens = batch_size * max_length
+        held += 2 * tokens * vocab * compute_bytes
+        held += 6 * min(tokens, chunk_rows(vocab)) * vocab * 4
+    if prepared.regularizer is not None and prepared.regularizer.params:
+        held += 2 * max(_bytes([p]) for p in prepared.regularizer.params)
+    return held
+
+
 def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
                 batch_size: int, max_length: int, attn_implementation: str = "sdpa",
                 options: Any = None, update_stats: bool = True,
@@ -292,6 +320,8 @@ def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
     autocast = sum(p.numel() for p in trainable if p.ndim >= 2) * half if master != dtype else 0
     activations, checkpointed = activation_estimate(config, batch_size, max_length, half,
                                                     attn_implementation)
+    own = method_activation_estimate(config, prepared, batch_size, max_length, half)
+    activations, checkpointed = activations + own, checkpointed + own
     analytics = analytics_bytes(trainable, update_stats_sample) if update_stats else 0
     fixed = weights + grads + optimizer + anchor + autocast + analytics
     return MethodPlan(
@@ -299,7 +329,8 @@ def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
         total_params=prepared.total, trainable_tensors=len(trainable), weights_bytes=weights,
         grads_bytes=grads, optimizer_bytes=optimizer, anchor_bytes=anchor,
         autocast_bytes=autocast, analytics_bytes=analytics, activation_bytes=activations,
-        activation_checkpointed_bytes=checkpointed, total_bytes=fixed + activations,
+        activation_checkpointed_bytes=checkpointed, method_activation_bytes=own,
+        total_bytes=fixed + activations,
         total_checkpointed_bytes=fixed + checkpointed,
     )
 

@@ -228,6 +228,27 @@ def _sharded_launch() -> bool:
                for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
 
 
+def check_launch(method: str) -> None:
+    """Methods with an anchor penalty or an LwF term are refused under FSDP / DeepSpeed, before
+    a model loads. ``AnchorPenalty`` holds the Parameter objects ``prepare_model`` made: FSDP2
+    swaps in new sharded ones after ``prepare`` (the penalty would read abandoned tensors and
+    be 0, with a full copy on each process) and ZeRO-3 frees their data between forward and
+    backward; anchors held as shards of the sharded parameters are not built yet. LwF's base
+    copy is a whole model on every process, not run under either yet."""
+    if not _sharded_launch():
+        return
+    from forgetless.methods import parse_method
+
+    choice = parse_method(method)
+    term = ("an anchor penalty" if choice.base.anchor is not None
+            else "an LwF term" if choice.lwf else None)
+    if term is not None:
+        raise ForgetlessError(
+            f"method '{choice.name}' has {term}, supported in one process and under DDP "
+            "(accelerate launch with configs/accelerate/ddp.yaml), not under FSDP or DeepSpeed; "
+            "use DDP or a method without it")
+
+
 def _check_device(device: torch.device, dtype: torch.dtype, config: TrainConfig) -> None:
     """Settings the Trainer cannot honour fail here, before a model loads."""
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
@@ -326,7 +347,10 @@ def _check_model_name(name: str) -> None:
 def check_training_sets(tokenizer: Any, configs: list[TrainConfig]) -> None:
     """Build each distinct training set once as ``train`` will, so a ``max_length`` that cuts
     every response (or packing for a VLM) fails before a compare or continual run spends
-    minutes on the base evaluation and earlier methods, not at the method that trains it."""
+    minutes on the base evaluation and earlier methods, not at the method that trains it; a
+    method the launch cannot run (``check_launch``) fails here too."""
+    for config in configs:
+        check_launch(config.method)
     seen: set[tuple] = set()
     for config in configs:
         seed = config.seed if config.limit is not None else None  # order matters when cut
@@ -360,6 +384,7 @@ def train(
         config = load_config(TrainConfig, config, overrides)
 
     resolve_device(config.device)  # a GPU that is not there fails before anything
+    check_launch(config.method)  # methods FSDP / DeepSpeed cannot run, before a model loads
     if model is None:  # a bad name or data (a missing image too) fails before a model loads
         _check_model_name(config.model)
         load_conversations(config.data, "train")
