@@ -290,3 +290,30 @@ def test_cli_refuses_an_anchor_method_under_deepspeed_in_one_line(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("forgetless: error: method 'l2-anchor'")
     assert "DDP" in lines[0] and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_plan_counts_what_lwf_and_anchors_hold_beyond_the_model():
+    """``method_activation_bytes``: at least LwF's saved gradient plus the base's logits of the
+    same batch (measured here with saved-tensor hooks), and two temporaries of the largest
+    anchored tensor; 0 for a method without such a term. Totals are checked against real peaks
+    by bench/plan_vs_real.py (docs/gpu.md)."""
+    from forgetless.plan import plan
+
+    model = tiny_model("llama")
+    batch, length = 2, 9
+    planned = {m.method: m for m in plan(model.config, ["full", "l2-anchor", "full+lwf"],
+                                         batch_size=batch, max_length=length,
+                                         dtype="float32").methods}
+    assert planned["full"].method_activation_bytes == 0
+    prepared = prepare_model(model, "full+lwf")
+    ids = torch.randint(0, 64, (batch, length))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    logits = model(**inputs).logits
+    _, saved = _saved_storages(lambda: prepared.distiller(logits, inputs))
+    base_logits = logits.numel() * logits.element_size()
+    lwf = planned["full+lwf"]
+    assert lwf.method_activation_bytes >= sum(size for _, size in saved) + base_logits
+    assert lwf.activation_bytes - lwf.method_activation_bytes == (
+        planned["full"].activation_bytes)
+    largest = max(p.numel() * 4 for p in model.parameters())
+    assert planned["l2-anchor"].method_activation_bytes == 2 * largest
