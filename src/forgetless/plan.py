@@ -236,8 +236,36 @@ def _dims(config) -> dict[str, int]:
                 intermediate=int(inner or 4 * hidden), vocab=int(text.vocab_size))
 
 
+# Tensors of a decoder layer that only a weight's gradient needs (per token: h, h, h, i values),
+# so a layer whose weights there are frozen does not keep them (``unsaved_inputs``).
+_WEIGHT_ONLY = ("attn_input", "attn_output", "mlp_input", "mlp_product")
+
+
+def unsaved_inputs(model, method: str) -> tuple[str, ...]:
+    """Which of ``_WEIGHT_ONLY`` a prepared model's backward pass does not need: a linear layer
+    keeps its input for its own weight's gradient (or its LoRA adapter's), and a norm its output
+    for its scale's; frozen ones need neither. Unknown layouts count as training (over-count)."""
+    from forgetless.methods.layout import find_projections
+
+    modules = dict(model.named_modules())
+
+    def trains(roles: set[str]) -> bool:
+        try:
+            names = find_projections(model, frozenset(roles), method)
+        except ForgetlessError:
+            return True
+        return any(p.requires_grad for name in names for p in modules[name].parameters())
+
+    norms = any(p.requires_grad for name, p in model.named_parameters()
+                if "norm" in name or ".ln_" in name)
+    kept = {"attn_input": norms or trains({"q", "k", "v"}), "attn_output": trains({"o"}),
+            "mlp_input": norms or trains({"gate", "up"}), "mlp_product": trains({"down"})}
+    return tuple(name for name in _WEIGHT_ONLY if not kept[name])
+
+
 def activation_estimate(config, batch_size: int, max_length: int, compute_bytes: int,
-                        attn_implementation: str = "sdpa") -> tuple[int, int]:
+                        attn_implementation: str = "sdpa",
+                        unsaved: tuple[str, ...] = ()) -> tuple[int, int]:
     """Bytes of activations kept for the backward pass, ``(without, with)`` checkpointing.
 
     Per decoder layer and token, a Llama-style layer saves for backward (in the compute dtype,
@@ -254,12 +282,16 @@ def activation_estimate(config, batch_size: int, max_length: int, compute_bytes:
     With gradient checkpointing (one checkpoint per decoder layer, as transformers does) only
     each layer's input (h per token) stays, plus one layer's full set while it is recomputed.
 
-    Not counted: tensors saved by frozen layers that need no weight gradient (so narrow presets
-    and LoRA are over-estimated a little), transient buffers inside kernels, dropout masks.
+    ``unsaved`` (``unsaved_inputs``) removes what frozen weights need not keep: the attention
+    and MLP norms' outputs and the attention output (h each), the MLP product (i).
+
+    Not counted: transient buffers inside kernels, dropout masks.
     """
     d = _dims(config)
     tokens = batch_size * max_length
     per_layer = 6 * d["hidden"] + d["q"] + 2 * d["kv"] + 4 * d["intermediate"]
+    per_layer -= sum(d["intermediate"] if name == "mlp_product" else d["hidden"]
+                     for name in unsaved)
     if attn_implementation == "eager":
         per_layer += d["heads"] * max_length
     loss = (12 + (compute_bytes if compute_bytes != 4 else 0)) * d["vocab"]
@@ -318,8 +350,9 @@ def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
         anchor += prepared.distiller.base_bytes
     half = torch.tensor([], dtype=dtype).element_size()
     autocast = sum(p.numel() for p in trainable if p.ndim >= 2) * half if master != dtype else 0
-    activations, checkpointed = activation_estimate(config, batch_size, max_length, half,
-                                                    attn_implementation)
+    activations, checkpointed = activation_estimate(
+        config, batch_size, max_length, half, attn_implementation,
+        unsaved_inputs(prepared.model, prepared.method.name))
     own = method_activation_estimate(config, prepared, batch_size, max_length, half)
     activations, checkpointed = activations + own, checkpointed + own
     analytics = analytics_bytes(trainable, update_stats_sample) if update_stats else 0
