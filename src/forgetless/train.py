@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 from transformers import (
+    DefaultFlowCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -55,7 +56,7 @@ class TrainResult:
 class _ForgetlessTrainer(Trainer):
     """A Trainer that adds the method's regulariser (e.g. L2 pull to θ₀) and LwF term (KL to
     the frozen base on this batch) to the loss and stops on a non-finite loss (the stock
-    Trainer only hides such losses from its logs)."""
+    Trainer only hides such losses from its logs; ``_FiniteLossCheck``)."""
 
     def __init__(self, *args: Any, regularizer: Any = None, optimizer_factory: Any = None,
                  distiller: Any = None, **kwargs: Any) -> None:  # fmt: skip
@@ -64,6 +65,10 @@ class _ForgetlessTrainer(Trainer):
         self.distiller = distiller
         self.optimizer_factory = optimizer_factory
         self.method_optimizer: torch.optim.Optimizer | None = None
+        self.finite_check = _FiniteLossCheck()  # right after the Trainer's flow callback,
+        handler = self.callback_handler.callbacks  # whose should_log/should_save it reads
+        handler.insert(1 + next((i for i, c in enumerate(handler)
+                                 if isinstance(c, DefaultFlowCallback)), -1), self.finite_check)
 
     def create_optimizer(self, model=None):
         """The method's optimizer, built when the Trainer asks: FSDP2 then shards its parameters
@@ -112,17 +117,68 @@ class _ForgetlessTrainer(Trainer):
         extra = self._extra_loss(model, inputs, outputs, num_items_in_batch)
         if extra is not None:
             loss = loss + extra
-        if not torch.isfinite(loss.detach()).all():
-            raise ForgetlessError(
-                f"training loss became {loss.item()} at step {self.state.global_step + 1}: "
-                "lower learning_rate or check the data"
-            )
+        if model.training:
+            self.finite_check.record(loss, self.state.global_step + 1)
         return (loss, outputs) if return_outputs else loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if _internal_call:
             fault_point("train.checkpoint")  # weights written, optimizer and state not yet
+
+
+class _FiniteLossCheck(TrainerCallback):
+    """Stops training on a non-finite loss without a host sync per micro-batch.
+
+    ``record`` only folds each micro-batch's loss into flags on the loss's device (the first
+    bad value and its step); the host reads them once at the end of an optimizer step that
+    logs, saves or ends training, where the Trainer syncs anyway (``loss.item()`` for its
+    log), so a non-finite loss never reaches a log line, a checkpoint or ``metrics.json``.
+    Under a multi-process launch the flag is all-reduced there, so every process stops at the
+    same step. ``torch.isfinite(loss)`` checked on the host every micro-batch made the device
+    drain its queue between each forward and backward.
+    """
+
+    def __init__(self) -> None:
+        self.seen: torch.Tensor | None = None  # bool: some loss so far was not finite
+        self.value: torch.Tensor | None = None  # the first such loss
+        self.step: torch.Tensor | None = None  # and its optimizer step
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float().sum()  # a NaN or inf anywhere stays one
+        bad = ~torch.isfinite(loss)
+        if self.seen is None:
+            self.seen, self.value = bad, loss
+            self.step = torch.full((), step, dtype=torch.int64, device=loss.device)
+            return
+        first = bad & ~self.seen
+        self.value = torch.where(first, loss, self.value)
+        self.step = torch.where(first, step, self.step)
+        self.seen = self.seen | bad
+
+    def check(self) -> None:
+        """One host read of the flags (raises ForgetlessError on a non-finite loss)."""
+        if self.seen is None:
+            return
+        seen = self.seen.to(torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX)
+        if not seen.item():
+            return
+        if not self.seen.item():
+            raise ForgetlessError("training loss became non-finite on another process: "
+                                  "lower learning_rate or check the data")
+        raise ForgetlessError(
+            f"training loss became {self.value.item()} at step {self.step.item()}: "
+            "lower learning_rate or check the data"
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_save or control.should_training_stop:
+            self.check()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.check()
 
 
 class _CheckpointMarker(TrainerCallback):
@@ -155,6 +211,27 @@ def _sharded_launch() -> bool:
     """FSDP or DeepSpeed under ``accelerate launch``: they place, shard and cast the weights."""
     return any(os.environ.get(key, "").lower() == "true"
                for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
+def check_launch(method: str) -> None:
+    """Methods with an anchor penalty or an LwF term are refused under FSDP / DeepSpeed, before
+    a model loads. ``AnchorPenalty`` holds the Parameter objects ``prepare_model`` made: FSDP2
+    swaps in new sharded ones after ``prepare`` (the penalty would read abandoned tensors and
+    be 0, with a full copy on each process) and ZeRO-3 frees their data between forward and
+    backward; anchors held as shards of the sharded parameters are not built yet. LwF's base
+    copy is a whole model on every process, not run under either yet."""
+    if not _sharded_launch():
+        return
+    from forgetless.methods import parse_method
+
+    choice = parse_method(method)
+    term = ("an anchor penalty" if choice.base.anchor is not None
+            else "an LwF term" if choice.lwf else None)
+    if term is not None:
+        raise ForgetlessError(
+            f"method '{choice.name}' has {term}, supported in one process and under DDP "
+            "(accelerate launch with configs/accelerate/ddp.yaml), not under FSDP or DeepSpeed; "
+            "use DDP or a method without it")
 
 
 def _check_device(device: torch.device, dtype: torch.dtype, config: TrainConfig) -> None:
@@ -217,6 +294,9 @@ def _training_arguments(
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
         logging_first_step=True,
+        # No host sync per micro-batch for the Trainer's NaN filter: a non-finite loss stops
+        # the run instead (_FiniteLossCheck), so there is nothing to filter.
+        logging_nan_inf_filter=False,
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,
         report_to=config.report_to,
@@ -251,7 +331,10 @@ def _check_model_name(name: str) -> None:
 def check_training_sets(tokenizer: Any, configs: list[TrainConfig]) -> None:
     """Build each distinct training set once as ``train`` will, so a ``max_length`` that cuts
     every response (or packing for a VLM) fails before a compare or continual run spends
-    minutes on the base evaluation and earlier methods, not at the method that trains it."""
+    minutes on the base evaluation and earlier methods, not at the method that trains it; a
+    method the launch cannot run (``check_launch``) fails here too."""
+    for config in configs:
+        check_launch(config.method)
     seen: set[tuple] = set()
     for config in configs:
         seed = config.seed if config.limit is not None else None  # order matters when cut
@@ -285,6 +368,7 @@ def train(
         config = load_config(TrainConfig, config, overrides)
 
     resolve_device(config.device)  # a GPU that is not there fails before anything
+    check_launch(config.method)  # methods FSDP / DeepSpeed cannot run, before a model loads
     if model is None:  # a bad name or data (a missing image too) fails before a model loads
         _check_model_name(config.model)
         load_conversations(config.data, "train")
