@@ -39,6 +39,14 @@ class TrainConfig(BaseModel):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     anchor_weight: float = Field(1e-2, ge=0.0)
     lwf_weight: float = Field(1.0, ge=0.0)  # λ of +lwf methods (KL to the frozen base)
+    # +kl / +asft: weight and direction of the KL to the frozen base on the response tokens
+    kl_weight: float = Field(0.1, ge=0.0)
+    kl_direction: Literal["forward", "reverse"] = "forward"
+    # +ewc: λ (in units of the mean Fisher), examples for the Fisher and their source (a file,
+    # a built-in dataset, or a registered source such as self); forgetless.methods.ewc
+    ewc_lambda: float = Field(1.0, ge=0.0)
+    ewc_samples: int = Field(64, ge=1)
+    ewc_source: str = "self"
     merge_lora: bool = False
     # vision-language models (LLaMA-Factory's names): which non-text parts train as well
     freeze_vision_tower: bool = True

@@ -7,12 +7,16 @@ anchor penalty if the method has one, and knows which optimizer the method needs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from forgetless.errors import ForgetlessError
 from forgetless.methods.anchor import AnchorPenalty
+from forgetless.methods.ewc import EWCPenalty
+from forgetless.methods.freeze import frozen_prefixes, layer_prefixes, within
+from forgetless.methods.kl import KL_DIRECTIONS, KLAnchor, dft_loss
 from forgetless.methods.layout import (
     ATTENTION_ROLES,
     MLP_ROLES,
@@ -50,6 +54,16 @@ class MethodOptions:
     anchor_weight: float = 1e-2
     # λ of ``+lwf``: loss = CE + λ·KL(base ‖ model) per token (docs/results.md, "LwF weight").
     lwf_weight: float = 1.0
+    # ``+kl`` / ``+asft``: loss gains kl_weight · KL to the frozen base on the response tokens.
+    # 0.1 is LLaMA-Factory's asft_alpha default (provisional here: not measured by forgetless).
+    kl_weight: float = 0.1
+    kl_direction: str = "forward"  # forward KL(base ‖ model), as ASFT; or reverse
+    # ``+ewc``: λ in units of the mean Fisher (methods/ewc.py; provisional, not measured), the
+    # examples its Fisher is estimated on and where they come from (a file, a built-in dataset,
+    # or a registered source such as ``self``).
+    ewc_lambda: float = 1.0
+    ewc_samples: int = 64
+    ewc_source: str = "self"
     # A VLM's parts (LLaMA-Factory's names): the method picks what trains in the language
     # model; the vision tower and projector train only when unfrozen (then fully).
     freeze_vision_tower: bool = True
@@ -67,6 +81,15 @@ class MethodOptions:
             raise ForgetlessError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
         if self.lwf_weight < 0:
             raise ForgetlessError(f"lwf_weight must be >= 0, got {self.lwf_weight}")
+        if self.kl_weight < 0:
+            raise ForgetlessError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if self.kl_direction not in KL_DIRECTIONS:
+            raise ForgetlessError(f"kl_direction must be one of {', '.join(KL_DIRECTIONS)}, "
+                                  f"got {self.kl_direction!r}")
+        if self.ewc_lambda < 0:
+            raise ForgetlessError(f"ewc_lambda must be >= 0, got {self.ewc_lambda}")
+        if self.ewc_samples < 1:
+            raise ForgetlessError(f"ewc_samples must be >= 1, got {self.ewc_samples}")
 
 
 @dataclass
@@ -79,8 +102,10 @@ class PreparedModel:
     trainable_names: list[str]
     trainable: int
     total: int
-    regularizer: AnchorPenalty | None = None
-    distiller: LwFLoss | None = None  # ``+lwf``: KL to a frozen copy of the base, on the batch
+    regularizer: AnchorPenalty | EWCPenalty | None = None
+    # ``+lwf``: KL to a frozen copy of the base on the batch; ``+kl``: on its response tokens
+    distiller: LwFLoss | KLAnchor | None = None
+    loss_func: Any = None  # ``+dft``: replaces the CE (a Trainer ``compute_loss_func``)
     lora_targets: list[str] = field(default_factory=list)
     parts: dict[str, int] = field(default_factory=dict)  # VLM: trainable count per part
 
@@ -97,6 +122,7 @@ class PreparedModel:
         )
         extra = f", {self.regularizer!r}" if self.regularizer is not None else ""
         extra += f", {self.distiller!r}" if self.distiller is not None else ""
+        extra += ", DFT-weighted loss" if self.loss_func is not None else ""
         if self.parts:  # a VLM: say which of its parts train
             extra += "; trains " + ", ".join(
                 f"{part} {count:,}" if count else f"{part} frozen"
@@ -175,11 +201,17 @@ def _lora_targets(model: nn.Module, options: MethodOptions, method: str) -> list
     return names
 
 
-def _apply_lora(model: nn.Module, options: MethodOptions, method: str):
+def _apply_lora(model: nn.Module, options: MethodOptions, method: str,
+                layers: list[str] | None = None):
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
     targets = _lora_targets(model, options, method)
+    if layers is not None:  # ``+layers:`` / ``+freeze-bottom:``: adapters in those layers only
+        targets = [name for name in targets if within(name, layers)]
+        if not targets:
+            raise ForgetlessError(f"method '{method}': no LoRA target inside the selected "
+                                  "layers")
     modules = dict(model.named_modules())
     config = LoraConfig(
         r=options.lora_r,
@@ -194,6 +226,28 @@ def _apply_lora(model: nn.Module, options: MethodOptions, method: str):
         return get_peft_model(model, config), targets
     except ValueError as err:
         raise ForgetlessError(f"method '{method}': PEFT refused the LoRA targets: {err}") from err
+
+
+def _in_layers(model: nn.Module, selected: list[nn.Parameter], choice: MethodChoice,
+               keep: list[str]) -> list[nn.Parameter]:
+    """The base's ``selected`` parameters narrowed by the layer selection (freeze.py):
+    ``layers:a-b`` keeps only those inside the kept layers; ``freeze-bottom:N`` drops those
+    inside the frozen layers and the input embeddings (a tied head goes with them)."""
+    layers = text_layout(model).layers
+    frozen = [name for name in layers if name not in keep] + frozen_prefixes(model, choice.layers)
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)
+             if within(n, frozen)}  # every name of a tied tensor counts
+    if choice.layers.bottom is None:
+        inside = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+                  if within(n, keep)}
+        out = [p for p in selected if id(p) in inside]
+    else:
+        out = [p for p in selected if id(p) not in names]
+    if not out:
+        raise ForgetlessError(f"method '{choice.name}' on {_class_name(model)}: nothing of "
+                              f"{choice.base.name} lies in the layers {choice.layers.name} "
+                              "leaves training")
+    return out
 
 
 def _parameters_of(model: nn.Module, module_names: list[str]) -> list[nn.Parameter]:
@@ -225,7 +279,9 @@ def prepare_model(
     text_layout(model)  # fail early and clearly on a model we cannot read
     unfrozen = _unfrozen_parts(model, options, choice.name)
     # The base copy is taken before LoRA wraps or anything trains: it is the pre-trained model.
-    distiller = LwFLoss(model, options.lwf_weight) if choice.lwf else None
+    distiller = (LwFLoss(model, options.lwf_weight) if choice.lwf else
+                 KLAnchor(model, options.kl_weight, options.kl_direction) if choice.kl else None)
+    keep = layer_prefixes(model, choice.layers, choice.name) if choice.layers else None
     if base.lora:
         if options.freeze_language_model:
             raise ForgetlessError(f"method '{choice.name}' adapts the language model; "
@@ -234,7 +290,7 @@ def prepare_model(
             raise ForgetlessError(
                 f"method '{choice.name}' with an unfrozen {' and '.join(unfrozen)}: not "
                 "supported (the saved adapter would not hold them); use a non-LoRA method")
-        model, lora_targets = _apply_lora(model, options, choice.name)
+        model, lora_targets = _apply_lora(model, options, choice.name, keep)
     else:
         modules = (
             language_model_modules(model)
@@ -242,6 +298,8 @@ def prepare_model(
             else find_projections(model, base.roles, choice.name)
         )
         selected = [] if options.freeze_language_model else _parameters_of(model, modules)
+        if choice.layers is not None and selected:
+            selected = _in_layers(model, selected, choice, keep)
         model.requires_grad_(False)
         for param in selected + [p for params in unfrozen.values() for p in params]:
             param.requires_grad_(True)
@@ -252,6 +310,9 @@ def prepare_model(
     regularizer = None
     if base.anchor is not None:
         regularizer = AnchorPenalty([p for _, p in trainable], options.anchor_weight, base.anchor)
+    elif choice.ewc:  # its Fisher is estimated by the trainer, on data (train.py)
+        regularizer = EWCPenalty([p for _, p in trainable], [n for n, _ in trainable],
+                                 options.ewc_lambda)
     return PreparedModel(
         model=model,
         method=choice,
@@ -261,6 +322,7 @@ def prepare_model(
         total=sum(p.numel() for _, p in named),
         regularizer=regularizer,
         distiller=distiller,
+        loss_func=dft_loss if choice.dft else None,
         lora_targets=lora_targets,
         parts=_part_counts(model),
     )
