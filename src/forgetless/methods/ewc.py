@@ -165,7 +165,9 @@ class EWCPenalty:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"forgetless_ewc": json.dumps(meta, sort_keys=True)})
+            save_file(tensors, tmp, metadata={
+                "forgetless_ewc": json.dumps(meta, sort_keys=True),
+                "forgetless_ewc_info": json.dumps(self.info, sort_keys=True, default=str)})
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -181,7 +183,9 @@ class EWCPenalty:
             return False
         try:
             with safe_open(str(path), framework="pt") as handle:
-                saved = json.loads((handle.metadata() or {}).get("forgetless_ewc", "null"))
+                stored = handle.metadata() or {}
+                saved = json.loads(stored.get("forgetless_ewc", "null"))
+                info = json.loads(stored.get("forgetless_ewc_info", "{}"))
                 if saved != json.loads(json.dumps(meta, sort_keys=True)):
                     return False
                 if set(handle.keys()) != set(self.names):
@@ -189,7 +193,7 @@ class EWCPenalty:
                 fisher = [handle.get_tensor(name) for name in self.names]
         except (OSError, ValueError, RuntimeError, json.JSONDecodeError):
             return False
-        self.set_fisher(fisher, {**meta, "loaded": True})
+        self.set_fisher(fisher, {**info, **meta, "loaded": True})
         return True
 
     def summary(self) -> dict:
@@ -284,7 +288,7 @@ def estimate_fisher_from_conversations(ewc: EWCPenalty, model: nn.Module, tokeni
     started = time.perf_counter()
     batches = fisher_batches(tokenizer, examples, max_length)
     fisher = estimate_fisher(model, ewc.params, batches, autocast_dtype)
-    ewc.set_fisher(fisher, {**(info or {}), "samples": len(batches),
+    ewc.set_fisher(fisher, {**(info or {}), "examples_used": len(batches),
                             "seconds": round(time.perf_counter() - started, 3)})
 
 
@@ -299,9 +303,13 @@ def fit_fisher(ewc: EWCPenalty, model: nn.Module, tokenizer: Any, *, source: str
             "model": model_name}
     path = Path(folder) / FISHER_FILE if folder is not None else None
     if resume and path is not None and ewc.load(path, meta):
+        print(f"[forgetless] ewc: the Fisher saved by the interrupted run ({path.name})",
+              flush=True)
         return
     examples = fisher_examples(model, tokenizer, source, samples, seed)
     estimate_fisher_from_conversations(ewc, model, tokenizer, examples, max_length,
                                        autocast_dtype, meta)
+    print(f"[forgetless] ewc: Fisher of the base from {ewc.info['examples_used']} examples of "
+          f"{source} in {ewc.info['seconds']:.1f} s", flush=True)
     if write and path is not None:
         ewc.save(path, meta)
