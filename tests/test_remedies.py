@@ -412,3 +412,25 @@ def test_plan_counts_the_fisher_and_the_kl_copy():
     assert rows["full+ewc"].anchor_bytes == 2 * trainable_bytes  # θ₀ and F
     assert rows["attn+asft"].anchor_bytes == rows["full"].weights_bytes  # the base copy
     assert rows["full+freeze-bottom:1"].trainable_params < rows["full"].trainable_params
+
+
+def _cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "forgetless", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_bad_layer_count_is_one_line_and_plan_counts_the_fisher():
+    done = _cli("train", "method=attn+freeze-bottom:30")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "forgetless: error: method 'attn+freeze-bottom:30' on smollm2-135m: freeze-bottom:30 "
+        "freezes 30 layers but the model has 30 decoder layers (N must be at most 29)"]
+    done = _cli("plan", "--method", "full,full+ewc", "--json", "--no-update-stats")
+    assert done.returncode == 0, done.stderr
+    rows = {m["method"]: m for m in json.loads(done.stdout)["methods"]}
+    assert rows["full+ewc"]["anchor_bytes"] == 2 * rows["full"]["grads_bytes"]  # θ₀ + F, fp32
+    assert rows["full+ewc"]["total_bytes"] == (rows["full"]["total_bytes"]
+                                               + rows["full+ewc"]["anchor_bytes"])
