@@ -364,8 +364,9 @@ def test_freeze_bottom_keeps_an_untied_head_training():
                    for n in _trainable(prepared))
 
 
-def test_layers_on_a_vlm_language_model_and_with_lora():
-    model = tiny_model("llava")
+@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
+def test_layers_on_a_vlm_language_model_and_with_lora(arch):
+    model = tiny_model(arch)
     prepared = prepare_model(copy.deepcopy(model), "attn+freeze-bottom:1")
     assert _trainable(prepared) == _names(
         model, r"model\.language_model\.layers\.1\.self_attn\..*")
@@ -434,3 +435,13 @@ def test_cli_bad_layer_count_is_one_line_and_plan_counts_the_fisher():
     assert rows["full+ewc"]["anchor_bytes"] == 2 * rows["full"]["grads_bytes"]  # θ₀ + F, fp32
     assert rows["full+ewc"]["total_bytes"] == (rows["full"]["total_bytes"]
                                                + rows["full+ewc"]["anchor_bytes"])
+
+
+def test_uses_option_says_which_methods_read_an_option():
+    from forgetless.methods.registry import uses_option
+
+    assert uses_option("asft", "kl_weight") and uses_option("attn+kl", "kl_direction")
+    assert not uses_option("attn+dft", "kl_weight") and not uses_option("full", "ewc_lambda")
+    assert uses_option("mlp+ewc+mofo", "ewc_samples") and uses_option("mlp+ewc+mofo", "fraction")
+    assert uses_option("l1-anchor", "anchor_weight") and not uses_option("lora", "fraction")
+    assert uses_option("freeze-bottom:2", "learning_rate")

@@ -44,7 +44,7 @@ class TrainConfig(BaseModel):
     kl_direction: Literal["forward", "reverse"] = "forward"
     # +ewc: λ (in units of the mean Fisher), examples for the Fisher and their source (a file,
     # a built-in dataset, or a registered source such as self); forgetless.methods.ewc
-    ewc_lambda: float = Field(1.0, ge=0.0)
+    ewc_lambda: float = Field(0.02, ge=0.0)
     ewc_samples: int = Field(64, ge=1)
     ewc_source: str = "self"
     merge_lora: bool = False

@@ -58,10 +58,11 @@ class MethodOptions:
     # 0.1 is LLaMA-Factory's asft_alpha default (provisional here: not measured by forgetless).
     kl_weight: float = 0.1
     kl_direction: str = "forward"  # forward KL(base ‖ model), as ASFT; or reverse
-    # ``+ewc``: λ in units of the mean Fisher (methods/ewc.py; provisional, not measured), the
-    # examples its Fisher is estimated on and where they come from (a file, a built-in dataset,
-    # or a registered source such as ``self``).
-    ewc_lambda: float = 1.0
+    # ``+ewc``: λ in units of the mean Fisher (methods/ewc.py). 0.02 = l2-anchor's 0.01 pull
+    # where the Fisher is flat (λ/2 · Σ(θ−θ₀)²), stronger where the general examples need the
+    # weights; provisional, not measured. Then the examples its Fisher is estimated on and where
+    # they come from (a file, a built-in dataset, or a registered source such as ``self``).
+    ewc_lambda: float = 0.02
     ewc_samples: int = 64
     ewc_source: str = "self"
     # A VLM's parts (LLaMA-Factory's names): the method picks what trains in the language

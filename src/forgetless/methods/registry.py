@@ -154,3 +154,23 @@ def parse_method(name: str) -> MethodChoice:
                           *([loss] if loss else []), *([EWC] if flags[EWC] else [])])
     return MethodChoice(name=canonical, base=base, mofo=flags[MOFO], lwf=flags[LWF], kl=kl,
                         dft=dft, ewc=flags[EWC], layers=layers)
+
+
+# The options only some methods read, and the test for "this method reads it" (tune samples
+# such an option only for the methods that use it; everything else applies to every method).
+_OPTION_USERS = {
+    "fraction": lambda c: c.mofo, "mofo_filter": lambda c: c.mofo,
+    "mofo_exact": lambda c: c.mofo, "lora_r": lambda c: c.base.lora,
+    "lora_alpha": lambda c: c.base.lora, "lora_dropout": lambda c: c.base.lora,
+    "lora_targets": lambda c: c.base.lora, "merge_lora": lambda c: c.base.lora,
+    "anchor_weight": lambda c: c.base.anchor is not None, "lwf_weight": lambda c: c.lwf,
+    "kl_weight": lambda c: c.kl, "kl_direction": lambda c: c.kl,
+    "ewc_lambda": lambda c: c.ewc, "ewc_samples": lambda c: c.ewc,
+    "ewc_source": lambda c: c.ewc,
+}
+
+
+def uses_option(method: str, key: str) -> bool:
+    """Whether ``method`` reads option ``key`` (``True`` for options every method reads)."""
+    test = _OPTION_USERS.get(key)
+    return True if test is None else bool(test(parse_method(method)))
