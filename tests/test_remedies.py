@@ -445,3 +445,20 @@ def test_uses_option_says_which_methods_read_an_option():
     assert uses_option("mlp+ewc+mofo", "ewc_samples") and uses_option("mlp+ewc+mofo", "fraction")
     assert uses_option("l1-anchor", "anchor_weight") and not uses_option("lora", "fraction")
     assert uses_option("freeze-bottom:2", "learning_rate")
+
+
+def test_fisher_of_a_vlm_from_text_and_image_rows():
+    """A VLM's Fisher goes through its processor (text-only rehearsal rows work) and touches
+    only what trains: the language model."""
+    from forgetless.data import load_examples
+    from forgetless.methods.ewc import estimate_fisher_from_conversations
+    from tiny_vlm import tiny_processor
+
+    prepared = prepare_model(tiny_model("llava"), "attn+ewc")
+    text = [[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]]
+    images = load_examples("count_shapes", "train")[:1]
+    estimate_fisher_from_conversations(prepared.regularizer, prepared.model,
+                                       tiny_processor("llava"), text + images, max_length=512)
+    ewc = prepared.regularizer
+    assert ewc.info["examples_used"] == 2 and ewc.fisher_mean > 0
+    assert all(n.startswith("model.language_model.layers.") for n in ewc.names)
