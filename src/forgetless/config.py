@@ -41,6 +41,14 @@ class TrainConfig(BaseModel):
     anchor_weight: float = Field(_OPTIONS.anchor_weight, ge=0.0)
     lwf_weight: float = Field(_OPTIONS.lwf_weight, ge=0.0)  # λ of +lwf methods (KL to the base)
     merge_lora: bool = _OPTIONS.merge_lora
+    # +kl / +asft: weight and direction of the KL to the frozen base on the response tokens
+    kl_weight: float = Field(_OPTIONS.kl_weight, ge=0.0)
+    kl_direction: Literal["forward", "reverse"] = _OPTIONS.kl_direction
+    # +ewc: λ (in units of the mean Fisher), examples for the Fisher and their source (a file,
+    # a built-in dataset, or a registered source such as self); forgetless.methods.ewc
+    ewc_lambda: float = Field(_OPTIONS.ewc_lambda, ge=0.0)
+    ewc_samples: int = Field(_OPTIONS.ewc_samples, ge=1)
+    ewc_source: str = _OPTIONS.ewc_source
     # vision-language models (LLaMA-Factory's names): which non-text parts train as well
     freeze_vision_tower: bool = _OPTIONS.freeze_vision_tower
     freeze_multi_modal_projector: bool = _OPTIONS.freeze_multi_modal_projector

@@ -15,8 +15,9 @@ and every byte that follows from them are exact, not a rule of thumb:
   shaped and typed like the parameter, and a float32 scalar ``step`` per tensor): exactly what
   ``train`` reports as ``optimizer_state_bytes`` (tested);
 * ``anchor_bytes``: the frozen θ₀ copy of the trainable parameters that ``l1``/``l2-anchor``
-  keep (in the parameters' dtype once the penalty has run), plus, for ``+lwf``, the frozen
-  copy of the whole base model (weights and buffers) its KL term runs;
+  keep (in the parameters' dtype once the penalty has run), for ``+ewc`` the same θ₀ and its
+  diagonal Fisher F (two copies), plus, for ``+lwf`` / ``+kl``, the frozen copy of the whole
+  base model (weights and buffers) its KL term runs;
 * ``autocast_bytes``: under a half dtype with float32 masters, autocast's half copy of each
   trainable weight, held from the forward pass until the backward pass has used it;
 * ``analytics_bytes``: what the parameter-update analytics (on by default,
@@ -347,7 +348,9 @@ def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
     grads = _bytes(trainable)
     optimizer = 2 * _bytes(trainable) + STEP_BYTES * len(trainable)
     anchor = _bytes(prepared.regularizer.params) if prepared.regularizer is not None else 0
-    if prepared.distiller is not None:  # +lwf: a frozen copy of the whole base
+    if prepared.method.ewc:  # +ewc keeps its Fisher F beside θ₀, one more copy
+        anchor *= 2
+    if prepared.distiller is not None:  # +lwf / +kl: a frozen copy of the whole base
         anchor += prepared.distiller.base_bytes
     half = torch.tensor([], dtype=dtype).element_size()
     autocast = sum(p.numel() for p in trainable if p.ndim >= 2) * half if master != dtype else 0

@@ -32,6 +32,8 @@ from forgetless.devices import dtype_name, resolve_device, resolve_dtype
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_dir, atomic_write_json, atomic_write_text, fault_point
 from forgetless.methods import merge_lora, prepare_model
+from forgetless.methods.ewc import check_fisher_source, fit_fisher
+from forgetless.methods.freeze import num_layers_of_config
 from forgetless.methods.options import method_options
 from forgetless.models import is_alias, load_model, resolve_model
 from forgetless.monitor import install_monitors
@@ -112,7 +114,9 @@ class _ForgetlessTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         need_outputs = return_outputs or self.distiller is not None
-        result = super().compute_loss(model, inputs, need_outputs, num_items_in_batch)
+        # A compute_loss_func (+dft) makes the Trainer pop the labels; +kl still needs them.
+        given = dict(inputs) if self.compute_loss_func is not None else inputs
+        result = super().compute_loss(model, given, need_outputs, num_items_in_batch)
         loss, outputs = result if need_outputs else (result, None)
         extra = self._extra_loss(model, inputs, outputs, num_items_in_batch)
         if extra is not None:
@@ -345,6 +349,31 @@ def check_training_sets(tokenizer: Any, configs: list[TrainConfig]) -> None:
                           config.seed, config.packing)
 
 
+def check_method_inputs(config: TrainConfig, model: Any = None) -> None:
+    """What a method needs beyond its name, checked before a model loads: an ``+ewc`` Fisher
+    source that can be read, a layer selection that fits the model's layer count (read from
+    its config; an in-memory ``model`` is checked when prepared)."""
+    choice = parse_method(config.method)
+    if choice.ewc:
+        check_fisher_source(config.ewc_source)
+    if choice.layers is None:
+        return
+    layers = None
+    if model is not None and hasattr(model, "config"):
+        layers = num_layers_of_config(model.config)
+    elif model is None:
+        from transformers import AutoConfig
+
+        from forgetless.models import resolve_model
+
+        try:
+            layers = num_layers_of_config(AutoConfig.from_pretrained(resolve_model(config.model)))
+        except (OSError, ValueError, ForgetlessError):
+            layers = None  # not readable yet (a GGUF, a VLM built on first use): prepare checks
+    if layers is not None:
+        choice.layers.check(layers, f"method '{choice.name}' on {config.model}")
+
+
 def train(
     config: TrainConfig | dict | str | Path | None = None,
     callbacks: list[TrainerCallback] | None = None,
@@ -369,6 +398,7 @@ def train(
 
     resolve_device(config.device)  # a GPU that is not there fails before anything
     check_launch(config.method)  # methods FSDP / DeepSpeed cannot run, before a model loads
+    check_method_inputs(config, model)
     if model is None:  # a bad name or data (a missing image too) fails before a model loads
         _check_model_name(config.model)
         load_conversations(config.data, "train")
@@ -421,6 +451,12 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
     dataset = build_dataset(
         tokenizer, config.data, config.max_length, config.limit, config.seed, config.packing
     )
+    if prepared.method.ewc:  # the Fisher of the base, before any step (resume: the saved one)
+        fit_fisher(prepared.regularizer, prepared.model, tokenizer, source=config.ewc_source,
+                   samples=config.ewc_samples, seed=config.seed, max_length=config.max_length,
+                   model_name=config.model, folder=run_dir, resume=config.resume,
+                   autocast_dtype=dtype if master != dtype else None,
+                   write=runs.main_process())
 
     def make_optimizer() -> torch.optim.Optimizer:
         return prepared.make_optimizer(
@@ -438,6 +474,7 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
         callbacks=[*(callbacks or []), ZeroLayoutCallback(), _CheckpointMarker()],
         regularizer=prepared.regularizer,
         distiller=prepared.distiller,
+        compute_loss_func=prepared.loss_func,
         optimizer_factory=make_optimizer,
     )
     distributed = trainer.accelerator.num_processes > 1
@@ -499,12 +536,15 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
         "monitor": [monitor.summary() for monitor in monitors],
         "update_analytics": analytics[0].summary() if analytics else None,
     }
-    if prepared.distiller is not None:  # LwF's overhead: the base copy and its forward passes
-        metrics["lwf"] = prepared.distiller.summary(seconds)
-        lwf = metrics["lwf"]
-        print(f"[forgetless] lwf overhead: base copy {lwf['base_bytes'] / 2**20:.0f} MiB, "
+    if prepared.distiller is not None:  # LwF's / KL's overhead: base copy and forward passes
+        key = getattr(prepared.distiller, "name", "lwf")
+        metrics[key] = prepared.distiller.summary(seconds)
+        lwf = metrics[key]
+        print(f"[forgetless] {key} overhead: base copy {lwf['base_bytes'] / 2**20:.0f} MiB, "
               f"base forward {lwf['base_forward_seconds']:.1f} s "
               f"({100 * lwf.get('time_share', 0.0):.0f}% of training)", flush=True)
+    if prepared.method.ewc:  # the Fisher's source, size, cost and θ₀ + F memory
+        metrics["ewc"] = prepared.regularizer.summary()
     if trainer.is_world_process_zero():
         fault_point("train.metrics")
         atomic_write_json(run_dir / "metrics.json", metrics)

@@ -14,7 +14,7 @@ from typing import Any
 from forgetless import runs
 from forgetless.config import TrainConfig
 from forgetless.eval.result import METRICS_VERSION
-from forgetless.methods.options import DEFAULT_OPTIONS
+from forgetless.methods.options import DEFAULT_OPTIONS, LATER_OPTIONS
 
 FLOAT32 = "float32"  # what every run evaluated in before the dtype joined the identity
 
@@ -27,7 +27,8 @@ COMPARE_UNHASHED = frozenset({"output_dir", "report_to", "logging_steps", "save_
 COMPARE_HASHED_IF_NOT: Mapping[str, Any] = {
     "dtype": FLOAT32, "fp32_master_weights": True, "attn_implementation": "sdpa",
     **{name: getattr(DEFAULT_OPTIONS, name) for name in
-       ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model")}}
+       ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model")},
+    **LATER_OPTIONS}
 # A tune recipe also leaves out whether it saves weights and how its monitor watches it.
 TUNE_UNHASHED = frozenset({"output_dir", "report_to", "logging_steps", "save_steps", "resume",
                            "save_model", "update_stats_every", "update_stats_sample",
@@ -71,7 +72,7 @@ def compare_train_key(train: TrainConfig, dtype: str) -> str:
 
 def tune_train_key(train: TrainConfig) -> str:
     """A tune trial's or test run's identity; it also names a trial's folder."""
-    return identity(train_settings(train, TUNE_UNHASHED), metrics_version=False)
+    return identity(train_settings(train, TUNE_UNHASHED, LATER_OPTIONS), metrics_version=False)
 
 
 def chained_key(previous: str, settings: Mapping[str, Any]) -> str:
