@@ -433,8 +433,10 @@ def test_cli_bad_layer_count_is_one_line_and_plan_counts_the_fisher():
     assert done.returncode == 0, done.stderr
     rows = {m["method"]: m for m in json.loads(done.stdout)["methods"]}
     assert rows["full+ewc"]["anchor_bytes"] == 2 * rows["full"]["grads_bytes"]  # θ₀ + F, fp32
+    # beyond full: θ₀ + F and the penalty's own temporaries (plan.method_activation_estimate)
     assert rows["full+ewc"]["total_bytes"] == (rows["full"]["total_bytes"]
-                                               + rows["full+ewc"]["anchor_bytes"])
+                                               + rows["full+ewc"]["anchor_bytes"]
+                                               + rows["full+ewc"]["method_activation_bytes"])
 
 
 def test_uses_option_says_which_methods_read_an_option():

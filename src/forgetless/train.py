@@ -31,7 +31,7 @@ from forgetless.data import build_dataset, data_collator, load_conversations
 from forgetless.devices import dtype_name, resolve_device, resolve_dtype
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_dir, atomic_write_json, atomic_write_text, fault_point
-from forgetless.methods import merge_lora, prepare_model
+from forgetless.methods import merge_lora, parse_method, prepare_model
 from forgetless.methods.ewc import check_fisher_source, fit_fisher
 from forgetless.methods.freeze import num_layers_of_config
 from forgetless.methods.options import method_options
