@@ -27,7 +27,7 @@ import gc
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from forgetless.config import (
 )
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_write_json, atomic_write_text, fault_point
+from forgetless.replay import ReplaySettings, replay_files
 
 ARC_LETTER = "arc_easy_letter"
 BUILTIN_SEQUENCE = ["count_letters", "gsm8k", ARC_LETTER]
@@ -84,6 +85,7 @@ class ContinualConfig(BaseModel):
     eval: ContinualEval = Field(default_factory=ContinualEval)
     output_dir: str = "runs/continual"
     keep_models: bool = False  # keep every stage's weights (default: only the latest)
+    replay: ReplaySettings | None = None  # earlier stages' rows mixed into later stages
     tracking_uri: str | None = None
     experiment: str | None = None
 
@@ -94,6 +96,7 @@ class Stage:
     data: str
     target: str
     train: dict[str, Any]
+    replay: dict[str, Any] | None = None  # the mix: entry replaying earlier stages
 
 
 def _say(message: str) -> None:
@@ -253,6 +256,11 @@ class _Run:
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.stages = resolve_stages(config, self.out)
+        if config.replay is not None:  # one buffer per stage, the same for every method
+            shared = {**config.train}
+            mixes = replay_files(config.replay, [(s.data, {**shared, **s.train})
+                                                 for s in self.stages], self.out / "replay")
+            self.stages = [replace(s, replay=m) for s, m in zip(self.stages, mixes, strict=True)]
         self.methods = plan_methods(config)
         _check_inputs(config, self.stages)  # before the base model loads
         self.callbacks = callbacks
@@ -379,8 +387,13 @@ class _Run:
 
 
 def _stage_keys(keys: dict[str, Any], stage: Stage) -> dict[str, Any]:
-    """A method's TrainConfig keys for one stage: its own, the stage's overrides, its data."""
-    return {**keys, **stage.train, "data": stage.data}
+    """A method's TrainConfig keys for one stage: its own, the stage's overrides, its data
+    (and the replay of earlier stages as one more ``mix:`` source)."""
+    out = {**keys, **stage.train, "data": stage.data}
+    if stage.replay is not None:
+        mix = out.get("mix") or []
+        out["mix"] = [*([mix] if isinstance(mix, dict) else mix), stage.replay]
+    return out
 
 
 def _check_inputs(config: ContinualConfig, stages: list[Stage]) -> None:

@@ -343,6 +343,11 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
     master = torch.float32 if half and config.fp32_master_weights else dtype
     if sharded and master != dtype:
         model.to(master)  # FSDP / DeepSpeed keep float32 shards and compute in half themselves
+    mixed = None
+    if config.mix:  # before the method wraps the model: self-rehearsal asks the base
+        from forgetless.mixing import build_mixed, rehearsal_source
+
+        mixed = build_mixed(config, tokenizer, rehearsal_source(model, tokenizer, config.seed))
     prepared = prepare_model(model, config.method, _method_options(config))
     if not sharded:
         _cast_trainable(prepared.model, master)
@@ -350,19 +355,22 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
     print(f"[forgetless] {config.method}: {prepared.summary()}; {device}, {precision}",
           flush=True)
 
-    dataset = build_dataset(
+    dataset = mixed.dataset if mixed is not None else build_dataset(
         tokenizer, config.data, config.max_length, config.limit, config.seed, config.packing
     )
+    trainer_dir = run_dir / "trainer"
+    args = _training_arguments(config, trainer_dir, device, dtype)
+    if mixed is not None:  # the stream is in order already (forgetless.mixing)
+        args.max_steps, args.train_sampling_strategy = mixed.max_steps, "sequential"
 
     def make_optimizer() -> torch.optim.Optimizer:
         return prepared.make_optimizer(
             lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
         )
 
-    trainer_dir = run_dir / "trainer"
     trainer = _ForgetlessTrainer(
         model=prepared.model,
-        args=_training_arguments(config, trainer_dir, device, dtype),
+        args=args,
         train_dataset=dataset,
         data_collator=data_collator(tokenizer, config.max_length),
         processing_class=tokenizer,
@@ -431,6 +439,11 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
         "monitor": [monitor.summary() for monitor in monitors],
         "update_analytics": analytics[0].summary() if analytics else None,
     }
+    if mixed is not None:  # what the mix cost: examples and tokens per source
+        from forgetless.mixing import summary_line
+
+        metrics["mix"] = mixed.summary(trainer.state.global_step)
+        print(f"[forgetless] {summary_line(metrics['mix'])}", flush=True)
     if prepared.distiller is not None:  # LwF's overhead: the base copy and its forward passes
         metrics["lwf"] = prepared.distiller.summary(seconds)
         lwf = metrics["lwf"]
