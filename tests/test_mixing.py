@@ -237,3 +237,46 @@ def test_bad_replay_share_is_one_line():
 
     with pytest.raises(ForgetlessError, match="replay.share"):
         load_continual_config({"replay": {"share": 1.0}})
+
+
+def test_vlm_rows_mix_with_text_rows(tmp_path):
+    from PIL import Image
+
+    from forgetless.train import train
+    from tiny_models import tiny_model
+    from tiny_vlm import tiny_processor
+
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "red.png")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"image": "red.png", "prompt": f"Color {i}?",
+                                        "response": "red"}) + "\n" for i in range(3)))
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"prompt": f"Say {i}", "response": f"{i}"}) + "\n"
+                               for i in range(5)))
+    result = train(model=tiny_model("llava").train(), tokenizer=tiny_processor("llava"),
+                   data=str(task), method="full", max_steps=2, batch_size=2,
+                   learning_rate=1e-2, output_dir=str(tmp_path / "run"), report_to=[],
+                   device="cpu", dtype="float32", save_model=False,
+                   mix=[{"source": str(general), "ratio": 0.5, "exclude": []}])
+    task_part, text_part = result.metrics["mix"]["sources"]
+    assert task_part["examples"] == text_part["examples"] == 2
+    # an image row counts its image tokens (the processor expands each image's placeholder)
+    from forgetless.data import image_messages, process, render_multimodal
+
+    processor = tiny_processor("llava")
+    text = render_multimodal(processor, image_messages("Color 0?", "red"))
+    placeholder_once = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    expanded = process(processor, [text], [[Image.open(tmp_path / "red.png")]])
+    assert expanded["input_ids"].shape[1] > placeholder_once
+    assert task_part["tokens"] == 2 * expanded["input_ids"].shape[1]
+
+
+def test_mix_changes_the_compare_hash_only_when_set():
+    from forgetless.compare import PlannedMethod, train_hash
+
+    plain = validate(TrainConfig, {"data": "count_letters"})
+    mixed = validate(TrainConfig, {"data": "count_letters",
+                                   "mix": [{"source": "largest_number", "ratio": 0.2,
+                                            "exclude": []}]})
+    assert "mix" not in str(plain.model_dump(exclude={"mix", "mix_budget"}))
+    assert train_hash(PlannedMethod("full", plain)) != train_hash(PlannedMethod("full", mixed))

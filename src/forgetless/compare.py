@@ -56,7 +56,7 @@ _UNHASHED_KEYS = {"output_dir", "report_to", "logging_steps", "save_steps", "res
 # (dtype resolved first: "auto" is bfloat16 on a CUDA device), so those runs stay reusable.
 _HASHED_IF_NOT = {"dtype": "float32", "fp32_master_weights": True, "attn_implementation": "sdpa",
                   "freeze_vision_tower": True, "freeze_multi_modal_projector": True,
-                  "freeze_language_model": False}
+                  "freeze_language_model": False, "mix": [], "mix_budget": "steps"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 

@@ -230,7 +230,9 @@ def recipe_hash(train: TrainConfig) -> str:
     skip = {"output_dir", "report_to", "logging_steps", "save_steps", "resume", "save_model",
             "update_stats_every", "update_stats_sample", "monitor_every", "monitor_max_kl",
             "monitor_action"}
-    return runs.config_hash({k: v for k, v in train.model_dump().items() if k not in skip})
+    unmixed = {"mix": [], "mix_budget": "steps"}  # keys added later: old studies stay reusable
+    return runs.config_hash({k: v for k, v in train.model_dump().items() if k not in skip
+                             and not (k in unmixed and v == unmixed[k])})
 
 
 # --- the search session ---------------------------------------------------------------------
