@@ -5,8 +5,9 @@ not matter). A text overlaps the index when it shares any ``N``-word sequence (8
 13-grams of GPT-3's decontamination and the short questions of PIQA) with a held-out item, or,
 for an item shorter than ``N`` words but at least ``MIN_WORDS`` long, contains all of it. Only
 sequences of which at least half the words hold a letter count: arithmetic such as GSM8K's
-``35/7=5<<35/7=5>>5`` is shared by chance (it flagged 11 % of GSM8K's training rows against its
-test split; with words required, 0.2 %). A
+``35/7=5<<35/7=5>>5`` is shared by chance (counted, it flagged 11 % of GSM8K's training rows
+against its test split; with words required, and a target's question only, 1.5 % against every
+default held-out source). A
 held-out item is its scored context and gold answer (``forgetless.mixing.heldout_texts``).
 """
 
