@@ -280,3 +280,13 @@ def test_mix_changes_the_compare_hash_only_when_set():
                                             "exclude": []}]})
     assert "mix" not in str(plain.model_dump(exclude={"mix", "mix_budget"}))
     assert train_hash(PlannedMethod("full", plain)) != train_hash(PlannedMethod("full", mixed))
+
+
+def test_training_set_check_covers_mix_sources(tokenizer, tmp_path):
+    from forgetless.train import check_training_sets
+
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 200, "response": "ok"}) + "\n")
+    config = _config(mix=[{"source": str(long), "ratio": 0.2, "exclude": []}])
+    with pytest.raises(ForgetlessError, match="keeps a response token within max_length"):
+        check_training_sets(tokenizer, [config])  # a compare fails here, before its base eval

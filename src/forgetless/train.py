@@ -276,6 +276,13 @@ def check_training_sets(tokenizer: Any, configs: list[TrainConfig]) -> None:
             seen.add(key)
             build_dataset(tokenizer, config.data, config.max_length, config.limit,
                           config.seed, config.packing)
+        if config.mix and not any(m.source == "self" for m in config.mix):
+            from forgetless.mixing import build_mixed  # a general source cut by max_length too
+
+            mixed = (key, repr(config.mix), config.mix_budget, config.max_steps)
+            if mixed not in seen:
+                seen.add(mixed)
+                build_mixed(config, tokenizer)
 
 
 def train(
