@@ -292,6 +292,8 @@ def rehearse(model: Any, tokenizer: Any, n: int = DEFAULT_N, seed: int = 0,
                     atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in batch))
                     fault_point("rehearsal.chunk")
             rows += [row for row in batch if keep.take(row)]
+            print(f"[forgetless] self-rehearsal: {min(len(rows), n)}/{n} conversations "
+                  f"(chunk {chunk + 1}, {time.perf_counter() - started:.0f} s)", flush=True)
             if len(rows) >= n:
                 break
     finally:
