@@ -347,6 +347,13 @@ def check_training_sets(tokenizer: Any, configs: list[TrainConfig]) -> None:
             seen.add(key)
             build_dataset(tokenizer, config.data, config.max_length, config.limit,
                           config.seed, config.packing)
+        if config.mix and not any(m.source == "self" for m in config.mix):
+            from forgetless.mixing import build_mixed  # a general source cut by max_length too
+
+            mixed = (key, repr(config.mix), config.mix_budget, config.max_steps)
+            if mixed not in seen:
+                seen.add(mixed)
+                build_mixed(config, tokenizer)
 
 
 def check_method_inputs(config: TrainConfig, model: Any = None) -> None:
@@ -441,6 +448,11 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
     master = torch.float32 if half and config.fp32_master_weights else dtype
     if sharded and master != dtype:
         model.to(master)  # FSDP / DeepSpeed keep float32 shards and compute in half themselves
+    mixed = None
+    if config.mix:  # before the method wraps the model: self-rehearsal asks the base
+        from forgetless.mixing import build_mixed, rehearsal_source
+
+        mixed = build_mixed(config, tokenizer, rehearsal_source(model, tokenizer, config.seed))
     prepared = prepare_model(model, config.method, method_options(config))
     if not sharded:
         cast_trainable(prepared.model, master)
@@ -448,7 +460,7 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
     print(f"[forgetless] {config.method}: {prepared.summary()}; {device}, {precision}",
           flush=True)
 
-    dataset = build_dataset(
+    dataset = mixed.dataset if mixed is not None else build_dataset(
         tokenizer, config.data, config.max_length, config.limit, config.seed, config.packing
     )
     if prepared.method.ewc:  # the Fisher of the base, before any step (resume: the saved one)
@@ -457,16 +469,19 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
                    model_name=config.model, folder=run_dir, resume=config.resume,
                    autocast_dtype=dtype if master != dtype else None,
                    write=runs.main_process())
+    trainer_dir = run_dir / "trainer"
+    args = _training_arguments(config, trainer_dir, device, dtype)
+    if mixed is not None:  # the stream is in order already (forgetless.mixing)
+        args.max_steps, args.train_sampling_strategy = mixed.max_steps, "sequential"
 
     def make_optimizer() -> torch.optim.Optimizer:
         return prepared.make_optimizer(
             lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
         )
 
-    trainer_dir = run_dir / "trainer"
     trainer = _ForgetlessTrainer(
         model=prepared.model,
-        args=_training_arguments(config, trainer_dir, device, dtype),
+        args=args,
         train_dataset=dataset,
         data_collator=data_collator(tokenizer, config.max_length),
         processing_class=tokenizer,
@@ -536,6 +551,11 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
         "monitor": [monitor.summary() for monitor in monitors],
         "update_analytics": analytics[0].summary() if analytics else None,
     }
+    if mixed is not None:  # what the mix cost: examples and tokens per source
+        from forgetless.mixing import summary_line
+
+        metrics["mix"] = mixed.summary(trainer.state.global_step)
+        print(f"[forgetless] {summary_line(metrics['mix'])}", flush=True)
     if prepared.distiller is not None:  # LwF's / KL's overhead: base copy and forward passes
         key = getattr(prepared.distiller, "name", "lwf")
         metrics[key] = prepared.distiller.summary(seconds)
