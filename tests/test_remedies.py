@@ -323,8 +323,26 @@ def test_ewc_source_that_cannot_be_read_fails_before_a_model_loads(tmp_path):
     with pytest.raises(ForgetlessError, match="data file not found"):
         train(method="ewc", ewc_source=str(tmp_path / "missing.jsonl"),
               model="/nonexistent/model", output_dir=str(tmp_path / "run"))
-    with pytest.raises(ForgetlessError, match="ewc_source 'self'"):
-        train(method="attn+ewc", model="/nonexistent/model", output_dir=str(tmp_path / "r"))
+
+
+def test_ewc_source_self_is_the_base_models_own_rehearsal(monkeypatch):
+    """``ewc_source=self`` (the default) asks forgetless.rehearsal for n conversations of the
+    base, with the held-out items excluded as mix: does."""
+    from forgetless.methods import ewc
+
+    calls = []
+    conversation = [{"role": "user", "content": "Name a colour."},
+                    {"role": "assistant", "content": "Blue."}]
+
+    def fake_rehearse(model, tokenizer, n, seed, cache, excluded):
+        calls.append((n, seed, len(excluded)))
+        return {"conversations": [conversation] * n}
+
+    monkeypatch.setattr(ewc, "rehearse", fake_rehearse)
+    monkeypatch.setattr(ewc, "heldout_texts", lambda names: ["an excluded item"])
+    ewc.check_fisher_source("self")  # registered: nothing to read before a model loads
+    assert ewc.fisher_examples(object(), object(), "self", 3, 7) == [conversation] * 3
+    assert calls == [(3, 7, 1)]
 
 
 # --- layer freezing -----------------------------------------------------------------------------

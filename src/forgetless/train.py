@@ -35,6 +35,7 @@ from forgetless.methods import merge_lora, parse_method, prepare_model
 from forgetless.methods.ewc import check_fisher_source, fit_fisher
 from forgetless.methods.freeze import num_layers_of_config
 from forgetless.methods.options import method_options
+from forgetless.mixing import build_mixed, rehearsal_source, summary_line
 from forgetless.models import is_alias, load_model, resolve_model
 from forgetless.monitor import install_monitors
 from forgetless.optim.zero import ZeroLayoutCallback
@@ -348,8 +349,6 @@ def check_training_sets(tokenizer: Any, configs: list[TrainConfig]) -> None:
             build_dataset(tokenizer, config.data, config.max_length, config.limit,
                           config.seed, config.packing)
         if config.mix and not any(m.source == "self" for m in config.mix):
-            from forgetless.mixing import build_mixed  # a general source cut by max_length too
-
             mixed = (key, repr(config.mix), config.mix_budget, config.max_steps)
             if mixed not in seen:
                 seen.add(mixed)
@@ -450,8 +449,6 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
         model.to(master)  # FSDP / DeepSpeed keep float32 shards and compute in half themselves
     mixed = None
     if config.mix:  # before the method wraps the model: self-rehearsal asks the base
-        from forgetless.mixing import build_mixed, rehearsal_source
-
         mixed = build_mixed(config, tokenizer, rehearsal_source(model, tokenizer, config.seed))
     prepared = prepare_model(model, config.method, method_options(config))
     if not sharded:
@@ -552,8 +549,6 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
         "update_analytics": analytics[0].summary() if analytics else None,
     }
     if mixed is not None:  # what the mix cost: examples and tokens per source
-        from forgetless.mixing import summary_line
-
         metrics["mix"] = mixed.summary(trainer.state.global_step)
         print(f"[forgetless] {summary_line(metrics['mix'])}", flush=True)
     if prepared.distiller is not None:  # LwF's / KL's overhead: base copy and forward passes

@@ -35,6 +35,9 @@ import torch
 from torch import nn
 
 from forgetless.errors import ForgetlessError
+from forgetless.mixing import default_exclude, heldout_texts
+from forgetless.paths import cache_dir
+from forgetless.rehearsal import rehearse
 
 # Elements per chunk when the penalty sums (bounds the forward's temporaries to 16 MiB fp32).
 CHUNK = 1 << 22
@@ -51,6 +54,18 @@ def register_fisher_source(name: str, fn: Callable[..., list[Any]]) -> None:
     _SOURCES[name] = fn
 
 
+def _self_rehearsal(model: nn.Module, tokenizer: Any, n: int, seed: int) -> list[Any]:
+    """``ewc_source=self``: the base model's own answers to instructions it wrote itself
+    (``forgetless.rehearsal``, Magpie-style), held-out overlaps excluded as for ``mix:``; cached,
+    so a ``mix: [{source: self}]`` of the same n and seed shares the rows."""
+    record = rehearse(model, tokenizer, n=n, seed=seed, cache=cache_dir(),
+                      excluded=heldout_texts(default_exclude()))
+    return record["conversations"]
+
+
+_SOURCES["self"] = _self_rehearsal
+
+
 def fisher_sources() -> list[str]:
     return list(_SOURCES)
 
@@ -59,9 +74,6 @@ def check_fisher_source(source: str) -> None:
     """A source that cannot be read fails here, before any model loads."""
     if source in _SOURCES:
         return
-    if source == "self":
-        raise ForgetlessError("ewc_source 'self' (the base model's own rehearsal) is not "
-                              "available in this version; give a file or a built-in dataset")
     from forgetless.data import load_examples
 
     load_examples(source, "train")
