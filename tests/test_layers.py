@@ -33,6 +33,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("forgetless.config", "forgetless.methods.options"):
         "TrainConfig takes each method option's default from methods.options, where it is "
         "declared once (a leaf module: only errors)",
+    ("forgetless.config", "forgetless.mixing"):
+        "a mix: source is checked as the config validates, before any model loads (imported "
+        "when a mix: entry is validated: mixing reads the eval task registry)",
     ("forgetless.eval", "forgetless.cli.eval"):
         "forgetless.eval.eval_command stays a public name (resolved lazily)",
 }

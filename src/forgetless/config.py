@@ -62,6 +62,7 @@ class MixSource(BaseModel):
 
     @model_validator(mode="after")
     def _readable(self) -> MixSource:
+        # here, not at the top: mixing sits above config (it reads the eval task registry)
         from forgetless.mixing import check_source
 
         check_source(self)  # unknown or unreadable sources fail here, before a model loads
