@@ -30,6 +30,7 @@ from typing import Any
 import typer
 
 from forgetless.errors import ForgetlessError
+from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP
 
 RULE = ("FAIL if drop > max_drop and the paired 95% CI of the change lies entirely below 0; "
         "WARN if drop > max_drop but the CI includes 0; else PASS")
@@ -114,13 +115,17 @@ def check(
     device: str = "auto",
     dtype: str = "auto",
     max_logprob_drop: float | None = None,
+    confirm_run_unsafe_code: bool = False,
+    allow_unisolated_code: bool = False,
 ) -> CheckResult:
     """Evaluate ``model`` and ``base`` (names, folders, or in-memory models with ``tokenizer``)
     on the same held-out items and judge every benchmark's paired change (accuracy, and the gold
     log-probability when ``max_logprob_drop`` is given, in nats). Models given by name load in
-    ``dtype`` on ``device``; in-memory ones are evaluated where they are."""
+    ``dtype`` on ``device``; in-memory ones are evaluated where they are. A code task runs
+    model-written programs only with the opt-ins of ``forgetless.eval.consent``."""
     from forgetless.devices import resolve_device, resolve_dtype
     from forgetless.eval import evaluate, load_spec
+    from forgetless.eval.consent import require_code_consent
 
     if max_drop < 0:
         raise ForgetlessError("--max-drop must be >= 0 (points of accuracy)")
@@ -131,6 +136,7 @@ def check(
     place = resolve_device(device)
     precision = resolve_dtype(dtype, place)
     specs = [load_spec(task) for task in suite]  # a bad task fails before any model loads
+    require_code_consent(specs, confirm_run_unsafe_code, allow_unisolated_code)
     results = []
     for which in (base, model):
         loaded, tok = _load(which, tokenizer, precision, place)
@@ -154,7 +160,8 @@ def judge_results(before: Any, after: Any, tasks: list[str], max_drop: float,
             status = _worst(status, judge(logp.value, logp.ci_low, logp.ci_high,
                                           max_logprob_drop))
         outcome.rows.append(CheckRow(
-            key, 100 * before.metrics[f"{key}/acc"].value, 100 * after.metrics[f"{key}/acc"].value,
+            key, 100 * before.metrics[before.score_key(key)].value,
+            100 * after.metrics[after.score_key(key)].value,
             change, low, high, delta.n, status, logp.value, logp.ci_low, logp.ci_high,
         ))
     return outcome
@@ -188,6 +195,10 @@ def check_command(
                                "cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), "
                               "bfloat16, float16 or float32."),
+    confirm_run_unsafe_code: bool = typer.Option(False, "--confirm-run-unsafe-code",
+                                                 help=CONFIRM_HELP),
+    allow_unisolated_code: bool = typer.Option(False, "--allow-unisolated-code",
+                                               help=UNISOLATED_HELP),
 ) -> None:
     """Retention gate for CI: exit 1 when a held-out benchmark dropped by more than --max-drop.
 
@@ -198,7 +209,9 @@ def check_command(
     names = [s.strip() for s in suite.split(",") if s.strip()]
     result = check(model, base, suite=names, limit=limit, max_drop=max_drop, seed=seed,
                    batch_size=batch_size, device=device, dtype=dtype,
-                   max_logprob_drop=max_logprob_drop)
+                   max_logprob_drop=max_logprob_drop,
+                   confirm_run_unsafe_code=confirm_run_unsafe_code,
+                   allow_unisolated_code=allow_unisolated_code)
     print(json.dumps(result.to_dict(), indent=1) if as_json else result.table())
     if not result.passed:
         raise typer.Exit(code=1)

@@ -37,6 +37,7 @@ from forgetless.config import (
     validate,
 )
 from forgetless.errors import ForgetlessError
+from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP, consent_overrides
 from forgetless.eval.result import METRICS_VERSION
 from forgetless.io import atomic_write_json, atomic_write_text, fault_point
 
@@ -120,6 +121,9 @@ class CompareConfig(BaseModel):
     output_dir: str = "runs/compare"
     tracking_uri: str | None = None
     experiment: str | None = None  # MLflow experiment name; default: the output folder's name
+    # Opt-ins for code tasks (forgetless.eval.consent); not part of any run's hash.
+    confirm_run_unsafe_code: bool = False
+    allow_unisolated_code: bool = False
 
     @field_validator("interpolate")
     @classmethod
@@ -498,8 +502,11 @@ def _check_inputs(config: CompareConfig, data: str) -> None:
     """Training data and held-out task files read and parse (a typo fails in a second)."""
     from forgetless.data import load_conversations
     from forgetless.eval import load_spec
+    from forgetless.eval.consent import require_code_consent
 
     load_conversations(data, "train")
+    require_code_consent(config.eval.suite, config.confirm_run_unsafe_code,
+                         config.allow_unisolated_code)
     names = [load_spec(name).name for name in config.eval.suite]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:  # results are keyed by task name: one would overwrite the other
@@ -601,13 +608,19 @@ def compare_command(
     report_only: bool = typer.Option(
         False, "--report-only", help="Only redraw the report from the output's results.json."
     ),
+    confirm_run_unsafe_code: bool = typer.Option(False, "--confirm-run-unsafe-code",
+                                                 help=CONFIRM_HELP),
+    allow_unisolated_code: bool = typer.Option(False, "--allow-unisolated-code",
+                                               help=UNISOLATED_HELP),
 ) -> None:
     """Fine-tune several methods under one budget and report learning vs forgetting."""
     if report_only:
         files = redraw(config, overrides or [])
         print(f"[forgetless compare] report: {files['html']} (and report.md)")
         return
-    result = compare(config, overrides or [], tracking_uri=tracking_uri)
+    overrides = [*(overrides or []), *consent_overrides(confirm_run_unsafe_code,
+                                                         allow_unisolated_code)]
+    result = compare(config, overrides, tracking_uri=tracking_uri)
     if not result.results:  # not the main process of an ``accelerate launch``
         return
     from forgetless.report import summary_text

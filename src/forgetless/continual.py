@@ -42,6 +42,7 @@ from forgetless.config import (
     validate,
 )
 from forgetless.errors import ForgetlessError
+from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP, consent_overrides
 from forgetless.io import atomic_write_json, atomic_write_text, fault_point
 
 ARC_LETTER = "arc_easy_letter"
@@ -86,6 +87,9 @@ class ContinualConfig(BaseModel):
     keep_models: bool = False  # keep every stage's weights (default: only the latest)
     tracking_uri: str | None = None
     experiment: str | None = None
+    # Opt-ins for code tasks (forgetless.eval.consent); not part of any run's hash.
+    confirm_run_unsafe_code: bool = False
+    allow_unisolated_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -387,11 +391,14 @@ def _check_inputs(config: ContinualConfig, stages: list[Stage]) -> None:
     """Every stage's training data and the held-out task files read and parse."""
     from forgetless.data import load_conversations
     from forgetless.eval import load_spec
+    from forgetless.eval.consent import require_code_consent
 
     for stage in stages:
         load_conversations(stage.data, "train")
     for name in config.eval.suite:
         load_spec(name)
+    require_code_consent(config.eval.suite, config.confirm_run_unsafe_code,
+                         config.allow_unisolated_code)
 
 
 # Paired held-out changes vs the base per stage: measure -> per-item field of the eval records.
@@ -613,11 +620,17 @@ def continual_command(
     overrides: list[str] = typer.Argument(
         None, help="key=value overrides, dotted into sections: train.max_steps=20 eval.limit=50"
     ),
+    confirm_run_unsafe_code: bool = typer.Option(False, "--confirm-run-unsafe-code",
+                                                 help=CONFIRM_HELP),
+    allow_unisolated_code: bool = typer.Option(False, "--allow-unisolated-code",
+                                               help=UNISOLATED_HELP),
 ) -> None:
     """Tune through a task sequence (each stage from the last); report R, ACC, BWT, FWT."""
     if config and "=" in config and not config.endswith((".yaml", ".yml")):
         overrides, config = [config, *(overrides or [])], None
-    summary = continual(config, overrides or [])
+    overrides = [*(overrides or []), *consent_overrides(confirm_run_unsafe_code,
+                                                        allow_unisolated_code)]
+    summary = continual(config, overrides)
     for name, data in summary["methods"].items():
         print(f"[forgetless continual] {name}: ACC {data['acc']:.3f}  BWT {data['bwt']:+.3f}  "
               f"FWT {data['fwt']:+.3f}")

@@ -70,7 +70,9 @@ def summarize(result, base, suite: list[str], target: str | None) -> dict[str, A
     deltas: dict[str, list] = {measure: [] for measure in MEASURES}
     for task in suite:
         delta = paired_difference(base, result, task) if base is not None else None
-        out["heldout"][task] = {"acc": result.metrics[f"{task}/acc"].to_dict(),
+        score = result.score_key(task)  # "acc" keeps its key: results.json stays readable
+        out["heldout"][task] = {"acc": result.metrics[score].to_dict(),
+                                "score": score.rpartition("/")[2],  # acc, or pass@1 for code
                                 "delta": _metric(delta) if delta else None}
         if delta:
             deltas["accuracy"].append(delta)
@@ -143,7 +145,7 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
         if reference is None:
             reference = (name, tuned)
         entries.append(entry)
-    sizes = {task: base_eval.metrics[f"{task}/acc"].n for task in suite}
+    sizes = {task: base_eval.metrics[base_eval.score_key(task)].n for task in suite}
     if target:
         sizes[target] = base_eval.metrics[f"{target}/exact_match"].n
     return {
@@ -297,7 +299,8 @@ def base_table(results: dict) -> tuple[list[str], list[list[str]]]:
     """The base model's scores, the reference every change in the main table is measured from."""
     base, rows = results["base"], []
     for task in results["suite"]:
-        rows.append([f"{task} acc %", *_abs(base["heldout"][task]["acc"])])
+        score = base["heldout"][task].get("score", "acc")  # not in older results.json
+        rows.append([f"{task} {score} %", *_abs(base["heldout"][task]["acc"])])
     if base.get("heldout_avg"):
         rows.append(["held-out avg acc %", *_abs(base["heldout_avg"]["acc"])])
         for measure in CONTINUOUS:

@@ -158,6 +158,9 @@ class TuneConfig(BaseModel):
     output_dir: str = "runs/tune"
     tracking_uri: str | None = None
     experiment: str | None = None
+    # Opt-ins for code tasks (forgetless.eval.consent); not part of any run's hash.
+    confirm_run_unsafe_code: bool = False
+    allow_unisolated_code: bool = False
 
 
 def load_tune_config(config: TuneConfig | dict | str | Path | None = None,
@@ -277,6 +280,7 @@ class _Session:
     def __init__(self, config: TuneConfig, tracking_uri: str | None):
         from forgetless.devices import resolve_device, resolve_dtype
         from forgetless.eval import load_spec
+        from forgetless.eval.consent import require_code_consent
         from forgetless.tracking import Tracker, default_tracking_uri
 
         self.config = config
@@ -294,6 +298,8 @@ class _Session:
         load_conversations(train.data, "train")
         for name in config.eval.suite:
             load_spec(name)
+        require_code_consent(config.eval.suite, config.confirm_run_unsafe_code,
+                             config.allow_unisolated_code)
         self.val_hash = self._eval_hash("validation")
         self.test_hash = self._eval_hash("test")
         runs.make_dir(self.out)
