@@ -623,10 +623,11 @@ def compare_command(
     result = compare(config, overrides, tracking_uri=tracking_uri)
     if not result.results:  # not the main process of an ``accelerate launch``
         return
-    from forgetless.report import summary_text
+    from forgetless.report import summary_text, verdict_lines
 
     out = result.output_dir
     uri = result.results["tracking"]["uri"]
+    print("\n".join(verdict_lines(result.results)))  # what it found, then the table
     print(summary_text(result.results))
     print(f"[forgetless compare] done in {result.results['compare_seconds']:.0f} s "
           f"({result.results['compare_cpu_seconds']:.0f} CPU s)")

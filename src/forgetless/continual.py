@@ -489,7 +489,10 @@ def write_report(summary: dict[str, Any], out: Path) -> dict[str, Path]:
     fig.savefig(files["heldout"], dpi=110)
     plt.close(fig)
 
-    lines = [f"# Continual run: {' → '.join(tasks)}", ""]
+    from forgetless.verdict import continual_verdict
+
+    lines = [f"# Continual run: {' → '.join(tasks)}", "",
+             *[part for line in continual_verdict(summary) for part in (line, "")]]
     header = ["method", "ACC", "BWT", "FWT", "forgetting", "held-out per stage"]
     body = [[name, f"{d['acc']:.3f}", f"{d['bwt']:+.3f}", f"{d['fwt']:+.3f}",
              f"{d['forgetting']:.3f}",
@@ -631,6 +634,9 @@ def continual_command(
     overrides = [*(overrides or []), *consent_overrides(confirm_run_unsafe_code,
                                                         allow_unisolated_code)]
     summary = continual(config, overrides)
+    from forgetless.verdict import continual_verdict
+
+    print("\n".join(f"[forgetless continual] {line}" for line in continual_verdict(summary)))
     for name, data in summary["methods"].items():
         print(f"[forgetless continual] {name}: ACC {data['acc']:.3f}  BWT {data['bwt']:+.3f}  "
               f"FWT {data['fwt']:+.3f}")

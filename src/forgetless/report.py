@@ -461,6 +461,14 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
                      for row in [header, *rows])
 
 
+def verdict_lines(results: dict) -> list[str]:
+    """What the report found, in words and numbers (``forgetless.verdict``): its first lines,
+    and what ``compare`` prints before the table."""
+    from forgetless.verdict import compare_verdict
+
+    return compare_verdict(results, forgetting_measure(results))
+
+
 def summary_text(results: dict) -> str:
     """The headline table (changes vs the base) as plain text: what ``compare`` prints last."""
     header, rows = main_table(results)
@@ -483,8 +491,12 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _html_cell(cell: str) -> str:
-    text = html.escape(cell)
-    return f"<b>{text}</b>" if "*" in cell.split(" [")[0] else text
+    """A change over its CI on a second line: the main table then fits a 1400-px window
+    (tests/test_report_browser.py) instead of running 20-character cells side by side."""
+    value, sep, ci = cell.partition(" [")
+    text = html.escape(value)
+    text = f"<b>{text}</b>" if "*" in value else text
+    return f"{text}<br><small>[{html.escape(ci)}</small>" if sep else text
 
 
 def _settings(results: dict) -> list[str]:
@@ -736,7 +748,9 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     captions = {"tradeoff": "Learning vs forgetting", "drift": "Where the weights moved",
                 "loss": "Training loss", "coverage": "Update coverage"}
     title = f"forgetless compare: {results['model']} → {results['target'] or 'no target'}"
-    md = [f"# {title}", "", *[f"- {line}" for line in settings], "",
+    verdict = verdict_lines(results)
+    md = [f"# {title}", "", *[part for line in verdict for part in (line, "")],
+          *[f"- {line}" for line in settings], "",
           md_table(base_header, base_rows), "", md_table(header, rows), ""]
     versus = versus_table(results)
     if versus:
@@ -756,7 +770,8 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     if per_seed:
         tables += "<p>Per training seed (item-only paired CIs):</p>" + html_table(*per_seed)
     atomic_write_text(out / "report.html",
-                      _html(title, settings, tables, images, captions, _footer(results)))
+                      _html(title, settings, tables, images, captions, _footer(results),
+                            verdict=verdict))
     return {"markdown": out / "report.md", "html": out / "report.html",
             **{f"plot_{k}": p for k, p in images.items()}}
 
@@ -771,18 +786,22 @@ def _footer(results: dict) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;
 padding:4px 8px;text-align:right;white-space:nowrap}td:first-child,th:first-child{text-align:left}
-th{background:#f2f2f2}img{max-width:100%;border:1px solid #eee;margin:.5em 0}code{font-size:90%}"""
+th{background:#f2f2f2;white-space:normal;vertical-align:bottom;min-width:4em}
+p.verdict{font-size:15px;margin:.4em 0}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
+code{font-size:90%}"""
 
 
-def _html(title, settings, tables, images, captions, footer) -> str:
+def _html(title, settings, tables, images, captions, footer, verdict=()) -> str:
+    """The page; ``verdict`` (sentences) opens it, right under the title."""
     items = "".join(f"<li>{_inline_code(line)}</li>" for line in settings)
+    lead = "".join(f"<p class='verdict'>{_inline_code(line)}</p>" for line in verdict)
     figures = "".join(
         f"<h2>{captions[k]}</h2><img alt='{captions[k]}' src='data:image/png;base64,"
         f"{base64.b64encode(p.read_bytes()).decode()}'>" for k, p in images.items()
     )
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<ul>{items}</ul>{tables}{figures}"
+            f"{lead}<ul>{items}</ul>{tables}{figures}"
             f"<p><small>{_inline_code(footer)}</small></p></body></html>\n")
 
 

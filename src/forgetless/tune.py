@@ -742,7 +742,11 @@ def write_report(results: dict, out: Path) -> dict[str, Path]:
                     "`forgetless train best.yaml` trains it.")
     else:
         headline = "No trial met the budget: nothing is recommended (widen the space or budget)."
+    from forgetless.verdict import tune_verdict
+
+    verdict = tune_verdict(results)  # the test phase's findings, in words
     md = [f"# forgetless tune: {target}", "", headline, "",
+          *[part for line in verdict for part in (line, "")],
           *[f"- {line}" for line in settings], "",
           "## Test sample (retrained per seed; paired 95% CIs vs the base; * CI excludes 0)", "",
           md_table(test_header, test_rows), "",
@@ -752,12 +756,13 @@ def write_report(results: dict, out: Path) -> dict[str, Path]:
     files = {"markdown": out / "tune.md", "html": out / "tune.html", "plot": out / "pareto.png"}
     plot_front(trials, best, files["plot"], Budget(**results["config"]["budget"]))
     atomic_write_text(files["markdown"], "\n".join(md))
-    tables = (f"<p>{headline}</p><h2>Test sample</h2>" + html_table(test_header, test_rows)
+    tables = ("<h2>Test sample</h2>" + html_table(test_header, test_rows)
               + "<h2>Trials (validation sample)</h2>" + html_table(header, rows))
     atomic_write_text(files["html"], _html(f"forgetless tune: {target}", settings, tables,
                                            {"plot": files["plot"]},
                                            {"plot": "Target gain vs held-out drop"},
-                                           f"forgetless {__version__}, {results['created']}"))
+                                           f"forgetless {__version__}, {results['created']}",
+                                           verdict=[headline, *verdict]))
     return files
 
 
@@ -841,6 +846,10 @@ def tune_command(
     counts, best = results["counts"], results["best"]
     _say(f"{counts['total']} trials ({counts['complete']} complete, {counts['pruned']} pruned) "
          f"in {results['search_seconds']:.0f} s; test phase {results['test_seconds']:.0f} s")
+    from forgetless.verdict import tune_verdict
+
+    for line in tune_verdict(results):
+        _say(line)
     if best:
         _say(f"recommended: {_recipe_text(best['recipe'])}")
     else:
