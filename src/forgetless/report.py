@@ -454,6 +454,14 @@ def _row(results: dict, item: dict, entry: dict) -> list[str]:
     return row
 
 
+def split_main(header: list[str], rows: list[list[str]]) -> list[tuple[list[str], list[list[str]]]]:
+    """The main table as two that fit a 1400-px window side by side with nothing: learning and
+    forgetting, then drift and cost (each keeps the method column)."""
+    at = header.index("KL drift (nats/tok)")
+    return [(header[:at], [row[:at] for row in rows]),
+            (header[:1] + header[at:], [row[:1] + row[at:] for row in rows])]
+
+
 def text_table(header: list[str], rows: list[list[str]]) -> str:
     """Columns padded to their widest cell, for a terminal."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -751,7 +759,8 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     verdict = verdict_lines(results)
     md = [f"# {title}", "", *[part for line in verdict for part in (line, "")],
           *[f"- {line}" for line in settings], "",
-          md_table(base_header, base_rows), "", md_table(header, rows), ""]
+          md_table(base_header, base_rows), "",
+          *[part for table in split_main(header, rows) for part in (md_table(*table), "")]]
     versus = versus_table(results)
     if versus:
         reference = results["methods"][0]["name"]
@@ -764,7 +773,8 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     md += [f"## {captions[k]}\n\n![{captions[k]}]({p.name})\n" for k, p in images.items()]
     md.append(_footer(results))
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
-    tables = html_table(base_header, base_rows) + html_table(header, rows)
+    tables = html_table(base_header, base_rows) + "".join(
+        html_table(*table) for table in split_main(header, rows))
     if versus:
         tables += html_table(*versus)
     if per_seed:
@@ -787,7 +797,8 @@ _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;
 padding:4px 8px;text-align:right;white-space:nowrap}td:first-child,th:first-child{text-align:left}
 th{background:#f2f2f2;white-space:normal;vertical-align:bottom;min-width:4em}
-p.verdict{font-size:15px;margin:.4em 0}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
+p.verdict{font-size:15px;margin:.3em 0;padding:2px 8px;border-left:3px solid #4a7}
+img{max-width:100%;border:1px solid #eee;margin:.5em 0}
 code{font-size:90%}"""
 
 
