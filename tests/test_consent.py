@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-import forgetless.sandbox
+import forgetless.eval.sandbox
 from forgetless.errors import ForgetlessError
 from test_eval_breadth import CODE_TASK
 
@@ -41,8 +41,9 @@ def no_model(monkeypatch):
 @pytest.fixture
 def no_namespaces(monkeypatch):
     """The OS refuses the sandbox's namespaces: the real launcher runs without that step."""
-    monkeypatch.setattr(forgetless.sandbox, "run_python",
-                        functools.partial(forgetless.sandbox.run_python, namespaces=False))
+    monkeypatch.setattr(forgetless.eval.sandbox, "run_python",
+                        functools.partial(forgetless.eval.sandbox.run_python,
+                                          namespaces=False))
 
 
 def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:

@@ -87,7 +87,7 @@ metrics: [acc]
 
 @needs_humaneval
 def test_humaneval_items_and_canonical_solutions_pass_in_the_sandbox():
-    from forgetless.sandbox import run_python
+    from forgetless.eval.sandbox import run_python
 
     loaded = load_task(load_spec("humaneval"), limit=None)
     assert len(loaded.items) == 164 and loaded.items[0].id == "HumanEval/0"
@@ -118,7 +118,7 @@ def test_code_task_pass_at_1_and_solution_logprob(tmp_path, monkeypatch):
     completions = ["    return 1\ndef junk(): pass", "    while True: pass\n"]
     monkeypatch.setattr(evaluator, "generate_greedy",
                         lambda *a, prompts, **k: completions[: len(prompts)])
-    monkeypatch.setattr("forgetless.sandbox.Limits.__init__.__defaults__",
+    monkeypatch.setattr("forgetless.eval.sandbox.Limits.__init__.__defaults__",
                         (1.0, 1, 1 << 30, 1 << 20, 16, 64, 65536))
     model, tokenizer = tiny_model("llama"), char_tokenizer()
     result = evaluate(model, tokenizer, suite=[str(tmp_path / "code.yaml"), "xcopa_it"],

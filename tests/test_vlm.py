@@ -14,18 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from forgetless.data import (
-    IGNORE_INDEX,
-    Example,
-    ImageTextCollator,
-    build_dataset,
-    image_messages,
-    load_examples,
-)
+from forgetless.data import build_dataset, load_examples
 from forgetless.errors import ForgetlessError
 from forgetless.methods import MethodOptions, prepare_model
 from forgetless.methods.layout import multimodal_parts
-from forgetless.models import is_processor, load_model, text_tokenizer
+from forgetless.models import load_model
+from forgetless.vlm.collator import ImageTextCollator
+from forgetless.vlm.examples import IGNORE_INDEX, Example, image_messages
+from forgetless.vlm.processors import is_processor, text_tokenizer
 from tiny_models import tiny_model
 from tiny_vlm import tiny_processor, tiny_vlm_folder
 
@@ -294,8 +290,9 @@ def image_task(images) -> Path:
 @pytest.mark.parametrize("arch", VLM_ARCHS)
 def test_image_mc_task_scores_choices_with_the_image(arch, image_task):
     """Each choice's log-likelihood equals a hand-built forward pass over processor inputs."""
-    from forgetless.data import image_messages, process, render_multimodal
     from forgetless.eval import evaluate
+    from forgetless.vlm.examples import image_messages
+    from forgetless.vlm.processors import process, render_multimodal
 
     model, processor = tiny_model(arch), tiny_processor(arch)
     result = evaluate(model, processor, suite=[str(image_task)], limit=None)

@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from forgetless import models, vlm_build
-from forgetless.vlm_build import BuildSpec, ensure_built, target_folder
+from forgetless import models
+from forgetless.vlm import build as vlm_build
+from forgetless.vlm.build import BuildSpec, ensure_built, target_folder
 from tiny_models import tiny_model
 from tiny_vlm import tiny_tokenizer
 
@@ -57,8 +58,9 @@ def test_built_folder_loads_as_llava_with_the_lm_bit_identical(built, lm_folder)
 
 
 def test_load_model_reads_the_built_folder_with_its_processor(built):
-    from forgetless.data import image_messages, process, render_multimodal
-    from forgetless.image_tasks import image_task_rows
+    from forgetless.vlm.examples import image_messages
+    from forgetless.vlm.processors import process, render_multimodal
+    from forgetless.vlm.tasks import image_task_rows
 
     model, processor = models.load_model(str(built))
     row = image_task_rows("name_color", "test", n=1, size=16)[0]

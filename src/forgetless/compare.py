@@ -37,7 +37,6 @@ from forgetless.config import (
     validate,
 )
 from forgetless.errors import ForgetlessError
-from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP, consent_overrides
 from forgetless.eval.result import METRICS_VERSION
 from forgetless.io import atomic_write_json, atomic_write_text, fault_point
 
@@ -608,26 +607,19 @@ def compare_command(
     report_only: bool = typer.Option(
         False, "--report-only", help="Only redraw the report from the output's results.json."
     ),
-    confirm_run_unsafe_code: bool = typer.Option(False, "--confirm-run-unsafe-code",
-                                                 help=CONFIRM_HELP),
-    allow_unisolated_code: bool = typer.Option(False, "--allow-unisolated-code",
-                                               help=UNISOLATED_HELP),
 ) -> None:
     """Fine-tune several methods under one budget and report learning vs forgetting."""
     if report_only:
         files = redraw(config, overrides or [])
         print(f"[forgetless compare] report: {files['html']} (and report.md)")
         return
-    overrides = [*(overrides or []), *consent_overrides(confirm_run_unsafe_code,
-                                                         allow_unisolated_code)]
-    result = compare(config, overrides, tracking_uri=tracking_uri)
+    result = compare(config, overrides or [], tracking_uri=tracking_uri)
     if not result.results:  # not the main process of an ``accelerate launch``
         return
-    from forgetless.report import summary_text, verdict_lines
+    from forgetless.report import summary_text
 
     out = result.output_dir
     uri = result.results["tracking"]["uri"]
-    print("\n".join(verdict_lines(result.results)))  # what it found, then the table
     print(summary_text(result.results))
     print(f"[forgetless compare] done in {result.results['compare_seconds']:.0f} s "
           f"({result.results['compare_cpu_seconds']:.0f} CPU s)")

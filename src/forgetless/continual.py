@@ -42,7 +42,6 @@ from forgetless.config import (
     validate,
 )
 from forgetless.errors import ForgetlessError
-from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP, consent_overrides
 from forgetless.io import atomic_write_json, atomic_write_text, fault_point
 
 ARC_LETTER = "arc_easy_letter"
@@ -170,7 +169,7 @@ def resolve_stages(config: ContinualConfig, out: Path) -> list[Stage]:
     from forgetless.compare import ensure_target
     from forgetless.data import BUILTIN_TASKS
     from forgetless.eval import registered_targets
-    from forgetless.image_tasks import IMAGE_TASKS
+    from forgetless.vlm.tasks import IMAGE_TASKS
 
     stages = []
     for entry in config.tasks:
@@ -623,20 +622,11 @@ def continual_command(
     overrides: list[str] = typer.Argument(
         None, help="key=value overrides, dotted into sections: train.max_steps=20 eval.limit=50"
     ),
-    confirm_run_unsafe_code: bool = typer.Option(False, "--confirm-run-unsafe-code",
-                                                 help=CONFIRM_HELP),
-    allow_unisolated_code: bool = typer.Option(False, "--allow-unisolated-code",
-                                               help=UNISOLATED_HELP),
 ) -> None:
     """Tune through a task sequence (each stage from the last); report R, ACC, BWT, FWT."""
     if config and "=" in config and not config.endswith((".yaml", ".yml")):
         overrides, config = [config, *(overrides or [])], None
-    overrides = [*(overrides or []), *consent_overrides(confirm_run_unsafe_code,
-                                                        allow_unisolated_code)]
-    summary = continual(config, overrides)
-    from forgetless.verdict import continual_verdict
-
-    print("\n".join(f"[forgetless continual] {line}" for line in continual_verdict(summary)))
+    summary = continual(config, overrides or [])
     for name, data in summary["methods"].items():
         print(f"[forgetless continual] {name}: ACC {data['acc']:.3f}  BWT {data['bwt']:+.3f}  "
               f"FWT {data['fwt']:+.3f}")

@@ -846,10 +846,6 @@ def tune_command(
     counts, best = results["counts"], results["best"]
     _say(f"{counts['total']} trials ({counts['complete']} complete, {counts['pruned']} pruned) "
          f"in {results['search_seconds']:.0f} s; test phase {results['test_seconds']:.0f} s")
-    from forgetless.verdict import tune_verdict
-
-    for line in tune_verdict(results):
-        _say(line)
     if best:
         _say(f"recommended: {_recipe_text(best['recipe'])}")
     else:

@@ -60,7 +60,7 @@ def code_tasks(suite: Iterable) -> list[str]:
 
 def missing_isolation() -> list[str]:
     """What the sandbox cannot enforce here (empty: fully isolated), from one trivial run."""
-    from forgetless.sandbox import FULL_ISOLATION, run_python
+    from forgetless.eval.sandbox import FULL_ISOLATION, run_python
 
     held = run_python("pass").isolation
     return [part for part in FULL_ISOLATION if part not in held]

@@ -33,7 +33,7 @@ from forgetless.eval.stats import (
 )
 from forgetless.eval.targets import Target, answer_nll, generate_greedy, get_target
 from forgetless.eval.tasks import LoadedTask, TaskSpec, load_spec, load_task
-from forgetless.models import is_processor, text_tokenizer
+from forgetless.vlm.processors import is_processor, text_tokenizer
 
 DEFAULT_SUITE = ("arc_easy", "piqa")
 FULL_SUITE = ("arc_easy", "piqa", "mmlu", "winogrande")
@@ -222,12 +222,12 @@ def score_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
 
 def score_code_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
     """A ``generate_until`` task: greedy completion cut at the first stop string, run with the
-    item's check code in ``forgetless.sandbox`` (never in this process) -> ``pass@1``;
+    item's check code in ``forgetless.eval.sandbox`` (never in this process) -> ``pass@1``;
     ``gold_logprob`` = log p(reference | prompt) per reference token (nats/token), paired per
     item: per token, so that pooling it with multiple-choice tasks' few-nat values into
     ``heldout/gold_logprob`` does not let one long solution's tens of nats swamp them (the sum
     stays in ``gold_logprob_sum``)."""
-    from forgetless.sandbox import run_python
+    from forgetless.eval.sandbox import run_python
 
     spec, items = loaded.spec, loaded.items
     check_code_execution([spec.name])  # consent, and isolation or the opt-out of it
@@ -263,7 +263,9 @@ def _cut(text: str, until: Sequence[str]) -> str:
 def _item_scores(model, tokenizer, loaded: LoadedTask, batch_size: int) -> list[float]:
     """Log-likelihood of every request: text items as lm-eval scores them; image items after a
     chat turn holding the item's images and context (the VLM's processor builds the inputs)."""
-    from forgetless.data import image_messages, open_image, render_multimodal
+    from forgetless.vlm.examples import image_messages
+    from forgetless.vlm.images import open_image
+    from forgetless.vlm.processors import render_multimodal
 
     items = loaded.items
     if not any(item.images for item in items):

@@ -21,7 +21,7 @@ from forgetless.errors import ForgetlessError
 
 def check_model_tokenizer(model, tokenizer) -> None:
     """Refuse a tokenizer whose ids the model cannot embed (a mismatched pair scores garbage)."""
-    from forgetless.models import text_tokenizer
+    from forgetless.vlm.processors import text_tokenizer
 
     tokenizer = text_tokenizer(tokenizer)
     embeddings = model.get_input_embeddings()
@@ -327,7 +327,7 @@ def score_processed(
     then prompt + continuation; the one-pass KV sharing of ``score_token_pairs`` would have to
     repeat the image features, and image tasks are small).
     """
-    from forgetless.data import process
+    from forgetless.vlm.processors import process
 
     device = model_device(model)
     out: list[tuple[float, int]] = []

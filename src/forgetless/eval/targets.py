@@ -198,8 +198,8 @@ def _image_task_rows(name: str) -> Callable[[], list[TargetRow]]:
     """The test split of a built-in image task, each distinct picture once."""
 
     def rows() -> list[TargetRow]:
-        from forgetless.data import image_messages
-        from forgetless.image_tasks import image_task_rows
+        from forgetless.vlm.examples import image_messages
+        from forgetless.vlm.tasks import image_task_rows
 
         unique = {row.key: row for row in image_task_rows(name, "test", n=200)}
         return [TargetRow(f"test:{i}", image_messages(row.prompt), row.response, row.response,
@@ -217,8 +217,7 @@ register_target(Target("read_clock", load=_image_task_rows("read_clock"), extrac
 def render_prompt(tokenizer, messages: list[dict[str, Any]]) -> str:
     """The chat-formatted prompt up to the assistant's turn (plain text if no template); a
     VLM's processor renders with its own template and image placeholders."""
-    from forgetless.data import render_multimodal
-    from forgetless.models import is_processor
+    from forgetless.vlm.processors import is_processor, render_multimodal
 
     if is_processor(tokenizer):
         return render_multimodal(tokenizer, messages, add_generation_prompt=True)
@@ -229,8 +228,8 @@ def render_prompt(tokenizer, messages: list[dict[str, Any]]) -> str:
 
 def answer_nll(model, tokenizer, rows: list[TargetRow], batch_size: int = 8):
     """Per row: (summed NLL of the response tokens after the chat prompt, number of tokens)."""
-    from forgetless.data import open_image
-    from forgetless.models import is_processor
+    from forgetless.vlm.images import open_image
+    from forgetless.vlm.processors import is_processor
 
     if is_processor(tokenizer):  # a VLM: the processor expands the rows' images
         scored = score_processed(
@@ -256,8 +255,8 @@ def generate_greedy(
     """Batched greedy completions of the chat prompts (left padding, rows sorted by length);
     with a VLM's processor, each batch (images and all) is built by the processor. Raw text
     ``prompts`` (no chat template; code tasks) replace ``rows``."""
-    from forgetless.data import open_image, process
-    from forgetless.models import is_processor, text_tokenizer
+    from forgetless.vlm.images import open_image
+    from forgetless.vlm.processors import is_processor, process, text_tokenizer
 
     processor = tokenizer if is_processor(tokenizer) and prompts is None else None
     tokenizer = text_tokenizer(tokenizer)

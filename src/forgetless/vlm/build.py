@@ -4,7 +4,7 @@ No small VLM ships inside a PyPI package and nothing may come from the Hub, so f
 one: transformers' own ``LlavaForConditionalGeneration`` with the embedded SmolLM2-135M as its
 language model and a small SigLIP vision tower (4 layers, 192 wide, 64x64 pixels in 16-pixel
 patches = 16 image tokens) plus the LLaVA projector, both trained from scratch with the language
-model frozen (LLaVA's stage 1) on pictures drawn by ``forgetless.image_tasks``: every picture
+model frozen (LLaVA's stage 1) on pictures drawn by ``forgetless.vlm.tasks``: every picture
 gets two questions in one conversation, its colour and its shape. Counting and clock reading are
 never shown, so they stay learnable targets for a later fine-tune.
 
@@ -143,7 +143,7 @@ def _pictures(n: int, seed: int, size: int) -> list[tuple[Any, str, str]]:
     """``(image, colour, shape)`` of ``n`` training pictures of both ``name_color`` and
     ``name_shape`` (the two tasks split the same drawings by different keys, so a picture must
     be a training picture of both: no test picture of either task is ever seen)."""
-    from forgetless.image_tasks import image_task_rows, is_test
+    from forgetless.vlm.tasks import image_task_rows, is_test
 
     out = []
     for row in image_task_rows("name_color", "train", n=2 * n, seed=seed, size=size):
@@ -162,7 +162,7 @@ def _conversation(image: Any, color: str, shape: str, ask_shape: bool) -> Any:
     """One question about one picture, as the image tasks ask it: its colour or its shape.
     (Version 1 asked both in one conversation, colour first; the frozen LM then answered the
     colour word to either question, and name_shape stayed at chance.)"""
-    from forgetless.data import Example
+    from forgetless.vlm.examples import Example
 
     def turn(role: str, text: str, picture: bool = False) -> dict:
         parts = [{"type": "image"}] if picture else []
@@ -190,7 +190,7 @@ def _word_probe(model: Any, processor: Any, spec: BuildSpec, n: int = 64) -> dic
     """How often the image tokens' two halves sit nearest (mean feature, squared distance) to
     the right colour / shape word's embedding among all colours / shapes, on ``n`` pictures the
     alignment did not train on: a cheap check, without the LM, that the tower sees both."""
-    from forgetless.image_tasks import COLORS, SHAPES
+    from forgetless.vlm.tasks import COLORS, SHAPES
 
     embeddings = model.get_input_embeddings().weight.detach()
     tokens = (spec.image_size // spec.patch_size) ** 2
@@ -262,7 +262,7 @@ def build(lm_folder: Path, out: Path, spec: BuildSpec, progress: bool | None = N
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from forgetless.data import ImageTextCollator
+    from forgetless.vlm.collator import ImageTextCollator
 
     tokenizer = AutoTokenizer.from_pretrained(lm_folder)
     if tokenizer.pad_token is None:

@@ -6,12 +6,9 @@ from pathlib import Path
 
 import typer
 
+from forgetless.cli.options import split
 from forgetless.errors import ForgetlessError
 from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP
-
-
-def _split(values: list[str] | None) -> list[str]:
-    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
 
 
 def eval_command(
@@ -42,6 +39,7 @@ def eval_command(
                                                help=UNISOLATED_HELP),
 ) -> None:
     """Measure held-out accuracy, target skill and drift from the base model."""
+    # the job's modules (torch, transformers): only when it runs
     from forgetless.devices import resolve_device, resolve_dtype
     from forgetless.eval.consent import require_code_consent
     from forgetless.eval.evaluator import DEFAULT_SUITE, evaluate
@@ -49,7 +47,7 @@ def eval_command(
     from forgetless.eval.tasks import load_spec
     from forgetless.models import load_model
 
-    tasks = _split(suite) or list(DEFAULT_SUITE)
+    tasks = split(suite) or list(DEFAULT_SUITE)
     if tasks == ["none"]:
         tasks = []
     if not tasks and target is None and base is None:

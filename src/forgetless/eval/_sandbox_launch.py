@@ -1,4 +1,4 @@
-"""The sandbox's launcher (see ``forgetless.sandbox``); runs as its own ``python -I -S``
+"""The sandbox's launcher (see ``forgetless.eval.sandbox``); runs as its own ``python -I -S``
 process, never imported by forgetless: it isolates itself, then forks and execs the program.
 
 argv: limits JSON [, "no-namespaces": skip the namespace step]. Namespaces are best effort:

@@ -1,0 +1,42 @@
+"""``forgetless tune``: the command-line face of ``forgetless.tune.tune``."""
+
+from __future__ import annotations
+
+import typer
+
+
+def _say(message: str) -> None:
+    print(f"[forgetless tune] {message}", flush=True)
+
+
+def _recipe_text(recipe: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in recipe.items())
+
+
+def tune_command(
+    config: str = typer.Argument(..., help="Tune YAML (train:, space:, budget:, search:, ...)."),
+    overrides: list[str] = typer.Argument(
+        None, help="key=value overrides, dotted into sections: search.n_trials=3"),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in the output folder)."
+    ),
+) -> None:
+    """Search methods and settings for the best target score within a forgetting budget."""
+    from forgetless.tune import tune  # the job (torch, optuna, mlflow): only when it runs
+    from forgetless.verdict import tune_verdict
+
+    results = tune(config, overrides or [], tracking_uri=tracking_uri)
+    counts, best = results["counts"], results["best"]
+    _say(f"{counts['total']} trials ({counts['complete']} complete, {counts['pruned']} pruned) "
+         f"in {results['search_seconds']:.0f} s; test phase {results['test_seconds']:.0f} s")
+    for line in tune_verdict(results):  # the test phase's findings, in words
+        _say(line)
+    if best:
+        _say(f"recommended: {_recipe_text(best['recipe'])}")
+    else:
+        _say("no trial met the budget")
+    for name, mean in results["test_means"].items():
+        _say(f"test {name}: target {mean['target']:+.1f} pts, held-out {mean['heldout']:+.1f} "
+             "pts")
+    _say(f"report: {results['files']['markdown']} (and tune.html, best.yaml, optuna.db)")
