@@ -122,3 +122,25 @@ def test_rows_keep_their_input():
 
     verdict([row], "t exact match", "accuracy")
     assert row == before
+
+
+def test_compare_and_continual_print_the_verdict_first(monkeypatch, capsys, tmp_path):
+    """The terminal says what was found before the table (jobs replaced by their results)."""
+    import sys
+
+    from forgetless.cli import main
+    from forgetless.compare import CompareResult
+
+    results = _set(_set(fake_results(), "full", 0.30, -0.08), "attn", 0.28, -0.01)
+    results.update(compare_seconds=1.0, compare_cpu_seconds=1.0)
+    monkeypatch.setattr("forgetless.compare.compare",
+                        lambda *a, **k: CompareResult(tmp_path, results, {}))
+    summary = {**_continual_summary(-0.10, -0.01), "seconds": 1.0,
+               "files": {"markdown": str(tmp_path / "continual.md")}}
+    monkeypatch.setattr("forgetless.continual.continual", lambda *a, **k: summary)
+    for argv, first in ((["compare", "x.yaml"], compare_verdict(results, "accuracy")[0]),
+                        (["continual"], continual_verdict(summary)[0])):
+        monkeypatch.setattr(sys, "argv", ["forgetless", *argv])
+        main()
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].endswith(first), out[:2]
