@@ -82,11 +82,18 @@ def _argv(command: str, task: str, tmp_path) -> list[str]:
         return ["check", "--model", "m", "--base", "b", "--suite", task, "--limit", "1"]
     if command == "compare":
         return ["compare", _compare_yaml(tmp_path, task)]
+    if command == "tune":
+        path = tmp_path / "tune.yaml"
+        path.write_text(json.dumps({
+            "train": {"model": "smollm2-135m", "data": "largest_number"},
+            "eval": {"suite": [task]}, "test": {"baselines": ["full"]},
+            "output_dir": str(tmp_path / "out")}))
+        return ["tune", str(path)]
     return ["continual", f"eval.suite=[{task}]", f"output_dir={tmp_path / 'out'}",
             "tasks=[count_letters,largest_number]", "methods=[full]"]
 
 
-@pytest.mark.parametrize("command", ["eval", "check", "compare", "continual"])
+@pytest.mark.parametrize("command", ["eval", "check", "compare", "continual", "tune"])
 def test_a_code_task_without_consent_is_refused_before_any_model_loads(
         command, code_task, no_model, tmp_path, monkeypatch, capsys):
     code, _, err = _main(monkeypatch, capsys, *_argv(command, code_task, tmp_path))
@@ -96,7 +103,7 @@ def test_a_code_task_without_consent_is_refused_before_any_model_loads(
     assert "confirm_run_unsafe_code: true" in line
 
 
-@pytest.mark.parametrize("command", ["eval", "check", "compare", "continual"])
+@pytest.mark.parametrize("command", ["eval", "check", "compare", "continual", "tune"])
 def test_unisolated_execution_is_refused_without_its_own_opt_in(
         command, code_task, no_model, no_namespaces, tmp_path, monkeypatch, capsys):
     argv = [*_argv(command, code_task, tmp_path), "--confirm-run-unsafe-code"]
