@@ -39,6 +39,7 @@ def breadth_results() -> dict:
     for item in [results["base"], *results["methods"],
                  *[p for e in results["methods"] for p in e["interpolation"]]]:
         item["heldout"] = {task: copy.deepcopy(item["heldout"]["arc_easy"]) for task in SUITE}
+        item["heldout"]["humaneval"]["score"] = "pass@1"  # a code task: lm-eval's name
         if item is not results["base"]:
             item["target"]["nll_delta"] = _metric(-0.512, 0.101)
     _with_continuous(results, "gold_logprob")
