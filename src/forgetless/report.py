@@ -521,7 +521,9 @@ def _settings(results: dict) -> list[str]:
         "Δ = tuned − base on the same items (accuracy and exact match in percentage points, "
         "log-probabilities in nats), with a paired-bootstrap 95% "
         "CI; `*` (bold in HTML) = the CI excludes 0, i.e. a significant change. The held-out "
-        "average Δ pools the per-task paired SEs (normal CI).",
+        "average Δ pools the per-task paired SEs (normal CI). The base model's 95% CIs: "
+        "Wilson for shares (acc, pass@1, exact match), normal for log-probabilities; its "
+        "held-out average pools the tasks' intervals (MOVER).",
         "held-out forgetting measure: " + {
             "accuracy": "accuracy (pts)",
             "gold_logprob": "gold log-prob = log-probability of the right choice among the "
