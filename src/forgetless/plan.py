@@ -45,7 +45,13 @@ from typing import Any
 import torch
 
 from forgetless.config import UPDATE_STATS_SAMPLE as DEFAULT_SAMPLE
+from forgetless.config import TrainConfig
+from forgetless.devices import DTYPES, check_attn_implementation, dtype_name
 from forgetless.errors import ForgetlessError
+from forgetless.methods import parse_method, prepare_model
+from forgetless.models import resolve_model
+from forgetless.train import cast_trainable, method_options
+from forgetless.updates import analytics_bytes
 
 DEFAULT_METHODS = ("full", "attn", "attn-qkv", "mlp", "mlp-gate-up", "lora", "mofo",
                    "attn+mofo", "l2-anchor")
@@ -184,8 +190,6 @@ def load_config(model: str):
     without loading weights."""
     from transformers import AutoConfig
 
-    from forgetless.models import resolve_model
-
     path = Path(model).expanduser()
     source = str(path) if path.suffix == ".json" and path.is_file() else resolve_model(model)
     if (Path(source) / "adapter_config.json").is_file():
@@ -270,15 +274,12 @@ def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
                 options: Any = None, update_stats: bool = True,
                 update_stats_sample: int | None = DEFAULT_SAMPLE) -> MethodPlan:
     """One method on a fresh meta model of ``config``, prepared exactly as ``train`` does."""
-    from forgetless.methods import prepare_model
-    from forgetless.train import _cast_trainable
-    from forgetless.updates import analytics_bytes
 
     model = meta_model(config, dtype)
     with torch.device("meta"):  # LoRA layers and the anchor copy land on meta too
         prepared = prepare_model(model, method, options)
     if master != dtype:
-        _cast_trainable(prepared.model, master)
+        cast_trainable(prepared.model, master)
     params = list(prepared.model.parameters())  # unique: tied weights count once
     trainable = [p for p in params if p.requires_grad]
     weights = _bytes(params) + _bytes(prepared.model.buffers())
@@ -326,9 +327,6 @@ def plan(
     ``update_stats`` whether the update analytics run (``TrainConfig.update_stats_every`` set,
     the default), ``update_stats_sample`` as in ``TrainConfig`` (None = every coordinate).
     """
-    from forgetless.config import TrainConfig
-    from forgetless.devices import DTYPES, check_attn_implementation, dtype_name
-    from forgetless.methods import parse_method
 
     methods = list(methods or DEFAULT_METHODS)
     for name in methods:
@@ -347,9 +345,7 @@ def plan(
     master = torch.float32 if half and fp32_master_weights else dtype
     budget = parse_size(gpu_mem) if isinstance(gpu_mem, str) else gpu_mem
     if options is None:
-        from forgetless.train import _method_options
-
-        options = _method_options(TrainConfig())
+        options = method_options(TrainConfig())
     config = load_config(model) if isinstance(model, str | Path) else model
     name = str(model) if isinstance(model, str | Path) else type(model).__name__
     result = Plan(model=name, architecture=type(config).__name__.removesuffix("Config"),

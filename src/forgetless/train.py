@@ -31,7 +31,7 @@ from forgetless.devices import dtype_name, resolve_device, resolve_dtype
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_dir, atomic_write_json, atomic_write_text, fault_point
 from forgetless.methods import MethodOptions, merge_lora, prepare_model
-from forgetless.models import load_model
+from forgetless.models import is_alias, load_model, resolve_model
 from forgetless.monitor import install_monitors
 from forgetless.optim.zero import ZeroLayoutCallback
 from forgetless.progress import use_loss_progress
@@ -150,7 +150,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
-def _method_options(config: TrainConfig) -> MethodOptions:
+def method_options(config: TrainConfig) -> MethodOptions:
     return MethodOptions(
         fraction=config.fraction,
         mofo_filter=config.mofo_filter,
@@ -193,7 +193,7 @@ def _floating_dtype(model) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _cast_trainable(model, dtype: torch.dtype) -> None:
+def cast_trainable(model, dtype: torch.dtype) -> None:
     """Cast the trainable parameters in place: the same Parameter objects, so the anchor and the
     optimizer built later still hold them."""
     for param in model.parameters():
@@ -255,10 +255,9 @@ def _run_label(config: TrainConfig) -> str:
 def _check_model_name(name: str) -> None:
     """A missing model folder or file fails now; aliases and GGUF files resolve (and convert,
     once) only when the model loads."""
-    from forgetless.models import _ALIASES, VLM_ALIAS, resolve_model
 
     path = Path(name).expanduser()
-    if name in _ALIASES or name == VLM_ALIAS:
+    if is_alias(name):
         return
     if not (path.suffix == ".gguf" and path.is_file()):
         resolve_model(name)
@@ -343,9 +342,9 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
     master = torch.float32 if half and config.fp32_master_weights else dtype
     if sharded and master != dtype:
         model.to(master)  # FSDP / DeepSpeed keep float32 shards and compute in half themselves
-    prepared = prepare_model(model, config.method, _method_options(config))
+    prepared = prepare_model(model, config.method, method_options(config))
     if not sharded:
-        _cast_trainable(prepared.model, master)
+        cast_trainable(prepared.model, master)
     precision = dtype_name(dtype) + (" (float32 master weights)" if master != dtype else "")
     print(f"[forgetless] {config.method}: {prepared.summary()}; {device}, {precision}",
           flush=True)
@@ -395,7 +394,7 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
     ]
     tuned = prepared.model
     if not sharded:
-        _cast_trainable(tuned, dtype)  # saved and evaluated in the run's dtype, on its device
+        cast_trainable(tuned, dtype)  # saved and evaluated in the run's dtype, on its device
     model_dir = None
     if config.save_model and distributed:  # all processes gather shards, the main one writes
         model_dir = run_dir / "model"

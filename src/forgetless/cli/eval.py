@@ -46,6 +46,7 @@ def eval_command(
     from forgetless.eval.targets import get_target
     from forgetless.eval.tasks import load_spec
     from forgetless.models import load_model
+    from forgetless.runs import make_dir
 
     tasks = split(suite) or list(DEFAULT_SUITE)
     if tasks == ["none"]:
@@ -57,8 +58,6 @@ def eval_command(
     if target is not None:
         get_target(target)
     if output is not None:  # an output that cannot be written fails now, not after the run
-        from forgetless.runs import make_dir
-
         make_dir(Path(output).parent or Path("."), "folder for --output")
     place = resolve_device(device)
     precision = resolve_dtype(dtype, place)

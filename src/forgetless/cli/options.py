@@ -17,6 +17,6 @@ def config_first(config: str | None, overrides: list[str] | None) -> tuple[str |
 
 def parse(pairs: list[str] | None) -> dict:
     """``key=value`` overrides as keyword arguments (values read as YAML)."""
-    from forgetless.config import parse_overrides
+    from forgetless.config import parse_overrides  # pydantic: not for --help
 
     return parse_overrides(pairs or [])

@@ -6,6 +6,7 @@ import typer
 
 from forgetless.cli.options import split
 from forgetless.config import UPDATE_STATS_SAMPLE as DEFAULT_SAMPLE
+from forgetless.config import TrainConfig
 from forgetless.errors import ForgetlessError
 
 
@@ -37,16 +38,15 @@ def plan_command(
 ) -> None:
     """Memory per method (weights, gradients, optimizer, activations) without loading weights."""
     # the job (torch, transformers on the meta device): only when it runs
-    from forgetless.config import TrainConfig
     from forgetless.plan import parse_size, plan
-    from forgetless.train import _method_options
+    from forgetless.train import method_options
 
     if lora_r < 1:
         raise ForgetlessError(f"--lora-r must be at least 1, got {lora_r}")
     if update_stats_sample < 0:
         raise ForgetlessError("--update-stats-sample must be 0 (every coordinate) or more")
     names = split(method)
-    options = _method_options(TrainConfig(lora_r=lora_r))
+    options = method_options(TrainConfig(lora_r=lora_r))
     result = plan(model, names or None, batch_size=batch_size, max_length=max_length,
                   dtype=dtype, fp32_master_weights=fp32_master_weights,
                   attn_implementation=attn_implementation,

@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+import forgetless
 from forgetless.errors import ForgetlessError
 from forgetless.eval.consent import check_code_execution, require_code_consent
 from forgetless.eval.drift import DriftPrompt, kl_and_number_mass, param_drift
 from forgetless.eval.result import METRICS_VERSION, EvalResult
+from forgetless.eval.sandbox import run_python
 from forgetless.eval.scoring import (
     check_model_tokenizer,
     encode_pair,
@@ -32,8 +34,10 @@ from forgetless.eval.stats import (
     proportion_metric,
 )
 from forgetless.eval.targets import Target, answer_nll, generate_greedy, get_target
-from forgetless.eval.tasks import LoadedTask, TaskSpec, load_spec, load_task
-from forgetless.vlm.processors import is_processor, text_tokenizer
+from forgetless.eval.tasks import LoadedTask, TaskSpec, load_spec, load_task, sample_indices
+from forgetless.vlm.examples import image_messages
+from forgetless.vlm.images import open_image
+from forgetless.vlm.processors import is_processor, render_multimodal, text_tokenizer
 
 DEFAULT_SUITE = ("arc_easy", "piqa")
 FULL_SUITE = ("arc_easy", "piqa", "mmlu", "winogrande")
@@ -151,7 +155,6 @@ def sampled_rows(name: str, limit: int | None, seed: int, target: bool = False) 
             return list(range(total))
         return sorted(int(i) for i in np.random.default_rng(seed).choice(total, limit,
                                                                          replace=False))
-    from forgetless.eval.tasks import sample_indices
 
     return sample_indices(load_task(load_spec(name), None, seed).total, limit, seed)
 
@@ -227,7 +230,6 @@ def score_code_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
     item: per token, so that pooling it with multiple-choice tasks' few-nat values into
     ``heldout/gold_logprob`` does not let one long solution's tens of nats swamp them (the sum
     stays in ``gold_logprob_sum``)."""
-    from forgetless.eval.sandbox import run_python
 
     spec, items = loaded.spec, loaded.items
     check_code_execution([spec.name])  # consent, and isolation or the opt-out of it
@@ -263,9 +265,6 @@ def _cut(text: str, until: Sequence[str]) -> str:
 def _item_scores(model, tokenizer, loaded: LoadedTask, batch_size: int) -> list[float]:
     """Log-likelihood of every request: text items as lm-eval scores them; image items after a
     chat turn holding the item's images and context (the VLM's processor builds the inputs)."""
-    from forgetless.vlm.examples import image_messages
-    from forgetless.vlm.images import open_image
-    from forgetless.vlm.processors import render_multimodal
 
     items = loaded.items
     if not any(item.images for item in items):
@@ -350,8 +349,6 @@ def _describe(model, name: str | None) -> dict:
 
 def _provenance(model, model_name, base, base_name, seed, limit, num_fewshot) -> dict:
     import transformers
-
-    import forgetless
 
     return {
         "forgetless_version": forgetless.__version__,

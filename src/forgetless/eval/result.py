@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.errors import ForgetlessError
-from forgetless.eval.stats import Metric
+from forgetless.eval.stats import Metric, paired_bootstrap
 
 # Bump when the evaluator records new or changed metrics: ``compare`` re-evaluates (never
 # retrains) results measured by an older version, so one report never mixes metric sets.
@@ -128,7 +128,6 @@ def paired_difference(
     Use it to judge "dropped by more than X points": the drop is significant when
     ``ci_high < -X`` (in fraction units, e.g. X = 0.02 for two points).
     """
-    from forgetless.eval.stats import paired_bootstrap
 
     if task not in before.per_item or task not in after.per_item:
         raise ForgetlessError(f"task '{task}' is missing from one of the results")

@@ -31,10 +31,15 @@ from typing import Any
 
 import torch
 
+from forgetless.data import count_letters_rows, largest_number_rows, read_rows, row_to_example
 from forgetless.devices import model_device
 from forgetless.errors import ForgetlessError
 from forgetless.eval.scoring import score_processed, score_token_pairs
 from forgetless.paths import shared_data_dir
+from forgetless.vlm.examples import image_messages
+from forgetless.vlm.images import open_image
+from forgetless.vlm.processors import is_processor, process, render_multimodal, text_tokenizer
+from forgetless.vlm.tasks import image_task_rows
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -119,7 +124,6 @@ def get_target(name_or_path: str | Target) -> Target:
 def load_jsonl_rows(path: Path, extract: Callable[[str], str] = extract_answer) -> list[TargetRow]:
     """Rows read as training data is (``forgetless.data``: JSONL/JSON/CSV, ``prompt`` +
     ``response`` or chat ``messages``); an ``answer`` column overrides the extracted answer."""
-    from forgetless.data import read_rows, row_to_example
 
     rows = []
     for number, data in read_rows(path):
@@ -152,7 +156,6 @@ register_target(Target("gsm8k", load=_gsm8k_rows, max_new_tokens=256))
 def _count_letters_rows() -> list[TargetRow]:
     """The test split of the synthetic letter-counting task: each distinct question once, at most
     60 per answer, so always answering "1" (or "0") scores about a third, not a half."""
-    from forgetless.data import count_letters_rows
 
     unique = {row["prompt"]: row["response"] for row in count_letters_rows("test", n=4000)}
     per_answer: dict[str, int] = {}
@@ -170,7 +173,6 @@ register_target(Target("count_letters", load=_count_letters_rows, max_new_tokens
 
 def _largest_number_rows() -> list[TargetRow]:
     """The test split of the synthetic largest-number task, each distinct question once."""
-    from forgetless.data import largest_number_rows
 
     unique = {row["prompt"]: row["response"] for row in largest_number_rows("test", n=500)}
     return [TargetRow(f"test:{i}", [{"role": "user", "content": prompt}], answer, answer)
@@ -198,9 +200,6 @@ def _image_task_rows(name: str) -> Callable[[], list[TargetRow]]:
     """The test split of a built-in image task, each distinct picture once."""
 
     def rows() -> list[TargetRow]:
-        from forgetless.vlm.examples import image_messages
-        from forgetless.vlm.tasks import image_task_rows
-
         unique = {row.key: row for row in image_task_rows(name, "test", n=200)}
         return [TargetRow(f"test:{i}", image_messages(row.prompt), row.response, row.response,
                           (row.image,)) for i, row in enumerate(unique.values())]
@@ -217,7 +216,6 @@ register_target(Target("read_clock", load=_image_task_rows("read_clock"), extrac
 def render_prompt(tokenizer, messages: list[dict[str, Any]]) -> str:
     """The chat-formatted prompt up to the assistant's turn (plain text if no template); a
     VLM's processor renders with its own template and image placeholders."""
-    from forgetless.vlm.processors import is_processor, render_multimodal
 
     if is_processor(tokenizer):
         return render_multimodal(tokenizer, messages, add_generation_prompt=True)
@@ -228,8 +226,6 @@ def render_prompt(tokenizer, messages: list[dict[str, Any]]) -> str:
 
 def answer_nll(model, tokenizer, rows: list[TargetRow], batch_size: int = 8):
     """Per row: (summed NLL of the response tokens after the chat prompt, number of tokens)."""
-    from forgetless.vlm.images import open_image
-    from forgetless.vlm.processors import is_processor
 
     if is_processor(tokenizer):  # a VLM: the processor expands the rows' images
         scored = score_processed(
@@ -255,8 +251,6 @@ def generate_greedy(
     """Batched greedy completions of the chat prompts (left padding, rows sorted by length);
     with a VLM's processor, each batch (images and all) is built by the processor. Raw text
     ``prompts`` (no chat template; code tasks) replace ``rows``."""
-    from forgetless.vlm.images import open_image
-    from forgetless.vlm.processors import is_processor, process, text_tokenizer
 
     processor = tokenizer if is_processor(tokenizer) and prompts is None else None
     tokenizer = text_tokenizer(tokenizer)

@@ -42,7 +42,9 @@ import yaml
 from jinja2.sandbox import SandboxedEnvironment
 
 from forgetless.errors import ForgetlessError
-from forgetless.paths import shared_data_dir
+from forgetless.paths import cache_dir, shared_data_dir
+from forgetless.vlm.images import check_image
+from forgetless.vlm.tasks import DEFAULT_SIZE, IMAGE_TASKS, image_task_rows
 
 # Sandboxed: a task file is data, and its expressions must not reach Python internals.
 _JINJA = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
@@ -196,8 +198,6 @@ def load_spec(name_or_path: str | TaskSpec) -> TaskSpec:
                                                source=str(path), base_dir=path.parent))
     builtin = resources.files("forgetless") / "tasks" / f"{name_or_path}.yaml"
     if not builtin.is_file():
-        from forgetless.vlm.tasks import IMAGE_TASKS
-
         if name_or_path in IMAGE_TASKS:
             return image_task_spec(name_or_path)
         raise ForgetlessError(
@@ -398,7 +398,6 @@ def _render(spec: TaskSpec, row: dict, shots: list[dict]) -> Item:
 
 def _images(spec: TaskSpec, row: dict) -> tuple[Path, ...]:
     """A row's image paths, resolved like data files and checked readable now (one line)."""
-    from forgetless.vlm.images import check_image
 
     value = _evaluate(spec, "image", row)
     values = [value] if isinstance(value, str) else value
@@ -423,9 +422,6 @@ def image_task_spec(name: str, n: int = IMAGE_TASK_ITEMS, seed: int = 0) -> Task
     import os
     import shutil
     import tempfile
-
-    from forgetless.paths import cache_dir
-    from forgetless.vlm.tasks import DEFAULT_SIZE, image_task_rows
 
     folder = cache_dir() / "image_tasks" / f"{name}-{DEFAULT_SIZE}px-n{n}-seed{seed}"
     if not (folder / "test.jsonl").is_file():
