@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("models", "data", "optim", "config", "devices")),
     ("eval/methods", ("eval", "methods")),
     ("jobs", ("train", "compare", "continual", "tune", "check", "plan", "report", "pooling",
-              "tracking", "interpolate", "monitor", "updates", "progress")),
+              "tracking", "interpolate", "monitor", "updates", "progress", "verdict")),
     ("cli", ("cli", "__main__")),
 ]
 
