@@ -10,7 +10,6 @@ import sys
 
 import pytest
 
-import forgetless.eval.sandbox
 from forgetless.errors import ForgetlessError
 from test_eval_breadth import CODE_TASK
 
@@ -40,10 +39,13 @@ def no_model(monkeypatch):
 
 @pytest.fixture
 def no_namespaces(monkeypatch):
-    """The OS refuses the sandbox's namespaces: the real launcher runs without that step."""
-    monkeypatch.setattr(forgetless.eval.sandbox, "run_python",
-                        functools.partial(forgetless.eval.sandbox.run_python,
-                                          namespaces=False))
+    """The OS refuses the sandbox's namespaces: the real launcher runs without that step
+    (for the isolation probe and for the evaluator's runs alike)."""
+    import forgetless.eval.evaluator
+
+    unisolated = functools.partial(forgetless.eval.sandbox.run_python, namespaces=False)
+    monkeypatch.setattr(forgetless.eval.sandbox, "run_python", unisolated)
+    monkeypatch.setattr(forgetless.eval.evaluator, "run_python", unisolated)
 
 
 def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:

@@ -59,7 +59,8 @@ def code_tasks(suite: Iterable) -> list[str]:
 
 
 def missing_isolation() -> list[str]:
-    """What the sandbox cannot enforce here (empty: fully isolated), from one trivial run."""
+    """What the sandbox cannot enforce here (empty: fully isolated), from one trivial run.
+    (Imports stay inside: the CLI imports this module for its help texts at start-up.)"""
     from forgetless.eval.sandbox import FULL_ISOLATION, run_python
 
     held = run_python("pass").isolation
