@@ -21,23 +21,21 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("vlm", ("vlm",)),  # below data and models: they import it, never the reverse
     ("core", ("models", "data", "optim", "config", "devices")),
     ("eval/methods", ("eval", "methods")),
-    ("jobs", ("train", "compare", "continual", "tune", "check", "plan", "report", "pooling",
-              "tracking", "interpolate", "monitor", "updates", "progress", "verdict")),
+    ("jobs", ("train", "jobs", "compare", "continual", "tune", "check", "plan", "report",
+              "pooling", "tracking", "interpolate", "merging", "monitor", "updates", "progress",
+              "verdict")),
     ("cli", ("cli", "__main__")),
 ]
 
 # (importer, imported or "imported:_name"): why it is allowed for now.
 ALLOWED: dict[tuple[str, str], str] = {
     ("forgetless.config", "forgetless.methods"):
-        "method names are validated in TrainConfig; goes when a method's options live in its "
-        "registry entry (issue 25, item 5)",
+        "TrainConfig validates method names (methods.parse_method)",
+    ("forgetless.config", "forgetless.methods.options"):
+        "TrainConfig takes each method option's default from methods.options, where it is "
+        "declared once (a leaf module: only errors)",
     ("forgetless.eval", "forgetless.cli.eval"):
         "forgetless.eval.eval_command stays a public name (resolved lazily)",
-    # tune draws its report with report's private helpers: shared report rendering in one
-    # module is issue 25, item 5 (the job-engine rewrite)
-    ("forgetless.tune", "forgetless.report:_pareto"): "shared report rendering (item 5)",
-    ("forgetless.tune", "forgetless.report:_html"): "shared report rendering (item 5)",
-    ("forgetless.tune", "forgetless.report:_pts"): "shared report rendering (item 5)",
 }
 
 

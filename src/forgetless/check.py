@@ -22,12 +22,9 @@ passed or warned, 1 = at least one failed (2 = usage or input error).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import typer
 
 from forgetless.errors import ForgetlessError
 
@@ -174,37 +171,3 @@ def _load(which: Any, tokenizer: Any, dtype: Any, device: Any):
     if tokenizer is None:
         raise ForgetlessError("check(): pass tokenizer= with in-memory models")
     return which, tokenizer
-
-
-def check_command(
-    model: str = typer.Option(..., "--model", help="Tuned model: folder, .gguf, alias, Hub id."),
-    base: str = typer.Option(..., "--base", help="Reference model it must not fall behind."),
-    max_drop: float = typer.Option(2.0, "--max-drop", help="Allowed accuracy drop in points."),
-    max_logprob_drop: float | None = typer.Option(
-        None, "--max-logprob-drop",
-        help="Also gate on the mean drop of the gold choice's log-probability among the choices "
-        "(nats; same rule; off by default).",
-    ),
-    suite: str = typer.Option("arc_easy,piqa", "--suite", help="Comma-separated benchmarks."),
-    limit: int = typer.Option(200, "--limit", min=1, help="Items per benchmark (same for both)."),
-    seed: int = typer.Option(0, "--seed", help="Item sampling seed."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when available, else CPU), "
-                               "cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), "
-                              "bfloat16, float16 or float32."),
-) -> None:
-    """Retention gate for CI: exit 1 when a held-out benchmark dropped by more than --max-drop.
-
-    Per benchmark, FAIL when the point drop exceeds --max-drop AND the paired 95% CI of the
-    change lies entirely below 0 (a significant drop); WARN (exit 0) when the drop exceeds the
-    limit but the CI includes 0 - raise --limit to decide; PASS otherwise.
-    """
-    names = [s.strip() for s in suite.split(",") if s.strip()]
-    result = check(model, base, suite=names, limit=limit, max_drop=max_drop, seed=seed,
-                   batch_size=batch_size, device=device, dtype=dtype,
-                   max_logprob_drop=max_logprob_drop)
-    print(json.dumps(result.to_dict(), indent=1) if as_json else result.table())
-    if not result.passed:
-        raise typer.Exit(code=1)

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from forgetless.errors import ForgetlessError
+from forgetless.methods.options import DEFAULT_OPTIONS as _OPTIONS
 
 Config = TypeVar("Config", bound=BaseModel)
 
@@ -30,20 +31,20 @@ class TrainConfig(BaseModel):
     model: str = "smollm2-135m"
     data: str = "gsm8k"
     method: str = "mofo"
-    # method options (see forgetless.methods)
-    fraction: float = Field(0.1, gt=0.0, le=1.0)
-    mofo_filter: Literal["momentum", "gradient", "random"] = "momentum"
-    mofo_exact: bool = False  # exactly the top-k set each step (slower); default: fast select
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    anchor_weight: float = Field(1e-2, ge=0.0)
-    lwf_weight: float = Field(1.0, ge=0.0)  # λ of +lwf methods (KL to the frozen base)
-    merge_lora: bool = False
+    # method options: defaults and which method reads each in forgetless.methods.options
+    fraction: float = Field(_OPTIONS.fraction, gt=0.0, le=1.0)
+    mofo_filter: Literal["momentum", "gradient", "random"] = _OPTIONS.mofo_filter
+    mofo_exact: bool = _OPTIONS.mofo_exact  # exactly the top-k set each step (slower)
+    lora_r: int = Field(_OPTIONS.lora_r, ge=1)
+    lora_alpha: float = Field(_OPTIONS.lora_alpha, gt=0)
+    lora_dropout: float = Field(_OPTIONS.lora_dropout, ge=0.0, lt=1.0)
+    anchor_weight: float = Field(_OPTIONS.anchor_weight, ge=0.0)
+    lwf_weight: float = Field(_OPTIONS.lwf_weight, ge=0.0)  # λ of +lwf methods (KL to the base)
+    merge_lora: bool = _OPTIONS.merge_lora
     # vision-language models (LLaMA-Factory's names): which non-text parts train as well
-    freeze_vision_tower: bool = True
-    freeze_multi_modal_projector: bool = True
-    freeze_language_model: bool = False
+    freeze_vision_tower: bool = _OPTIONS.freeze_vision_tower
+    freeze_multi_modal_projector: bool = _OPTIONS.freeze_multi_modal_projector
+    freeze_language_model: bool = _OPTIONS.freeze_language_model
     # optimisation
     learning_rate: float = Field(2e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -106,6 +107,16 @@ class TrainConfig(BaseModel):
 
         parse_method(value)  # raises ForgetlessError listing the valid names
         return value
+
+
+class MethodEntry(BaseModel):
+    """One compared method: a registered ``method`` plus per-method TrainConfig overrides
+    (e.g. ``fraction``, ``learning_rate``) as extra keys; ``name`` labels it (default: method)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str
+    name: str | None = None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

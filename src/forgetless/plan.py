@@ -49,8 +49,9 @@ from forgetless.config import TrainConfig
 from forgetless.devices import DTYPES, check_attn_implementation, dtype_name
 from forgetless.errors import ForgetlessError
 from forgetless.methods import parse_method, prepare_model
+from forgetless.methods.options import method_options
 from forgetless.models import resolve_model
-from forgetless.train import cast_trainable, method_options
+from forgetless.train import cast_trainable
 from forgetless.updates import analytics_bytes
 
 DEFAULT_METHODS = ("full", "attn", "attn-qkv", "mlp", "mlp-gate-up", "lora", "mofo",

@@ -30,7 +30,8 @@ from forgetless.data import build_dataset, data_collator, load_conversations
 from forgetless.devices import dtype_name, resolve_device, resolve_dtype
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_dir, atomic_write_json, atomic_write_text, fault_point
-from forgetless.methods import MethodOptions, merge_lora, prepare_model
+from forgetless.methods import merge_lora, prepare_model
+from forgetless.methods.options import method_options
 from forgetless.models import is_alias, load_model, resolve_model
 from forgetless.monitor import install_monitors
 from forgetless.optim.zero import ZeroLayoutCallback
@@ -147,22 +148,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
         for state in optimizer.state.values()
         for value in state.values()
         if torch.is_tensor(value)
-    )
-
-
-def method_options(config: TrainConfig) -> MethodOptions:
-    return MethodOptions(
-        fraction=config.fraction,
-        mofo_filter=config.mofo_filter,
-        mofo_exact=config.mofo_exact,
-        lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        anchor_weight=config.anchor_weight,
-        lwf_weight=config.lwf_weight,
-        freeze_vision_tower=config.freeze_vision_tower,
-        freeze_multi_modal_projector=config.freeze_multi_modal_projector,
-        freeze_language_model=config.freeze_language_model,
     )
 
 

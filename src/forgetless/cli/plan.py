@@ -38,8 +38,8 @@ def plan_command(
 ) -> None:
     """Memory per method (weights, gradients, optimizer, activations) without loading weights."""
     # the job (torch, transformers on the meta device): only when it runs
+    from forgetless.methods.options import method_options
     from forgetless.plan import parse_size, plan
-    from forgetless.train import method_options
 
     if lora_r < 1:
         raise ForgetlessError(f"--lora-r must be at least 1, got {lora_r}")

@@ -11,11 +11,6 @@ def _say(message: str) -> None:
     print(f"[forgetless tune] {message}", flush=True)
 
 
-def _recipe_text(recipe: dict) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in recipe.items())
-
-
 def tune_command(
     config: str = typer.Argument(..., help="Tune YAML (train:, space:, budget:, search:, ...)."),
     overrides: list[str] = typer.Argument(
@@ -29,7 +24,9 @@ def tune_command(
                                                help=UNISOLATED_HELP),
 ) -> None:
     """Search methods and settings for the best target score within a forgetting budget."""
-    from forgetless.tune import tune  # the job (torch, optuna, mlflow): only when it runs
+    # the job (torch, optuna, mlflow): only when it runs
+    from forgetless.jobs.tune_report import recipe_text
+    from forgetless.tune import tune
     from forgetless.verdict import tune_verdict
 
     overrides = [*(overrides or []), *consent_overrides(confirm_run_unsafe_code,
@@ -41,7 +38,7 @@ def tune_command(
     for line in tune_verdict(results):  # the test phase's findings, in words
         _say(line)
     if best:
-        _say(f"recommended: {_recipe_text(best['recipe'])}")
+        _say(f"recommended: {recipe_text(best['recipe'])}")
     else:
         _say("no trial met the budget")
     for name, mean in results["test_means"].items():

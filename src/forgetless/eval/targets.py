@@ -295,3 +295,53 @@ def generate_greedy(
     finally:
         model.train(was_training)
     return outputs
+
+
+# --- ARC-Easy as "answer with the letter" (continual's built-in third task) -------------------
+
+ARC_LETTER = "arc_easy_letter"
+_LETTERS = "ABCDEFGH"
+
+
+def arc_letter_rows(split_file: str) -> list[dict[str, str]]:
+    """ARC-Easy questions as prompt/response rows whose response is the option letter."""
+    path = shared_data_dir() / "arc" / split_file
+    if not path.is_file():
+        raise ForgetlessError(f"ARC-Easy data missing: {path} not found")
+    rows = []
+    for line in path.read_text().splitlines():
+        item = json.loads(line)
+        choices = item["question"]["choices"]
+        labels = [c["label"] for c in choices]
+        if item["answerKey"] not in labels or len(choices) > len(_LETTERS):
+            continue
+        options = "\n".join(f"{_LETTERS[k]}. {c['text']}" for k, c in enumerate(choices))
+        prompt = (f"{item['question']['stem']}\n{options}\n"
+                  "Answer with the letter of the correct option only.")
+        rows.append({"id": item["id"], "prompt": prompt,
+                     "response": _LETTERS[labels.index(item["answerKey"])]})
+    return rows
+
+
+def extract_letter(text: str) -> str:
+    """The first stand-alone option letter of a reply ("B", "B.", "(B) ...", "Answer: B")."""
+    match = re.search(r"(?<![A-Za-z])([A-H])(?![A-Za-z])", text.replace("Answer", ""))
+    return match.group(1) if match else text.strip()[:1].upper()
+
+
+def _arc_letter_test_rows() -> list[TargetRow]:
+    return [TargetRow(r["id"], [{"role": "user", "content": r["prompt"]}], r["response"],
+                      r["response"]) for r in arc_letter_rows("ARC-Easy-Test.jsonl")]
+
+
+register_target(Target(ARC_LETTER, load=_arc_letter_test_rows, extract=extract_letter,
+                       max_new_tokens=8))
+
+
+def register_file_target(name: str, path: str) -> str:
+    """A held-out ``.jsonl`` as target ``name`` with a generation budget from its longest
+    reference (a short-answer task should not generate the default 256 tokens)."""
+    rows = get_target(path).load
+    longest = max(len(row.response) for row in rows())
+    register_target(Target(name, load=rows, max_new_tokens=min(256, max(32, longest + 16))))
+    return name

@@ -22,51 +22,8 @@ from forgetless.methods.layout import (
     text_layout,
 )
 from forgetless.methods.lwf import LwFLoss
+from forgetless.methods.options import MethodOptions
 from forgetless.methods.registry import MethodChoice, get_method, parse_method
-
-
-@dataclass
-class MethodOptions:
-    """Knobs of every method; each method reads only its own.
-
-    ``anchor_weight`` scales Σ‖θ−θ₀‖² (L2) or Σ|θ−θ₀| (L1) over the trainable parameters. The
-    default 0.01 is sized for L2 at fine-tuning learning rates: on SmolLM2-135M, 10 full AdamW
-    steps at lr 2e-5 drifted Σ‖θ−θ₀‖² to 2.3, so by ~100 steps the penalty is on the scale of
-    the LM loss, a pull that grows with drift without freezing anything. L1's gradient per
-    weight is w·sign(θ−θ₀) rather than 2·w·(θ−θ₀); at 0.01 it would swamp SmolLM2's loss
-    gradients (median |g| 1e-4, RMS 1e-3 per weight), so l1-anchor wants ~1e-4 or less.
-    ``lora_targets``: ``None`` = every attention + MLP projection of the language model, a
-    preset name (``"attn"``, ``"mlp-gate-up"``, ...) or module-name suffixes (``["q_proj"]``),
-    always looked up inside the language model only.
-    """
-
-    fraction: float = 0.1
-    mofo_filter: str = "momentum"
-    mofo_exact: bool = False
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list[str] | str | None = None
-    anchor_weight: float = 1e-2
-    # λ of ``+lwf``: loss = CE + λ·KL(base ‖ model) per token (docs/results.md, "LwF weight").
-    lwf_weight: float = 1.0
-    # A VLM's parts (LLaMA-Factory's names): the method picks what trains in the language
-    # model; the vision tower and projector train only when unfrozen (then fully).
-    freeze_vision_tower: bool = True
-    freeze_multi_modal_projector: bool = True
-    freeze_language_model: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.fraction <= 1.0:
-            raise ForgetlessError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.lora_r < 1:
-            raise ForgetlessError(f"lora_r must be >= 1, got {self.lora_r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ForgetlessError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.anchor_weight < 0:
-            raise ForgetlessError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
-        if self.lwf_weight < 0:
-            raise ForgetlessError(f"lwf_weight must be >= 0, got {self.lwf_weight}")
 
 
 @dataclass
