@@ -22,7 +22,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("models", "data", "optim", "config", "devices", "rehearsal", "replay")),
     ("eval/methods", ("eval", "methods", "mixing")),
     ("jobs", ("train", "jobs", "compare", "continual", "tune", "check", "plan", "report",
-              "pooling", "tracking", "interpolate", "merging", "monitor", "updates", "progress")),
+              "pooling", "tracking", "interpolate", "merging", "monitor", "updates", "progress",
+              "verdict")),
     ("cli", ("cli", "__main__")),
 ]
 

@@ -105,7 +105,8 @@ def test_report_redraws_from_results_json(tmp_path):
     assert "arc_easy n=100" in md and "CI excludes 0" in md and "4 steps × batch 2" in md
     assert "| count_letters exact match % | 10.0 | [0.0, 20.0] | 100 |" in md
     html = files["html"].read_text()
-    assert html.count("data:image/png;base64,") == 3 and "<b>-8.0* [-11.0, -5.0]</b>" in html
+    assert html.count("data:image/png;base64,") == 3 and (
+        "<b>-8.0*</b><br><small>[-11.0, -5.0]</small>" in html)
     assert not any(name.endswith(".tmp") or name.startswith(".") for name in
                    (p.name for p in (tmp_path / "report").iterdir()))
 

@@ -111,13 +111,17 @@ def check(
     device: str = "auto",
     dtype: str = "auto",
     max_logprob_drop: float | None = None,
+    confirm_run_unsafe_code: bool = False,
+    allow_unisolated_code: bool = False,
 ) -> CheckResult:
     """Evaluate ``model`` and ``base`` (names, folders, or in-memory models with ``tokenizer``)
     on the same held-out items and judge every benchmark's paired change (accuracy, and the gold
     log-probability when ``max_logprob_drop`` is given, in nats). Models given by name load in
-    ``dtype`` on ``device``; in-memory ones are evaluated where they are."""
+    ``dtype`` on ``device``; in-memory ones are evaluated where they are. A code task runs
+    model-written programs only with the opt-ins of ``forgetless.eval.consent``."""
     from forgetless.devices import resolve_device, resolve_dtype
     from forgetless.eval import evaluate, load_spec
+    from forgetless.eval.consent import require_code_consent
 
     if max_drop < 0:
         raise ForgetlessError("--max-drop must be >= 0 (points of accuracy)")
@@ -128,6 +132,7 @@ def check(
     place = resolve_device(device)
     precision = resolve_dtype(dtype, place)
     specs = [load_spec(task) for task in suite]  # a bad task fails before any model loads
+    require_code_consent(specs, confirm_run_unsafe_code, allow_unisolated_code)
     results = []
     for which in (base, model):
         loaded, tok = _load(which, tokenizer, precision, place)
@@ -151,7 +156,8 @@ def judge_results(before: Any, after: Any, tasks: list[str], max_drop: float,
             status = _worst(status, judge(logp.value, logp.ci_low, logp.ci_high,
                                           max_logprob_drop))
         outcome.rows.append(CheckRow(
-            key, 100 * before.metrics[f"{key}/acc"].value, 100 * after.metrics[f"{key}/acc"].value,
+            key, 100 * before.metrics[before.score_key(key)].value,
+            100 * after.metrics[after.score_key(key)].value,
             change, low, high, delta.n, status, logp.value, logp.ci_low, logp.ci_high,
         ))
     return outcome

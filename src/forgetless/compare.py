@@ -115,7 +115,9 @@ class _Session(JobSession):
         if self.target:
             ensure_target(self.target)
         # before the base model loads
-        check_inputs([self.plan[0].train.data], config.eval.suite, unique=True)
+        check_inputs([self.plan[0].train.data], config.eval.suite, unique=True,
+                     confirm_run_unsafe_code=config.confirm_run_unsafe_code,
+                     allow_unisolated_code=config.allow_unisolated_code)
         self.eval_hash = eval_hash(config, self.target, self.model_name, self.dtype_name)
         self.out.mkdir(parents=True, exist_ok=True)
         # One writer: two processes creating one SQLite store collide, and runs would double.

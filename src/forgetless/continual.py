@@ -105,6 +105,9 @@ class ContinualConfig(BaseModel):
     replay: ReplaySettings | None = None  # earlier stages' rows mixed into later stages
     tracking_uri: str | None = None
     experiment: str | None = None
+    # Opt-ins for code tasks (forgetless.eval.consent); not part of any run's identity.
+    confirm_run_unsafe_code: bool = False
+    allow_unisolated_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,9 @@ class _Run(JobSession):
             self.stages = [replace(s, replay=m) for s, m in zip(self.stages, mixes, strict=True)]
         self.methods = plan_methods(config)
         # before the base model loads
-        self.suite = check_inputs([stage.data for stage in self.stages], config.eval.suite)
+        self.suite = check_inputs([stage.data for stage in self.stages], config.eval.suite,
+                                  confirm_run_unsafe_code=config.confirm_run_unsafe_code,
+                                  allow_unisolated_code=config.allow_unisolated_code)
         self.callbacks = callbacks
         shared = validate(TrainConfig, {**config.train, "model": config.model}, where="train")
         super().__init__("continual", self.out, shared)

@@ -84,7 +84,8 @@ class _Session(JobSession):
         if self.target is None:
             raise ForgetlessError("eval.target: tune needs a target task to score learning")
         check_target(self.target)
-        check_inputs([train.data], config.eval.suite)
+        check_inputs([train.data], config.eval.suite, False, config.confirm_run_unsafe_code,
+                     config.allow_unisolated_code)
         self.val_hash = eval_hash(config, "validation", self.target, self.model_name,
                                   self.dtype_name)
         self.test_hash = eval_hash(config, "test", self.target, self.model_name, self.dtype_name)

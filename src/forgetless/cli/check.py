@@ -6,6 +6,8 @@ import json
 
 import typer
 
+from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP
+
 
 def check_command(
     model: str = typer.Option(..., "--model", help="Tuned model: folder, .gguf, alias, Hub id."),
@@ -25,6 +27,10 @@ def check_command(
                                "cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), "
                               "bfloat16, float16 or float32."),
+    confirm_run_unsafe_code: bool = typer.Option(False, "--confirm-run-unsafe-code",
+                                                 help=CONFIRM_HELP),
+    allow_unisolated_code: bool = typer.Option(False, "--allow-unisolated-code",
+                                               help=UNISOLATED_HELP),
 ) -> None:
     """Retention gate for CI: exit 1 when a held-out benchmark dropped by more than --max-drop.
 
@@ -37,7 +43,9 @@ def check_command(
     names = [s.strip() for s in suite.split(",") if s.strip()]
     result = check(model, base, suite=names, limit=limit, max_drop=max_drop, seed=seed,
                    batch_size=batch_size, device=device, dtype=dtype,
-                   max_logprob_drop=max_logprob_drop)
+                   max_logprob_drop=max_logprob_drop,
+                   confirm_run_unsafe_code=confirm_run_unsafe_code,
+                   allow_unisolated_code=allow_unisolated_code)
     print(json.dumps(result.to_dict(), indent=1) if as_json else result.table())
     if not result.passed:
         raise typer.Exit(code=1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP, consent_overrides
+
 
 def _say(message: str) -> None:
     print(f"[forgetless tune] {message}", flush=True)
@@ -16,16 +18,25 @@ def tune_command(
     tracking_uri: str | None = typer.Option(
         None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in the output folder)."
     ),
+    confirm_run_unsafe_code: bool = typer.Option(False, "--confirm-run-unsafe-code",
+                                                 help=CONFIRM_HELP),
+    allow_unisolated_code: bool = typer.Option(False, "--allow-unisolated-code",
+                                               help=UNISOLATED_HELP),
 ) -> None:
     """Search methods and settings for the best target score within a forgetting budget."""
     # the job (torch, optuna, mlflow): only when it runs
     from forgetless.jobs.tune_report import recipe_text
     from forgetless.tune import tune
+    from forgetless.verdict import tune_verdict
 
-    results = tune(config, overrides or [], tracking_uri=tracking_uri)
+    overrides = [*(overrides or []), *consent_overrides(confirm_run_unsafe_code,
+                                                         allow_unisolated_code)]
+    results = tune(config, overrides, tracking_uri=tracking_uri)
     counts, best = results["counts"], results["best"]
     _say(f"{counts['total']} trials ({counts['complete']} complete, {counts['pruned']} pruned) "
          f"in {results['search_seconds']:.0f} s; test phase {results['test_seconds']:.0f} s")
+    for line in tune_verdict(results):  # the test phase's findings, in words
+        _say(line)
     if best:
         _say(f"recommended: {recipe_text(best['recipe'])}")
     else:

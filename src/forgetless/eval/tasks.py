@@ -79,7 +79,7 @@ class TaskSpec:
     base_dir: str | None = None  # folder relative data paths resolve against
     image: str | None = None  # Jinja expression -> image path(s) of a row (image tasks)
     # Code tasks (HumanEval): greedy completion of ``text``, run as text + completion + ``check``
-    # in ``forgetless.eval.sandbox`` (pass@1 as ``acc``); ``target`` is the reference continuation
+    # in ``forgetless.eval.sandbox`` (``pass@1``); ``target`` is the reference continuation
     # whose log-probability given ``text`` is the continuous measure (``gold_logprob``).
     output_type: str = "multiple_choice"  # multiple_choice | generate_until
     target: str | None = None  # Jinja template -> reference continuation (generate_until)

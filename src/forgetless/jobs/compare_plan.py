@@ -83,6 +83,9 @@ class CompareConfig(BaseModel):
     output_dir: str = "runs/compare"
     tracking_uri: str | None = None
     experiment: str | None = None  # MLflow experiment name; default: the output folder's name
+    # Opt-ins for code tasks (forgetless.eval.consent); not part of any run's identity.
+    confirm_run_unsafe_code: bool = False
+    allow_unisolated_code: bool = False
 
     @field_validator("interpolate")
     @classmethod

@@ -15,6 +15,7 @@ from forgetless.eval.stats import combine_means
 from forgetless.eval.targets import get_target
 from forgetless.io import atomic_write_text
 from forgetless.report import ci_cell, md_table
+from forgetless.verdict import continual_verdict
 
 # --- the accuracy matrix and its summary numbers ----------------------------------------------
 
@@ -126,7 +127,8 @@ def write_report(summary: dict[str, Any], out: Path) -> dict[str, Path]:
     fig.savefig(files["heldout"], dpi=110)
     plt.close(fig)
 
-    lines = [f"# Continual run: {' → '.join(tasks)}", ""]
+    lines = [f"# Continual run: {' → '.join(tasks)}", "",
+             *[part for line in continual_verdict(summary) for part in (line, "")]]
     header = ["method", "ACC", "BWT", "FWT", "forgetting", "held-out per stage"]
     body = [[name, f"{d['acc']:.3f}", f"{d['bwt']:+.3f}", f"{d['fwt']:+.3f}",
              f"{d['forgetting']:.3f}",

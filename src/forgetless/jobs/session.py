@@ -34,6 +34,7 @@ from forgetless.eval import (
     load_task,
     registered_targets,
 )
+from forgetless.eval.consent import require_code_consent
 from forgetless.io import atomic_write_json
 from forgetless.tracking import Tracker, default_tracking_uri
 
@@ -56,12 +57,16 @@ def check_target(name: str) -> None:
     get_target(name)
 
 
-def check_inputs(data: Iterable[str], suite: Sequence[str], unique: bool = False) -> list[str]:
+def check_inputs(data: Iterable[str], suite: Sequence[str], unique: bool = False,
+                 confirm_run_unsafe_code: bool = False,
+                 allow_unisolated_code: bool = False) -> list[str]:
     """Training data and held-out task files read and parse (a typo fails in a second, before
     a model loads); returns the suite's task names. ``unique``: two tasks may not share a name
-    (results are keyed by it: one would overwrite the other)."""
+    (results are keyed by it: one would overwrite the other). A code task needs the opt-ins of
+    ``forgetless.eval.consent``, checked here too, before any model loads."""
     for source in data:
         load_conversations(source, "train")
+    require_code_consent(suite, confirm_run_unsafe_code, allow_unisolated_code)
     names = [load_spec(name).name for name in suite]
     twice = sorted({name for name in names if names.count(name) > 1})
     if unique and twice:

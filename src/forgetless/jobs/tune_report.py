@@ -11,6 +11,7 @@ from forgetless.io import atomic_write_text
 from forgetless.jobs.tune_space import Budget
 from forgetless.jobs.tune_study import within_budget
 from forgetless.report import html_page, html_table, md_table, pareto_front, pts_cell
+from forgetless.verdict import tune_verdict
 
 
 def plot_front(trials: list[dict], best: dict | None, path: Path, budget: Budget) -> None:
@@ -105,7 +106,9 @@ def write_report(results: dict, out: Path) -> dict[str, Path]:
                     "`forgetless train best.yaml` trains it.")
     else:
         headline = "No trial met the budget: nothing is recommended (widen the space or budget)."
+    verdict = tune_verdict(results)  # the test phase's findings, in words
     md = [f"# forgetless tune: {target}", "", headline, "",
+          *[part for line in verdict for part in (line, "")],
           *[f"- {line}" for line in settings], "",
           "## Test sample (retrained per seed; paired 95% CIs vs the base; * CI excludes 0)", "",
           md_table(test_header, test_rows), "",
@@ -115,12 +118,13 @@ def write_report(results: dict, out: Path) -> dict[str, Path]:
     files = {"markdown": out / "tune.md", "html": out / "tune.html", "plot": out / "pareto.png"}
     plot_front(trials, best, files["plot"], Budget(**results["config"]["budget"]))
     atomic_write_text(files["markdown"], "\n".join(md))
-    tables = (f"<p>{headline}</p><h2>Test sample</h2>" + html_table(test_header, test_rows)
+    tables = ("<h2>Test sample</h2>" + html_table(test_header, test_rows)
               + "<h2>Trials (validation sample)</h2>" + html_table(header, rows))
     atomic_write_text(files["html"], html_page(f"forgetless tune: {target}", settings, tables,
                                            {"plot": files["plot"]},
                                            {"plot": "Target gain vs held-out drop"},
-                                           f"forgetless {__version__}, {results['created']}"))
+                                           f"forgetless {__version__}, {results['created']}",
+                                           verdict=[headline, *verdict]))
     return files
 
 

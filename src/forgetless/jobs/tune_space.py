@@ -126,6 +126,9 @@ class TuneConfig(BaseModel):
     output_dir: str = "runs/tune"
     tracking_uri: str | None = None
     experiment: str | None = None
+    # Opt-ins for code tasks (forgetless.eval.consent); not part of any run's identity.
+    confirm_run_unsafe_code: bool = False
+    allow_unisolated_code: bool = False
 
 
 def load_tune_config(config: TuneConfig | dict | str | Path | None = None,
