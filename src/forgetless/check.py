@@ -26,7 +26,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# Module attribute, not name: a patched forgetless.models.load_model is the one called.
+from forgetless import models
+from forgetless.devices import resolve_device, resolve_dtype
 from forgetless.errors import ForgetlessError
+from forgetless.eval import evaluate, load_spec, paired_difference
+from forgetless.eval.consent import require_code_consent
 
 RULE = ("FAIL if drop > max_drop and the paired 95% CI of the change lies entirely below 0; "
         "WARN if drop > max_drop but the CI includes 0; else PASS")
@@ -119,9 +124,6 @@ def check(
     log-probability when ``max_logprob_drop`` is given, in nats). Models given by name load in
     ``dtype`` on ``device``; in-memory ones are evaluated where they are. A code task runs
     model-written programs only with the opt-ins of ``forgetless.eval.consent``."""
-    from forgetless.devices import resolve_device, resolve_dtype
-    from forgetless.eval import evaluate, load_spec
-    from forgetless.eval.consent import require_code_consent
 
     if max_drop < 0:
         raise ForgetlessError("--max-drop must be >= 0 (points of accuracy)")
@@ -144,7 +146,6 @@ def check(
 def judge_results(before: Any, after: Any, tasks: list[str], max_drop: float,
                   max_logprob_drop: float | None = None) -> CheckResult:
     """The gate on two ``EvalResult``s of the same items (base first)."""
-    from forgetless.eval import paired_difference
 
     outcome = CheckResult(max_drop=max_drop, max_logprob_drop=max_logprob_drop)
     for key in tasks:
@@ -165,9 +166,7 @@ def judge_results(before: Any, after: Any, tasks: list[str], max_drop: float,
 
 def _load(which: Any, tokenizer: Any, dtype: Any, device: Any):
     if isinstance(which, str):
-        from forgetless.models import load_model
-
-        return load_model(which, dtype=dtype, device=device)
+        return models.load_model(which, dtype=dtype, device=device)
     if tokenizer is None:
         raise ForgetlessError("check(): pass tokenizer= with in-memory models")
     return which, tokenizer

@@ -83,6 +83,7 @@ class ContinualEval(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     suite: list[str] = Field(default_factory=lambda: ["arc_easy", "piqa"])
+    # 100 (compare: 200): every method is evaluated after every stage (ARCHITECTURE.md)
     limit: int | None = Field(100, ge=1)
     target_limit: int | None = Field(100, ge=1)
     seed: int = 0

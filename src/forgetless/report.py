@@ -8,12 +8,17 @@ alone, so a report can be redrawn later from ``results.json`` without models or 
 from __future__ import annotations
 
 import base64
+import copy
 import html
+import json
 import math
 from pathlib import Path
 from typing import Any
 
+from forgetless.eval import EvalResult, load_spec, paired_difference
+from forgetless.eval.stats import combine_means
 from forgetless.io import atomic_write_text
+from forgetless.pooling import flagged, pool_summary, target_nll_delta
 from forgetless.verdict import compare_verdict
 
 PLOTS = {
@@ -57,15 +62,12 @@ def heldout_delta(item: dict, measure: str, task: str | None = None) -> dict | N
 
 
 def _metric(metric) -> dict[str, Any]:
-    from forgetless.pooling import flagged
 
     return flagged(metric)
 
 
 def summarize(result, base, suite: list[str], target: str | None) -> dict[str, Any]:
     """One evaluated model vs the base: per-task accuracy and paired change, drift."""
-    from forgetless.eval import paired_difference
-    from forgetless.eval.stats import combine_means
 
     out: dict[str, Any] = {"heldout": {}, "target": None, "drift": {}, "param_drift": None}
     deltas: dict[str, list] = {measure: [] for measure in MEASURES}
@@ -96,7 +98,6 @@ def summarize(result, base, suite: list[str], target: str | None) -> dict[str, A
                     "value": result.metrics[f"heldout/{measure}"].to_dict(),
                     "delta": _metric(combine_means(deltas[measure])) if deltas[measure] else None}
     if target:
-        from forgetless.pooling import target_nll_delta
 
         delta = paired_difference(base, result, target) if base is not None else None
         out["target"] = {
@@ -121,7 +122,6 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
     ``methods`` are the finished records and ``plan`` their ``(name, train config)`` pairs, in
     the same order; a name planned with several seeds becomes one entry pooling them
     (``forgetless.pooling``) with its per-seed summaries under ``seeds``."""
-    from forgetless.eval import EvalResult, load_spec
 
     base_eval = EvalResult.load(out / "base" / base["eval_file"])
     # results are keyed by the task's name; the config may give a task as a .yaml path
@@ -165,9 +165,7 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
 def _entry(record: dict, train_config: dict, folder: Path, tuned, base_eval, suite: list[str],
            target: str | None) -> dict[str, Any]:
     """One trained run (one method, one seed) against the base."""
-    import json
 
-    from forgetless.eval import EvalResult
 
     metrics = json.loads((folder / "metrics.json").read_text())
     entry = {"name": record["name"], "method": record["method"], "lambda": 1.0,
@@ -199,7 +197,6 @@ def _versus(reference: str, tuned, ref_eval, suite: list[str], target: str | Non
             pooled: tuple[list, list] | None = None) -> dict[str, Any]:
     """"Forgets less than full" is a claim about two methods: pair them directly (``pooled``:
     every seed's (reference, tuned) evaluations, pooled as ``forgetless.pooling`` does)."""
-    from forgetless.pooling import pool_summary
 
     versus = summarize(tuned, ref_eval, suite, target)
     if pooled:
@@ -220,15 +217,12 @@ def _pooled(per_seed: list[dict], runs: list, tuned: list, base_eval, reference,
             suite: list[str], target: str | None) -> dict[str, Any]:
     """One method over several seeds: the first seed's entry with every paired change pooled
     over seeds and items, the mean train time, and the per-seed entries under ``seeds``."""
-    import copy
 
-    from forgetless.pooling import pool_summary
 
     bases = [base_eval] * len(tuned)
     entry = pool_summary(copy.deepcopy(per_seed[0]), bases, tuned, suite, target)
     entry["train"]["train_seconds"] = sum(
         e["train"]["train_seconds"] or 0 for e in per_seed) / len(per_seed)
-    from forgetless.eval import EvalResult
 
     for k, point in enumerate(entry["interpolation"]):
         lam = f"{point['lambda']:g}"

@@ -37,6 +37,8 @@ class EvalSettings(BaseModel):
     suite: list[str] = Field(default_factory=lambda: ["arc_easy", "piqa"])
     # items per held-out task: one number for every task, or per task ({humaneval: 12,
     # xcopa: 132}; a task not named gets the evaluator's default)
+    # 200: the evaluator's default, one evaluation per method (continual and tune evaluate far
+    # more often and default lower; ARCHITECTURE.md, "The job engine")
     limit: Annotated[int, Field(ge=1)] | dict[str, Annotated[int, Field(ge=1)]] | None = 200
     # "auto": the training data when it is a known target (gsm8k, count_letters,
     # largest_number); null: none.

@@ -68,6 +68,7 @@ class TuneEval(BaseModel):
 
     suite: list[str] = Field(default_factory=lambda: ["arc_easy", "piqa"])
     target: str | None = "auto"
+    # small: every trial is evaluated on it; the reported test sample is larger (ARCHITECTURE.md)
     validation: Sample = Field(default_factory=lambda: Sample(limit=40, target_limit=20))
     test: Sample = Field(default_factory=lambda: Sample(limit=100, target_limit=40))
     seed: int = 0
