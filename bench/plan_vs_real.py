@@ -115,6 +115,10 @@ def main() -> None:
         one = planned[parse_method(method).name]
         for allocator in allocators:
             runs = [r for r in loaded if r["method"] == method and r["allocator"] == allocator]
+            if args.load and not runs:
+                print(f"{method:<14}{one.total_bytes / 2**20:>12.0f}"
+                      f"{one.activation_bytes / 2**20:>12.0f}{allocator:>11}  not measured")
+                continue
             real = runs[-1] if runs else measure(method, allocator, args)
             if args.save and not runs:
                 with args.save.open("a") as out:

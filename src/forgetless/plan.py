@@ -31,7 +31,9 @@ and every byte that follows from them are exact, not a rule of thumb:
   activations (``method_activation_estimate``: LwF's logits-sized gradient and the base's
   logits, the anchor penalty's transient difference), which checkpointing does not shrink.
 
-``total_bytes`` adds them all (activations without checkpointing);
+``total_bytes`` adds them all (activations without checkpointing), except that with one
+micro-batch per step it counts only the larger of the gradients and the activations (with
+the output layer's gradient), which do not peak together (``plan``'s ``grad_accum``);
 ``total_checkpointed_bytes`` the same with ``gradient_checkpointing``. Not counted: the CUDA
 context and the allocator's caching/fragmentation, the data, and temporary buffers of kernels,
 so keep some headroom (``bench/plan_vs_real.py`` compares with real runs; docs/gpu.md).
@@ -334,7 +336,8 @@ def method_activation_estimate(config, prepared, batch_size: int, max_length: in
 def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
                 batch_size: int, max_length: int, attn_implementation: str = "sdpa",
                 options: Any = None, update_stats: bool = True,
-                update_stats_sample: int | None = DEFAULT_SAMPLE) -> MethodPlan:
+                update_stats_sample: int | None = DEFAULT_SAMPLE,
+                grad_accum: int = 1) -> MethodPlan:
     """One method on a fresh meta model of ``config``, prepared exactly as ``train`` does."""
 
     model = meta_model(config, dtype)
@@ -360,15 +363,21 @@ def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
     own = method_activation_estimate(config, prepared, batch_size, max_length, half)
     activations, checkpointed = activations + own, checkpointed + own
     analytics = analytics_bytes(trainable, update_stats_sample) if update_stats else 0
-    fixed = weights + grads + optimizer + anchor + autocast + analytics
+    fixed = weights + optimizer + anchor + autocast + analytics
+    if grad_accum == 1:  # gradients and activations do not peak together (see ``plan``)
+        head = prepared.model.get_output_embeddings()
+        first = _bytes([head.weight]) if head is not None and head.weight.requires_grad else 0
+        peak, peak_checkpointed = (max(grads, act + first) for act in (activations,
+                                                                       checkpointed))
+    else:  # the gradients of earlier micro-batches are there while activations peak
+        peak, peak_checkpointed = grads + activations, grads + checkpointed
     return MethodPlan(
         method=prepared.method.name, trainable_params=prepared.trainable,
         total_params=prepared.total, trainable_tensors=len(trainable), weights_bytes=weights,
         grads_bytes=grads, optimizer_bytes=optimizer, anchor_bytes=anchor,
         autocast_bytes=autocast, analytics_bytes=analytics, activation_bytes=activations,
         activation_checkpointed_bytes=checkpointed, method_activation_bytes=own,
-        total_bytes=fixed + activations,
-        total_checkpointed_bytes=fixed + checkpointed,
+        total_bytes=fixed + peak, total_checkpointed_bytes=fixed + peak_checkpointed,
     )
 
 
@@ -384,6 +393,7 @@ def plan(
     options: Any = None,
     update_stats: bool = True,
     update_stats_sample: int | None = DEFAULT_SAMPLE,
+    grad_accum: int = 1,
 ) -> Plan:
     """Plan the memory of each of ``methods`` for ``model`` at ``batch_size`` x ``max_length``.
 
@@ -394,11 +404,19 @@ def plan(
     (LoRA rank, …); ``gpu_mem`` (bytes or ``"24GiB"``) fills in ``fits``;
     ``update_stats`` whether the update analytics run (``TrainConfig.update_stats_every`` set,
     the default), ``update_stats_sample`` as in ``TrainConfig`` (None = every coordinate).
+
+    ``grad_accum`` 1 (the default): the Trainer frees the gradients after each step, so they
+    do not peak with the activations: the activations peak as the backward pass starts (with
+    the output layer's gradient, computed first), the gradients at its end when most
+    activations are freed; the total counts the larger. With more micro-batches per step the
+    earlier micro-batches' gradients are there at the activation peak: both are added.
     """
 
     methods = list(methods or DEFAULT_METHODS)
     for name in methods:
         parse_method(name)  # an unknown name lists the valid ones before any work
+    if grad_accum < 1:
+        raise ForgetlessError("plan: --grad-accum must be at least 1")
     if batch_size < 1 or max_length < 1:
         raise ForgetlessError("plan: --batch-size and --max-length must be at least 1")
     if attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
@@ -422,7 +440,8 @@ def plan(
                   gpu_mem_bytes=budget)
     for name in methods:
         one = plan_method(config, name, dtype, master, batch_size, max_length,
-                          attn_implementation, options, update_stats, update_stats_sample)
+                          attn_implementation, options, update_stats, update_stats_sample,
+                          grad_accum)
         if budget:
             one.fits = one.total_bytes <= budget
             one.fits_checkpointed = one.total_checkpointed_bytes <= budget

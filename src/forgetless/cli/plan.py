@@ -17,6 +17,9 @@ def plan_command(
         help="Methods, comma-separated or repeated (default: every method family)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per device step."),
     max_length: int = typer.Option(512, "--max-length", help="Tokens per sequence."),
+    grad_accum: int = typer.Option(1, "--grad-accum",
+                                   help="Micro-batches per optimizer step (>1: gradients and "
+                                   "activations add up)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (= bfloat16, what train picks on a "
                               "GPU), bfloat16, float16 or float32."),
     fp32_master_weights: bool = typer.Option(
@@ -54,7 +57,8 @@ def plan_command(
                   dtype=dtype, fp32_master_weights=fp32_master_weights,
                   attn_implementation=attn_implementation,
                   gpu_mem=parse_size(gpu_mem) if gpu_mem is not None else None, options=options,
-                  update_stats=update_stats, update_stats_sample=update_stats_sample or None)
+                  update_stats=update_stats, update_stats_sample=update_stats_sample or None,
+                  grad_accum=grad_accum)
     if as_json:
         typer.echo(result.to_json())
     else:
