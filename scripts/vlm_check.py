@@ -16,8 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from forgetless.eval import evaluate
-from forgetless.image_tasks import IMAGE_TASKS
 from forgetless.models import load_model, resolve_model
+from forgetless.vlm.tasks import IMAGE_TASKS
 
 
 def main() -> None:

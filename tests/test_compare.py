@@ -7,6 +7,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 import forgetless.compare
+import forgetless.jobs.identity
 import forgetless.train
 from forgetless.compare import (
     DEFAULT_METHODS,
@@ -157,7 +158,7 @@ def test_interrupted_compare_reuses_finished_methods(tmp_path, model_dir, monkey
     assert [m["name"] for m in result.results["methods"]] == ["attn", "mlp-gate-up", "full"]
 
     evals = {n: (out / "runs" / n / "eval.json").stat().st_mtime_ns for n in stamps}
-    monkeypatch.setattr(forgetless.compare, "METRICS_VERSION", -1)  # a newer metric set
+    monkeypatch.setattr(forgetless.jobs.identity, "METRICS_VERSION", -1)  # a newer metric set
     undo = _stop_evaluating(monkeypatch, "mlp-gate-up")
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C while re-evaluating keeps the weights
         compare(config)

@@ -171,7 +171,8 @@ def test_a_code_task_in_the_held_out_suite(tmp_path, tiny_dir, monkeypatch):
                         "report_to": [], "logging_steps": 1},
               "eval": {"suite": [str(tmp_path / "code.yaml")], "limit": 2, "target_limit": 2,
                        "batch_size": 4},
-              "output_dir": str(tmp_path / "out")}
+              "output_dir": str(tmp_path / "out"), "confirm_run_unsafe_code": True}
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "")  # the opt-in sets it: undone after the test
     summary = continual(config, track=False)
     data = summary["methods"]["full"]
     assert data["trajectory"]["heldout/acc"] == [1.0] * 3  # both programs pass, each stage

@@ -6,7 +6,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from forgetless.data import (
-    IGNORE_INDEX,
     build_dataset,
     count_letters_rows,
     largest_number_rows,
@@ -16,6 +15,7 @@ from forgetless.data import (
 )
 from forgetless.errors import ForgetlessError
 from forgetless.models import resolve_model
+from forgetless.vlm.examples import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")

@@ -235,6 +235,7 @@ def test_eval_cli_device_error_is_one_line():
 def test_compare_shares_device_and_dtype_and_keeps_old_hashes(monkeypatch):
     from forgetless import compare, runs
     from forgetless.errors import ForgetlessError
+    from forgetless.jobs.identity import COMPARE_UNHASHED
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto = float32 on the CPU
 
@@ -243,7 +244,7 @@ def test_compare_shares_device_and_dtype_and_keeps_old_hashes(monkeypatch):
            "attn_implementation", "freeze_vision_tower", "freeze_multi_modal_projector",
            "freeze_language_model"}
     before = {k: v for k, v in plan.train.model_dump().items()
-              if k not in compare._UNHASHED_KEYS and k not in new}
+              if k not in COMPARE_UNHASHED and k not in new}
     assert compare.train_hash(plan) == runs.config_hash(before)  # earlier runs stay reusable
     bf16 = compare.load_compare_config(None, ["methods=[attn]", "train.dtype=bfloat16"])
     assert compare.train_hash(compare.plan_methods(bf16)[0]) != compare.train_hash(plan)

@@ -87,7 +87,7 @@ metrics: [acc]
 
 @needs_humaneval
 def test_humaneval_items_and_canonical_solutions_pass_in_the_sandbox():
-    from forgetless.sandbox import run_python
+    from forgetless.eval.sandbox import run_python
 
     loaded = load_task(load_spec("humaneval"), limit=None)
     assert len(loaded.items) == 164 and loaded.items[0].id == "HumanEval/0"
@@ -105,6 +105,8 @@ def test_humaneval_items_and_canonical_solutions_pass_in_the_sandbox():
 def test_code_task_pass_at_1_and_solution_logprob(tmp_path, monkeypatch):
     import json
 
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "")  # the opt-in sets it: undone after the test
+
     import forgetless.eval.evaluator as evaluator
 
     rows = [{"key": "a", "prompt": "def f():\n", "solution": "    return 1\n",
@@ -116,15 +118,16 @@ def test_code_task_pass_at_1_and_solution_logprob(tmp_path, monkeypatch):
     completions = ["    return 1\ndef junk(): pass", "    while True: pass\n"]
     monkeypatch.setattr(evaluator, "generate_greedy",
                         lambda *a, prompts, **k: completions[: len(prompts)])
-    monkeypatch.setattr("forgetless.sandbox.Limits.__init__.__defaults__",
+    monkeypatch.setattr("forgetless.eval.sandbox.Limits.__init__.__defaults__",
                         (1.0, 1, 1 << 30, 1 << 20, 16, 64, 65536))
     model, tokenizer = tiny_model("llama"), char_tokenizer()
     result = evaluate(model, tokenizer, suite=[str(tmp_path / "code.yaml"), "xcopa_it"],
-                      limit=2)
+                      limit=2, confirm_run_unsafe_code=True)  # the opt-in lm-eval asks for
     records = result.per_item["tiny_code"]
     assert [r["correct"] for r in records] == [1, 0]  # cut at "\ndef"; the loop is killed
     assert records[0]["output"] == "    return 1" and records[1]["timed_out"]
-    assert result.metrics["tiny_code/acc"].value == 0.5
+    assert result.metrics["tiny_code/pass@1"].value == 0.5  # lm-eval's name for it
+    assert "tiny_code/acc" not in result.metrics
     assert all(r["gold_logprob"] < 0 for r in records)
     # per reference token, so pooled with the MC tasks it is not a sum of tens of nats
     for r in records:

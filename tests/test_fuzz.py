@@ -489,7 +489,9 @@ def image_case(draw):
 def test_image_rows_work_or_fail_cleanly(tmp_path_factory, case):
     """Every image row is read, with every image checked, or is one ForgetlessError; what is
     accepted opens as RGB (what the collator feeds the processor) and fills its image parts."""
-    from forgetless.data import image_count, load_examples, open_image
+    from forgetless.data import load_examples
+    from forgetless.vlm.examples import image_count
+    from forgetless.vlm.images import open_image
 
     files, suffix, raw = case
     folder = tmp_path_factory.mktemp("images") / "data"  # "../x" stays inside this case

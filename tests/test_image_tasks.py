@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from forgetless.errors import ForgetlessError
-from forgetless.image_tasks import COLORS, IMAGE_TASKS, SHAPES, image_task_rows, is_test
+from forgetless.vlm.tasks import COLORS, IMAGE_TASKS, SHAPES, image_task_rows, is_test
 
 PIXELS = ((255, 255, 255),)
 

@@ -261,7 +261,8 @@ def test_vlm_rows_mix_with_text_rows(tmp_path):
     task_part, text_part = result.metrics["mix"]["sources"]
     assert task_part["examples"] == text_part["examples"] == 2
     # an image row counts its image tokens (the processor expands each image's placeholder)
-    from forgetless.data import image_messages, process, render_multimodal
+    from forgetless.data import image_messages
+    from forgetless.vlm.processors import process, render_multimodal
 
     processor = tiny_processor("llava")
     text = render_multimodal(processor, image_messages("Color 0?", "red"))

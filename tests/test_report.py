@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from forgetless.report import _pareto, main_table, versus_table, write_report
+from forgetless.report import main_table, pareto_front, versus_table, write_report
 
 
 def _metric(value, half_width, n=100):
@@ -90,7 +90,7 @@ def test_versus_table_pairs_later_methods_with_the_first():
 
 def test_pareto_front():
     points = [(0.0, 0.0), (-8.0, 30.0), (-1.0, 20.0), (-9.0, 10.0), (-1.0, 5.0)]
-    assert _pareto(points) == [0, 1, 2]
+    assert pareto_front(points) == [0, 1, 2]
 
 
 def test_report_redraws_from_results_json(tmp_path):
@@ -105,7 +105,8 @@ def test_report_redraws_from_results_json(tmp_path):
     assert "arc_easy n=100" in md and "CI excludes 0" in md and "4 steps × batch 2" in md
     assert "| count_letters exact match % | 10.0 | [0.0, 20.0] | 100 |" in md
     html = files["html"].read_text()
-    assert html.count("data:image/png;base64,") == 3 and "<b>-8.0* [-11.0, -5.0]</b>" in html
+    assert html.count("data:image/png;base64,") == 3 and (
+        "<b>-8.0*</b><br><small>[-11.0, -5.0]</small>" in html)
     assert not any(name.endswith(".tmp") or name.startswith(".") for name in
                    (p.name for p in (tmp_path / "report").iterdir()))
 

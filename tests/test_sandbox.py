@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from forgetless.sandbox import Limits, run_python
+from forgetless.eval.sandbox import Limits, run_python
 
 FAST = Limits(wall_seconds=2.0, cpu_seconds=1, memory_bytes=512 << 20, file_bytes=64 << 10,
               processes=8, max_output=4096)

@@ -129,7 +129,7 @@ def test_example_config_loads():
 def test_median_pruner_waits_and_spares_the_last_step(step, max_steps, pruned):
     import optuna
 
-    from forgetless.tune import _TrialGuard
+    from forgetless.jobs.tune_study import TrialGuard
 
     study = optuna.create_study(pruner=optuna.pruners.MedianPruner(
         n_startup_trials=1, n_warmup_steps=4))
@@ -138,7 +138,7 @@ def test_median_pruner_waits_and_spares_the_last_step(step, max_steps, pruned):
         done.report(0.5, s)
     study.tell(done, 0.5)
     trial = study.ask()
-    guard = _TrialGuard(trial, 1.0, False)
+    guard = TrialGuard(trial, 1.0, False)
     control = types.SimpleNamespace(should_training_stop=False)
     guard.on_log(None, types.SimpleNamespace(global_step=step, max_steps=max_steps), control,
                  logs={"loss": 2.0})
@@ -147,12 +147,12 @@ def test_median_pruner_waits_and_spares_the_last_step(step, max_steps, pruned):
 
 
 def test_prune_warmup_reaches_the_pruner(tmp_path):
-    from forgetless.tune import _study
+    from forgetless.jobs.tune_study import open_study
 
     config = load_tune_config(None, ["search.prune_warmup=4", f"output_dir={tmp_path}"])
     session = types.SimpleNamespace(config=config, out=tmp_path,
                                     violations=lambda scores: {})
-    assert _study(session).pruner._n_warmup_steps == 4
+    assert open_study(session).pruner._n_warmup_steps == 4
 
 
 def test_a_searched_max_length_that_cuts_every_response_fails_before_the_search(
@@ -165,3 +165,42 @@ def test_a_searched_max_length_that_cuts_every_response_fails_before_the_search(
     config["space"]["max_length"] = [64, 8]
     with pytest.raises(ForgetlessError, match="no example keeps a response token within 8"):
         tune(config)
+
+
+
+def _session(tmp_path):
+    from forgetless import tune as job
+
+    config = load_tune_config({
+        "train": {"data": "count_letters", "dtype": "bfloat16", "device": "cpu",
+                  "attn_implementation": "eager"},
+        "eval": {"suite": ["arc_easy"], "target": "count_letters"},
+        "output_dir": str(tmp_path / "tune")})
+    return job, config, job._Session(config, None)
+
+
+def test_session_hashes_the_dtype_it_evaluates_in(tmp_path):
+    """A float32 base evaluation is not reused by a bfloat16 search (it used to be)."""
+    job, config, session = _session(tmp_path)
+    assert session.val_hash == job.eval_hash(config, "validation", "count_letters",
+                                             "smollm2-135m", "bfloat16")
+    assert session.val_hash != job.eval_hash(config, "validation", "count_letters",
+                                             "smollm2-135m")
+
+
+class _Loaded(Exception):
+    """Raised by a stand-in model loader: carries what the job asked it for."""
+
+
+def test_base_loads_with_attn_implementation(tmp_path, monkeypatch):
+    """tune loaded its base without ``attn_implementation`` (compare and continual pass it)."""
+    import forgetless.models
+
+    def loader(name, **kwargs):
+        raise _Loaded(kwargs)
+
+    _, _, session = _session(tmp_path)
+    monkeypatch.setattr(forgetless.models, "load_model", loader)
+    with pytest.raises(_Loaded) as loaded:
+        session.load_base()
+    assert loaded.value.args[0]["attn_implementation"] == "eager"

@@ -14,18 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from forgetless.data import (
-    IGNORE_INDEX,
-    Example,
-    ImageTextCollator,
-    build_dataset,
-    image_messages,
-    load_examples,
-)
+from forgetless.data import build_dataset, load_examples
 from forgetless.errors import ForgetlessError
 from forgetless.methods import MethodOptions, prepare_model
 from forgetless.methods.layout import multimodal_parts
-from forgetless.models import is_processor, load_model, text_tokenizer
+from forgetless.models import load_model
+from forgetless.vlm.collator import ImageTextCollator
+from forgetless.vlm.examples import IGNORE_INDEX, Example, image_messages
+from forgetless.vlm.processors import is_processor, text_tokenizer
 from tiny_models import tiny_model
 from tiny_vlm import tiny_processor, tiny_vlm_folder
 
@@ -223,11 +219,14 @@ def _train(arch: str, method: str, data: str, out: Path, **overrides):
 
 @pytest.mark.parametrize("arch, method", [
     ("llava", "full"), ("llava", "attn+mofo"), ("llava", "lora"), ("llava", "l2-anchor"),
-    ("qwen2_5_vl", "mlp-gate-up"),
+    ("qwen2_5_vl", "mlp-gate-up"), ("llava", "attn+asft"), ("qwen2_5_vl", "freeze-bottom:1"),
+    ("llava", "mlp+ewc"),
 ])
 def test_one_step_with_images_keeps_vision_and_projector(arch, method, images, tmp_path):
     base = _parts_snapshot(tiny_model(arch))
-    result = _train(arch, method, str(images / "train.jsonl"), tmp_path)
+    # +ewc: its Fisher from the same image rows, through the processor
+    extra = {"ewc_source": str(images / "train.jsonl"), "ewc_samples": 2} if "ewc" in method else {}
+    result = _train(arch, method, str(images / "train.jsonl"), tmp_path, **extra)
     assert result.metrics["steps"] == 1 and result.metrics["first_loss"] > 0
     after = _parts_snapshot(result.model)
     assert _same(base["vision"], after["vision"]) and _same(base["projector"], after["projector"])
@@ -294,8 +293,9 @@ def image_task(images) -> Path:
 @pytest.mark.parametrize("arch", VLM_ARCHS)
 def test_image_mc_task_scores_choices_with_the_image(arch, image_task):
     """Each choice's log-likelihood equals a hand-built forward pass over processor inputs."""
-    from forgetless.data import image_messages, process, render_multimodal
     from forgetless.eval import evaluate
+    from forgetless.vlm.examples import image_messages
+    from forgetless.vlm.processors import process, render_multimodal
 
     model, processor = tiny_model(arch), tiny_processor(arch)
     result = evaluate(model, processor, suite=[str(image_task)], limit=None)

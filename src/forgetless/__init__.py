@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from forgetless.errors import ForgetlessError
-from forgetless.optim import MoFO
 
 if TYPE_CHECKING:
     from forgetless.monitor import ForgettingMonitor
+    from forgetless.optim import MoFO
 
 __version__ = "0.1.0"
 
@@ -16,8 +16,13 @@ __all__ = ["ForgetlessError", "ForgettingMonitor", "MoFO", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    """``forgetless.ForgettingMonitor`` on first use: it imports transformers (seconds), which
-    ``import forgetless`` for the optimizer alone should not pay."""
+    """``forgetless.MoFO`` and ``forgetless.ForgettingMonitor`` on first use: they import torch
+    and transformers (seconds), which ``import forgetless`` (every CLI start, ``--help``
+    included) should not pay."""
+    if name == "MoFO":
+        from forgetless.optim import MoFO
+
+        return MoFO
     if name == "ForgettingMonitor":
         from forgetless.monitor import ForgettingMonitor
 

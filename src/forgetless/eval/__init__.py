@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 
 # Names resolve lazily (PEP 562) so ``forgetless --help`` does not pay for importing torch.
 _EXPORTS = {
-    "eval_command": "cli",
+    "eval_command": "forgetless.cli.eval",  # the command's new home; kept as a public name
     "ParamDrift": "drift",
     "kl_and_number_mass": "drift",
     "number_token_ids": "drift",
@@ -86,11 +86,13 @@ _EXPORTS = {
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'forgetless.eval' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"forgetless.eval.{_EXPORTS[name]}"), name)
+    module = _EXPORTS[name]
+    where = module if "." in module else f"forgetless.eval.{module}"
+    return getattr(importlib.import_module(where), name)
 
 
 if TYPE_CHECKING:
-    from forgetless.eval.cli import eval_command
+    from forgetless.cli.eval import eval_command
     from forgetless.eval.drift import (
         ParamDrift,
         kl_and_number_mass,

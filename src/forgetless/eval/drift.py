@@ -23,6 +23,15 @@ import torch.nn.functional as F
 from forgetless.devices import model_device
 from forgetless.errors import ForgetlessError
 from forgetless.eval.stats import Metric, mean_metric
+from forgetless.vlm.examples import image_messages
+from forgetless.vlm.images import open_image
+from forgetless.vlm.processors import (
+    image_token_id,
+    is_processor,
+    process,
+    render_multimodal,
+    text_tokenizer,
+)
 
 _NUMBER_WORDS = {
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
@@ -59,14 +68,6 @@ def _drift_batches(tokenizer, prompts: Sequence[DriftPrompt], batch_size: int,
     """(model inputs, positions to average) per batch. Text prompts are encoded as they are;
     an image prompt becomes a chat turn with its images, processed by the VLM's processor, and
     its image-token positions are left out of the average (they predict nothing)."""
-    from forgetless.data import (
-        image_messages,
-        image_token_id,
-        open_image,
-        process,
-        render_multimodal,
-    )
-    from forgetless.models import is_processor, text_tokenizer
 
     text = text_tokenizer(tokenizer)
     pad_id = text.pad_token_id if text.pad_token_id is not None else 0
@@ -115,7 +116,6 @@ def kl_and_number_mass(
     ``number_mass_base`` and their paired difference ``number_mass_change``. ``tokenizer`` may
     be a VLM's processor, and a prompt a ``(text, images)`` pair (see ``_drift_batches``).
     """
-    from forgetless.models import text_tokenizer
 
     if not prompts:
         raise ForgetlessError("drift needs at least one prompt")

@@ -15,9 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+import forgetless
 from forgetless.errors import ForgetlessError
+from forgetless.eval.consent import check_code_execution, require_code_consent
 from forgetless.eval.drift import DriftPrompt, kl_and_number_mass, param_drift
 from forgetless.eval.result import METRICS_VERSION, EvalResult
+from forgetless.eval.sandbox import run_python
 from forgetless.eval.scoring import (
     check_model_tokenizer,
     encode_pair,
@@ -26,20 +29,26 @@ from forgetless.eval.scoring import (
 )
 from forgetless.eval.stats import (
     bootstrap_metric,
-    combine_means,
+    combine_intervals,
     mean_metric,
     proportion_metric,
 )
 from forgetless.eval.targets import Target, answer_nll, generate_greedy, get_target
-from forgetless.eval.tasks import LoadedTask, TaskSpec, load_spec, load_task
-from forgetless.models import is_processor, text_tokenizer
+from forgetless.eval.tasks import LoadedTask, TaskSpec, load_spec, load_task, sample_indices
+from forgetless.vlm.examples import image_messages
+from forgetless.vlm.images import open_image
+from forgetless.vlm.processors import is_processor, render_multimodal, text_tokenizer
 
 DEFAULT_SUITE = ("arc_easy", "piqa")
 FULL_SUITE = ("arc_easy", "piqa", "mmlu", "winogrande")
 DEFAULT_LIMIT = 200
 DEFAULT_DRIFT_PROMPTS = 64
-# Per-task held-out measures, each also averaged over the suite as ``heldout/<measure>``.
+# Per-task held-out measures, each also averaged over the suite as ``heldout/<measure>``
+# (``heldout/acc`` averages each task's 0/1 score: ``acc``, or ``pass@1`` for a code task).
 HELDOUT_MEASURES = ("acc", "gold_logprob", "margin")
+# A task's 0/1 score when it is not ``acc``: code execution, named as lm-eval and the code
+# leaderboards name it (results measured before were ``<task>/acc``; ``EvalResult`` renames).
+SCORE_OF_OUTPUT = {"generate_until": "pass@1"}
 
 
 def evaluate(
@@ -57,6 +66,8 @@ def evaluate(
     model_name: str | None = None,
     base_name: str | None = None,
     exclude: Mapping[str, Collection[int]] | None = None,
+    confirm_run_unsafe_code: bool = False,
+    allow_unisolated_code: bool = False,
 ) -> EvalResult:
     """Score ``model`` on the held-out ``suite``, optionally a ``target`` task and drift from
     ``base_model``. ``limit`` is items per task (an int, or task -> int; None = all), chosen
@@ -65,8 +76,12 @@ def evaluate(
     ``exclude`` maps a task or target name to row indices its sample must not use (a test
     sample disjoint from a validation one). ``tokenizer`` may be a vision-language model's
     processor (as ``load_model`` returns it): then tasks, targets and drift prompts with
-    images are scored with their images."""
+    images are scored with their images. A code task (humaneval) runs model-written programs:
+    only with ``confirm_run_unsafe_code`` (or ``HF_ALLOW_CODE_EVAL=1``), and where the sandbox
+    cannot isolate them only with ``allow_unisolated_code`` too (``forgetless.eval.consent``)."""
     check_model_tokenizer(model, tokenizer)
+    # before anything is scored: no code runs without an opt-in
+    require_code_consent(suite, confirm_run_unsafe_code, allow_unisolated_code)
     started = time.perf_counter()
     result = EvalResult()
     provenance = _provenance(model, model_name, base_model, base_name, seed, limit, num_fewshot)
@@ -85,8 +100,10 @@ def evaluate(
         result.per_item[spec.name] = records
         result.metrics.update(metrics)
         for measure in HELDOUT_MEASURES:  # a code task has no margin (one answer, no choices)
-            if f"{spec.name}/{measure}" in metrics:
-                pooled[measure].append(metrics[f"{spec.name}/{measure}"])
+            name = SCORE_OF_OUTPUT.get(spec.output_type, measure) if measure == "acc" else measure
+            key = f"{spec.name}/{name}"
+            if key in metrics:
+                pooled[measure].append(metrics[key])
         provenance["tasks"][spec.name] = {
             "split": spec.split, "available": loaded.total, "n": len(loaded.items),
             "limit": task_limit, "num_fewshot": num_fewshot or 0, "files": loaded.files,
@@ -95,7 +112,7 @@ def evaluate(
             provenance["tasks"][spec.name]["excluded"] = len(set(skip))
     for measure, per_task in pooled.items():
         if per_task:
-            result.metrics[f"heldout/{measure}"] = combine_means(per_task)
+            result.metrics[f"heldout/{measure}"] = combine_intervals(per_task)
     if target is not None:
         resolved = get_target(target)
         name, records, metrics, info = _score_target(
@@ -138,7 +155,6 @@ def sampled_rows(name: str, limit: int | None, seed: int, target: bool = False) 
             return list(range(total))
         return sorted(int(i) for i in np.random.default_rng(seed).choice(total, limit,
                                                                          replace=False))
-    from forgetless.eval.tasks import sample_indices
 
     return sample_indices(load_task(load_spec(name), None, seed).total, limit, seed)
 
@@ -209,14 +225,14 @@ def score_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
 
 def score_code_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
     """A ``generate_until`` task: greedy completion cut at the first stop string, run with the
-    item's check code in ``forgetless.sandbox`` (never in this process) -> ``acc`` (pass@1);
+    item's check code in ``forgetless.eval.sandbox`` (never in this process) -> ``pass@1``;
     ``gold_logprob`` = log p(reference | prompt) per reference token (nats/token), paired per
     item: per token, so that pooling it with multiple-choice tasks' few-nat values into
     ``heldout/gold_logprob`` does not let one long solution's tens of nats swamp them (the sum
     stays in ``gold_logprob_sum``)."""
-    from forgetless.sandbox import run_python
 
     spec, items = loaded.spec, loaded.items
+    check_code_execution([spec.name])  # consent, and isolation or the opt-out of it
     tok = text_tokenizer(tokenizer)
     prompts = [item.requests[0][0] for item in items]
     outputs = generate_greedy(model, tokenizer, None, int(spec.max_new_tokens),
@@ -235,7 +251,7 @@ def score_code_task(model, tokenizer, loaded: LoadedTask, batch_size: int = 16):
             "output": completion, "timed_out": run.timed_out, "returncode": run.returncode,
             "isolation": list(run.isolation),
         })
-    metrics = {f"{spec.name}/acc": proportion_metric([r["correct"] for r in records]),
+    metrics = {f"{spec.name}/pass@1": proportion_metric([r["correct"] for r in records]),
                f"{spec.name}/gold_logprob": mean_metric([r["gold_logprob"] for r in records])}
     return records, metrics
 
@@ -249,7 +265,6 @@ def _cut(text: str, until: Sequence[str]) -> str:
 def _item_scores(model, tokenizer, loaded: LoadedTask, batch_size: int) -> list[float]:
     """Log-likelihood of every request: text items as lm-eval scores them; image items after a
     chat turn holding the item's images and context (the VLM's processor builds the inputs)."""
-    from forgetless.data import image_messages, open_image, render_multimodal
 
     items = loaded.items
     if not any(item.images for item in items):
@@ -334,8 +349,6 @@ def _describe(model, name: str | None) -> dict:
 
 def _provenance(model, model_name, base, base_name, seed, limit, num_fewshot) -> dict:
     import transformers
-
-    import forgetless
 
     return {
         "forgetless_version": forgetless.__version__,

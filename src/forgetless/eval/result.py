@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.errors import ForgetlessError
-from forgetless.eval.stats import Metric
+from forgetless.eval.stats import Metric, paired_bootstrap
 
 # Bump when the evaluator records new or changed metrics: ``compare`` re-evaluates (never
 # retrains) results measured by an older version, so one report never mixes metric sets.
@@ -51,12 +51,21 @@ class EvalResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalResult:
+        per_item = data.get("per_item", {})
+        code = {task for task, records in per_item.items()
+                if records and all("returncode" in r for r in records)}  # run in the sandbox
         return cls(
-            metrics={k: Metric.from_dict(m) for k, m in data.get("metrics", {}).items()},
-            per_item=data.get("per_item", {}),
+            metrics={_renamed(k, code): Metric.from_dict(m)
+                     for k, m in data.get("metrics", {}).items()},
+            per_item=per_item,
             param_drift=data.get("param_drift"),
             provenance=data.get("provenance", {}),
         )
+
+    def score_key(self, task: str) -> str:
+        """The metric holding ``task``'s 0/1 score: ``<task>/pass@1`` for a code task (its
+        programs run against the tests), ``<task>/acc`` for multiple choice."""
+        return f"{task}/pass@1" if f"{task}/pass@1" in self.metrics else f"{task}/acc"
 
     def save(self, path: str | Path) -> Path:
         """Write JSON atomically (temp file in the same folder, then ``os.replace``)."""
@@ -77,13 +86,36 @@ class EvalResult:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def table(self) -> str:
-        """Plain-text metric table for terminals and logs."""
+        """Plain-text metric table for terminals and logs, each 95% CI with its method."""
         width = max((len(k) for k in self.metrics), default=10)
-        lines = [f"{'metric':<{width}}  {'value':>9}  {'stderr':>8}  {'95% CI':<21}  n"]
+        lines = [f"{'metric':<{width}}  {'value':>9}  {'stderr':>8}  {'95% CI':<21}  "
+                 f"{'CI method':<9}  n"]
         for name, m in self.metrics.items():
             ci = f"[{m.ci_low:.4f}, {m.ci_high:.4f}]"
-            lines.append(f"{name:<{width}}  {m.value:9.4f}  {m.stderr:8.4f}  {ci:<21}  {m.n}")
+            lines.append(f"{name:<{width}}  {m.value:9.4f}  {m.stderr:8.4f}  {ci:<21}  "
+                         f"{ci_method(name):<9}  {m.n}")
         return "\n".join(lines)
+
+
+# How ``evaluate`` computes each metric's 95% interval, by the metric's last name part.
+_CI_METHODS = {"acc": "Wilson", "acc_norm": "Wilson", "pass@1": "Wilson",
+               "exact_match": "Wilson", "answer_nll": "bootstrap", "answer_ppl": "bootstrap"}
+
+
+def ci_method(name: str) -> str:
+    """The interval method behind metric ``name``: Wilson for a share of items, percentile
+    bootstrap for a ratio of sums, normal (mean ± 1.96 SE) for a mean; a suite average
+    (``heldout/``) pools its tasks' intervals (MOVER), so it keeps their method."""
+    task, _, measure = name.rpartition("/")
+    method = _CI_METHODS.get(measure, "normal")
+    return f"{method}, pooled" if task == "heldout" else method
+
+
+def _renamed(key: str, code_tasks: set[str]) -> str:
+    """A metric name as this version writes it: a code task's ``acc`` (results measured before
+    the rename) is its ``pass@1``; the values are the same, so no re-evaluation is needed."""
+    task, _, measure = key.rpartition("/")
+    return f"{task}/pass@1" if measure == "acc" and task in code_tasks else key
 
 
 def paired_difference(
@@ -96,7 +128,6 @@ def paired_difference(
     Use it to judge "dropped by more than X points": the drop is significant when
     ``ci_high < -X`` (in fraction units, e.g. X = 0.02 for two points).
     """
-    from forgetless.eval.stats import paired_bootstrap
 
     if task not in before.per_item or task not in after.per_item:
         raise ForgetlessError(f"task '{task}' is missing from one of the results")

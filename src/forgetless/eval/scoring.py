@@ -17,11 +17,11 @@ import torch
 
 from forgetless.devices import model_device
 from forgetless.errors import ForgetlessError
+from forgetless.vlm.processors import process, text_tokenizer
 
 
 def check_model_tokenizer(model, tokenizer) -> None:
     """Refuse a tokenizer whose ids the model cannot embed (a mismatched pair scores garbage)."""
-    from forgetless.models import text_tokenizer
 
     tokenizer = text_tokenizer(tokenizer)
     embeddings = model.get_input_embeddings()
@@ -327,7 +327,6 @@ def score_processed(
     then prompt + continuation; the one-pass KV sharing of ``score_token_pairs`` would have to
     repeat the image features, and image tasks are small).
     """
-    from forgetless.data import process
 
     device = model_device(model)
     out: list[tuple[float, int]] = []

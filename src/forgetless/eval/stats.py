@@ -97,6 +97,22 @@ def combine_means(metrics: Sequence[Metric]) -> Metric:
     return _normal(value, stderr, sum(m.n for m in metrics))
 
 
+def combine_intervals(metrics: Sequence[Metric]) -> Metric:
+    """Unweighted mean of independent metrics whose interval is built from the tasks' own
+    intervals (MOVER, Zou & Donner 2008: lower and upper half-widths added in quadrature, / k),
+    so a suite average of Wilson intervals stays a Wilson-based interval: one task's average is
+    that task's interval (not [p, p] at 0 %), and normal per-task intervals give the normal
+    pooled one (as ``combine_means``). SEs add in quadrature as there."""
+    if not metrics or any(math.isnan(m.ci_low) or math.isnan(m.ci_high) for m in metrics):
+        return combine_means(metrics)
+    k = len(metrics)
+    value = sum(m.value for m in metrics) / k
+    stderr = math.sqrt(sum(m.stderr**2 for m in metrics)) / k
+    below = math.sqrt(sum((m.value - m.ci_low) ** 2 for m in metrics)) / k
+    above = math.sqrt(sum((m.ci_high - m.value) ** 2 for m in metrics)) / k
+    return Metric(value, stderr, value - below, value + above, sum(m.n for m in metrics))
+
+
 def paired_bootstrap(
     before: Sequence[float], after: Sequence[float], resamples: int = 2000, seed: int = 0
 ) -> Metric:

@@ -31,10 +31,15 @@ from typing import Any
 
 import torch
 
+from forgetless.data import count_letters_rows, largest_number_rows, read_rows, row_to_example
 from forgetless.devices import model_device
 from forgetless.errors import ForgetlessError
 from forgetless.eval.scoring import score_processed, score_token_pairs
 from forgetless.paths import shared_data_dir
+from forgetless.vlm.examples import image_messages
+from forgetless.vlm.images import open_image
+from forgetless.vlm.processors import is_processor, process, render_multimodal, text_tokenizer
+from forgetless.vlm.tasks import image_task_rows
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -119,7 +124,6 @@ def get_target(name_or_path: str | Target) -> Target:
 def load_jsonl_rows(path: Path, extract: Callable[[str], str] = extract_answer) -> list[TargetRow]:
     """Rows read as training data is (``forgetless.data``: JSONL/JSON/CSV, ``prompt`` +
     ``response`` or chat ``messages``); an ``answer`` column overrides the extracted answer."""
-    from forgetless.data import read_rows, row_to_example
 
     rows = []
     for number, data in read_rows(path):
@@ -152,7 +156,6 @@ register_target(Target("gsm8k", load=_gsm8k_rows, max_new_tokens=256))
 def _count_letters_rows() -> list[TargetRow]:
     """The test split of the synthetic letter-counting task: each distinct question once, at most
     60 per answer, so always answering "1" (or "0") scores about a third, not a half."""
-    from forgetless.data import count_letters_rows
 
     unique = {row["prompt"]: row["response"] for row in count_letters_rows("test", n=4000)}
     per_answer: dict[str, int] = {}
@@ -170,7 +173,6 @@ register_target(Target("count_letters", load=_count_letters_rows, max_new_tokens
 
 def _largest_number_rows() -> list[TargetRow]:
     """The test split of the synthetic largest-number task, each distinct question once."""
-    from forgetless.data import largest_number_rows
 
     unique = {row["prompt"]: row["response"] for row in largest_number_rows("test", n=500)}
     return [TargetRow(f"test:{i}", [{"role": "user", "content": prompt}], answer, answer)
@@ -198,9 +200,6 @@ def _image_task_rows(name: str) -> Callable[[], list[TargetRow]]:
     """The test split of a built-in image task, each distinct picture once."""
 
     def rows() -> list[TargetRow]:
-        from forgetless.data import image_messages
-        from forgetless.image_tasks import image_task_rows
-
         unique = {row.key: row for row in image_task_rows(name, "test", n=200)}
         return [TargetRow(f"test:{i}", image_messages(row.prompt), row.response, row.response,
                           (row.image,)) for i, row in enumerate(unique.values())]
@@ -217,8 +216,6 @@ register_target(Target("read_clock", load=_image_task_rows("read_clock"), extrac
 def render_prompt(tokenizer, messages: list[dict[str, Any]]) -> str:
     """The chat-formatted prompt up to the assistant's turn (plain text if no template); a
     VLM's processor renders with its own template and image placeholders."""
-    from forgetless.data import render_multimodal
-    from forgetless.models import is_processor
 
     if is_processor(tokenizer):
         return render_multimodal(tokenizer, messages, add_generation_prompt=True)
@@ -229,8 +226,6 @@ def render_prompt(tokenizer, messages: list[dict[str, Any]]) -> str:
 
 def answer_nll(model, tokenizer, rows: list[TargetRow], batch_size: int = 8):
     """Per row: (summed NLL of the response tokens after the chat prompt, number of tokens)."""
-    from forgetless.data import open_image
-    from forgetless.models import is_processor
 
     if is_processor(tokenizer):  # a VLM: the processor expands the rows' images
         scored = score_processed(
@@ -256,8 +251,6 @@ def generate_greedy(
     """Batched greedy completions of the chat prompts (left padding, rows sorted by length);
     with a VLM's processor, each batch (images and all) is built by the processor. Raw text
     ``prompts`` (no chat template; code tasks) replace ``rows``."""
-    from forgetless.data import open_image, process
-    from forgetless.models import is_processor, text_tokenizer
 
     processor = tokenizer if is_processor(tokenizer) and prompts is None else None
     tokenizer = text_tokenizer(tokenizer)
@@ -302,3 +295,53 @@ def generate_greedy(
     finally:
         model.train(was_training)
     return outputs
+
+
+# --- ARC-Easy as "answer with the letter" (continual's built-in third task) -------------------
+
+ARC_LETTER = "arc_easy_letter"
+_LETTERS = "ABCDEFGH"
+
+
+def arc_letter_rows(split_file: str) -> list[dict[str, str]]:
+    """ARC-Easy questions as prompt/response rows whose response is the option letter."""
+    path = shared_data_dir() / "arc" / split_file
+    if not path.is_file():
+        raise ForgetlessError(f"ARC-Easy data missing: {path} not found")
+    rows = []
+    for line in path.read_text().splitlines():
+        item = json.loads(line)
+        choices = item["question"]["choices"]
+        labels = [c["label"] for c in choices]
+        if item["answerKey"] not in labels or len(choices) > len(_LETTERS):
+            continue
+        options = "\n".join(f"{_LETTERS[k]}. {c['text']}" for k, c in enumerate(choices))
+        prompt = (f"{item['question']['stem']}\n{options}\n"
+                  "Answer with the letter of the correct option only.")
+        rows.append({"id": item["id"], "prompt": prompt,
+                     "response": _LETTERS[labels.index(item["answerKey"])]})
+    return rows
+
+
+def extract_letter(text: str) -> str:
+    """The first stand-alone option letter of a reply ("B", "B.", "(B) ...", "Answer: B")."""
+    match = re.search(r"(?<![A-Za-z])([A-H])(?![A-Za-z])", text.replace("Answer", ""))
+    return match.group(1) if match else text.strip()[:1].upper()
+
+
+def _arc_letter_test_rows() -> list[TargetRow]:
+    return [TargetRow(r["id"], [{"role": "user", "content": r["prompt"]}], r["response"],
+                      r["response"]) for r in arc_letter_rows("ARC-Easy-Test.jsonl")]
+
+
+register_target(Target(ARC_LETTER, load=_arc_letter_test_rows, extract=extract_letter,
+                       max_new_tokens=8))
+
+
+def register_file_target(name: str, path: str) -> str:
+    """A held-out ``.jsonl`` as target ``name`` with a generation budget from its longest
+    reference (a short-answer task should not generate the default 256 tokens)."""
+    rows = get_target(path).load
+    longest = max(len(row.response) for row in rows())
+    register_target(Target(name, load=rows, max_new_tokens=min(256, max(32, longest + 16))))
+    return name

@@ -18,7 +18,7 @@ Minimal user task::
 An image task adds ``image:``, an expression giving the row's image path (or a list of paths,
 relative to the task file like ``data_files``); a vision-language model then scores each choice
 after a chat turn holding the image(s) and ``text``. The built-in image tasks of
-``forgetless.image_tasks`` (``count_shapes``, ``read_clock``, ...) are such tasks, drawn once
+``forgetless.vlm.tasks`` (``count_shapes``, ``read_clock``, ...) are such tasks, drawn once
 into the cache.
 """
 
@@ -42,7 +42,9 @@ import yaml
 from jinja2.sandbox import SandboxedEnvironment
 
 from forgetless.errors import ForgetlessError
-from forgetless.paths import shared_data_dir
+from forgetless.paths import cache_dir, shared_data_dir
+from forgetless.vlm.images import check_image
+from forgetless.vlm.tasks import DEFAULT_SIZE, IMAGE_TASKS, image_task_rows
 
 # Sandboxed: a task file is data, and its expressions must not reach Python internals.
 _JINJA = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
@@ -77,7 +79,7 @@ class TaskSpec:
     base_dir: str | None = None  # folder relative data paths resolve against
     image: str | None = None  # Jinja expression -> image path(s) of a row (image tasks)
     # Code tasks (HumanEval): greedy completion of ``text``, run as text + completion + ``check``
-    # in ``forgetless.sandbox`` (pass@1 as ``acc``); ``target`` is the reference continuation
+    # in ``forgetless.eval.sandbox`` (``pass@1``); ``target`` is the reference continuation
     # whose log-probability given ``text`` is the continuous measure (``gold_logprob``).
     output_type: str = "multiple_choice"  # multiple_choice | generate_until
     target: str | None = None  # Jinja template -> reference continuation (generate_until)
@@ -196,8 +198,6 @@ def load_spec(name_or_path: str | TaskSpec) -> TaskSpec:
                                                source=str(path), base_dir=path.parent))
     builtin = resources.files("forgetless") / "tasks" / f"{name_or_path}.yaml"
     if not builtin.is_file():
-        from forgetless.image_tasks import IMAGE_TASKS
-
         if name_or_path in IMAGE_TASKS:
             return image_task_spec(name_or_path)
         raise ForgetlessError(
@@ -398,7 +398,6 @@ def _render(spec: TaskSpec, row: dict, shots: list[dict]) -> Item:
 
 def _images(spec: TaskSpec, row: dict) -> tuple[Path, ...]:
     """A row's image paths, resolved like data files and checked readable now (one line)."""
-    from forgetless.data import _check_image
 
     value = _evaluate(spec, "image", row)
     values = [value] if isinstance(value, str) else value
@@ -410,7 +409,7 @@ def _images(spec: TaskSpec, row: dict) -> tuple[Path, ...]:
     paths = []
     for text in values:
         path = Path(text).expanduser()
-        paths.append(_check_image(path if path.is_absolute() else base / path, where))
+        paths.append(check_image(path if path.is_absolute() else base / path, where))
     return tuple(paths)
 
 
@@ -423,9 +422,6 @@ def image_task_spec(name: str, n: int = IMAGE_TASK_ITEMS, seed: int = 0) -> Task
     import os
     import shutil
     import tempfile
-
-    from forgetless.image_tasks import DEFAULT_SIZE, image_task_rows
-    from forgetless.paths import cache_dir
 
     folder = cache_dir() / "image_tasks" / f"{name}-{DEFAULT_SIZE}px-n{n}-seed{seed}"
     if not (folder / "test.jsonl").is_file():

