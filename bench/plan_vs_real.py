@@ -1,7 +1,8 @@
 """``forgetless plan`` against real runs: plan's total vs the peak RSS of a short CPU training run.
 
-    .venv/bin/python bench/plan_vs_real.py [--methods full,attn,lora] [--steps 3]
-                                           [--batch-size 4] [--max-length 256]
+    .venv/bin/python bench/plan_vs_real.py [--methods full,attn,lora,mofo,l2-anchor,lwf]
+        [--steps 3] [--batch-size 4] [--max-length 256] [--allocators default,mmap]
+        [--save runs.jsonl | --load runs.jsonl]
 
 Each method trains the embedded SmolLM2-135M (float32, CPU, count_letters packed into
 ``--max-length`` blocks, so every sequence is about that long) for ``--steps`` steps in a fresh
@@ -63,12 +64,32 @@ def child(method: str, steps: int, batch_size: int, max_length: int) -> None:
                       "train_seconds": result.metrics["train_seconds"]}))
 
 
+ALLOCATORS = {"default": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+
+
+def measure(method: str, allocator: str, args) -> dict:
+    """One child run; its JSON line plus which allocator setting it ran under."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", method, "--steps", str(args.steps),
+         "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, **ALLOCATORS[allocator]})
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "allocator": allocator}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="full,attn,lora")
+    parser.add_argument("--methods", default="full,attn,lora,mofo,l2-anchor,lwf")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--allocators", default="default,mmap",
+                        help="glibc settings to measure under: default, mmap or both")
+    parser.add_argument("--save", type=Path, default=None,
+                        help="append each run's measurements to this JSON-lines file")
+    parser.add_argument("--load", type=Path, default=None,
+                        help="print the table from a --save file instead of measuring again "
+                        "(the plan is recomputed; the peaks do not depend on it)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -79,28 +100,30 @@ def main() -> None:
     from forgetless.plan import plan
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
+    loaded = ([json.loads(line) for line in args.load.read_text().splitlines() if line.strip()]
+              if args.load else [])
     planned = {m.method: m for m in plan("smollm2-135m", methods, batch_size=args.batch_size,
                                          max_length=args.max_length, dtype="float32").methods}
     print(f"SmolLM2-135M, float32, CPU, batch {args.batch_size} x {args.max_length} tokens, "
-          f"{args.steps} steps; MiB; real = peak RSS - baseline, glibc default / mmap >= 128 KiB")
-    header = ("method", "plan total", "of it act.", "real default", "plan/real", "real mmap",
-              "plan/real", "opt bytes ==")
-    print("{:<12}{:>12}{:>12}{:>14}{:>11}{:>11}{:>11}{:>14}".format(*header))
+          f"{args.steps} steps; MiB; real = peak RSS - baseline; allocator: default = glibc's, "
+          f"mmap = MALLOC_MMAP_THRESHOLD_=131072")
+    header = ("method", "plan total", "of it act.", "allocator", "real", "plan/real",
+              "opt bytes ==")
+    print("{:<14}{:>12}{:>12}{:>11}{:>9}{:>11}{:>14}".format(*header))
     for method in methods:
         one = planned[parse_method(method).name]
-        used, same = [], True
-        for env in ({}, {"MALLOC_MMAP_THRESHOLD_": "131072"}):
-            done = subprocess.run(
-                [sys.executable, __file__, "--child", method, "--steps", str(args.steps),
-                 "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)],
-                capture_output=True, text=True, check=True, env={**os.environ, **env})
-            real = json.loads(done.stdout.strip().splitlines()[-1])
-            used.append(real["peak"] - real["baseline"])
-            same = same and real["optimizer_state_bytes"] == one.optimizer_bytes
-        print(f"{method:<12}{one.total_bytes / 2**20:>12.0f}{one.activation_bytes / 2**20:>12.0f}"
-              f"{used[0] / 2**20:>14.0f}{one.total_bytes / used[0]:>11.2f}"
-              f"{used[1] / 2**20:>11.0f}{one.total_bytes / used[1]:>11.2f}"
-              f"{'yes' if same else 'NO':>14}", flush=True)
+        for allocator in allocators:
+            runs = [r for r in loaded if r["method"] == method and r["allocator"] == allocator]
+            real = runs[-1] if runs else measure(method, allocator, args)
+            if args.save and not runs:
+                with args.save.open("a") as out:
+                    out.write(json.dumps(real) + "\n")
+            used = real["peak"] - real["baseline"]
+            same = real["optimizer_state_bytes"] == one.optimizer_bytes
+            print(f"{method:<14}{one.total_bytes / 2**20:>12.0f}"
+                  f"{one.activation_bytes / 2**20:>12.0f}{allocator:>11}{used / 2**20:>9.0f}"
+                  f"{one.total_bytes / used:>11.2f}{'yes' if same else 'NO':>14}", flush=True)
 
 
 if __name__ == "__main__":

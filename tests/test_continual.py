@@ -198,3 +198,33 @@ def test_a_later_stage_whose_max_length_cuts_every_response_fails_first(tmp_path
               "output_dir": str(tmp_path / "out")}
     with pytest.raises(ForgetlessError, match="no example keeps a response token within 8"):
         continual(config)
+
+
+def test_replay_mixes_earlier_stages_into_later_ones(tmp_path, tiny_dir, monkeypatch):
+    import forgetless.train
+
+    doubles = [(f"Double {a}.", str(2 * a)) for a in range(30)]
+    tasks = ["count_letters",
+             {"name": "doubles", "data": _write_task(tmp_path, "doubles", doubles[:24]),
+              "target": _write_task(tmp_path, "doubles_test", doubles[24:])}]
+    config = {"model": str(tiny_dir), "tasks": tasks, "methods": ["full"],
+              "train": {"max_steps": 2, "batch_size": 2, "max_length": 64, "limit": 4,
+                        "report_to": []},
+              "replay": {"size": 3, "share": 0.5},
+              "eval": {"suite": ["arc_easy"], "limit": 2, "target_limit": 2, "batch_size": 4,
+                       "drift": False},
+              "output_dir": str(tmp_path / "out")}
+    real_train, runs = forgetless.train.train, []
+
+    def recording(config, **kwargs):
+        runs.append(real_train(config, **kwargs))
+        return runs[-1]
+
+    monkeypatch.setattr(forgetless.train, "train", recording)
+    continual(config)
+    first, second = runs
+    assert "mix" not in first.metrics  # nothing earlier to replay
+    replayed = second.metrics["mix"]["sources"][1]
+    assert replayed["rows"] == 3 and replayed["examples"] == 2  # half of 2 steps x 2
+    buffer = (tmp_path / "out" / "replay" / "stage2.jsonl").read_text().splitlines()
+    assert len(buffer) == 3 and all("letter" in line for line in buffer)  # stage 1's rows

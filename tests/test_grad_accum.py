@@ -1,5 +1,5 @@
-"""Gradient accumulation must not change what a step does: the anchor penalty and the LwF term
-weigh the same against the CE loss with batch 8 × accum 1 and batch 4 × accum 2."""
+"""Gradient accumulation must not change what a step does: the anchor and EWC penalties, the LwF
+and KL terms and the DFT loss weigh the same with batch 8 × accum 1 and batch 4 × accum 2."""
 
 import pytest
 import torch
@@ -38,6 +38,9 @@ class _MoveThenRecord(TrainerCallback):
     ("l2-anchor", {"anchor_weight": 1.0}),
     ("l1-anchor", {"anchor_weight": 1e-3}),
     ("attn+lwf", {"lwf_weight": 1.0}),
+    ("attn+asft", {"kl_weight": 1.0}),  # DFT over the step's tokens + KL on them
+    ("attn+kl", {"kl_weight": 1.0, "kl_direction": "reverse"}),
+    ("mlp+ewc", {"ewc_lambda": 1.0, "ewc_source": "largest_number", "ewc_samples": 2}),
 ])
 def test_accumulation_leaves_the_step_unchanged(tmp_path, tokenizer, method, options):
     grads = {}

@@ -17,10 +17,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # package ``forgetless`` (its ``__version__``, lazy ``MoFO`` / ``ForgettingMonitor``) is the
 # public face: anything may read ``forgetless.__version__``, and it may name anything lazily.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("errors", "paths", "io", "runs")),
+    ("base", ("errors", "paths", "io", "runs", "overlap")),
     ("vlm", ("vlm",)),  # below data and models: they import it, never the reverse
-    ("core", ("models", "data", "optim", "config", "devices")),
-    ("eval/methods", ("eval", "methods")),
+    ("core", ("models", "data", "optim", "config", "devices", "rehearsal", "replay")),
+    ("eval/methods", ("eval", "methods", "mixing")),
     ("jobs", ("train", "jobs", "compare", "continual", "tune", "check", "plan", "report",
               "pooling", "tracking", "interpolate", "merging", "monitor", "updates", "progress",
               "verdict")),
@@ -34,6 +34,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("forgetless.config", "forgetless.methods.options"):
         "TrainConfig takes each method option's default from methods.options, where it is "
         "declared once (a leaf module: only errors)",
+    ("forgetless.config", "forgetless.mixing"):
+        "a mix: source is checked as the config validates, before any model loads (imported "
+        "when a mix: entry is validated: mixing reads the eval task registry)",
     ("forgetless.eval", "forgetless.cli.eval"):
         "forgetless.eval.eval_command stays a public name (resolved lazily)",
 }

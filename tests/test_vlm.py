@@ -219,11 +219,14 @@ def _train(arch: str, method: str, data: str, out: Path, **overrides):
 
 @pytest.mark.parametrize("arch, method", [
     ("llava", "full"), ("llava", "attn+mofo"), ("llava", "lora"), ("llava", "l2-anchor"),
-    ("qwen2_5_vl", "mlp-gate-up"),
+    ("qwen2_5_vl", "mlp-gate-up"), ("llava", "attn+asft"), ("qwen2_5_vl", "freeze-bottom:1"),
+    ("llava", "mlp+ewc"),
 ])
 def test_one_step_with_images_keeps_vision_and_projector(arch, method, images, tmp_path):
     base = _parts_snapshot(tiny_model(arch))
-    result = _train(arch, method, str(images / "train.jsonl"), tmp_path)
+    # +ewc: its Fisher from the same image rows, through the processor
+    extra = {"ewc_source": str(images / "train.jsonl"), "ewc_samples": 2} if "ewc" in method else {}
+    result = _train(arch, method, str(images / "train.jsonl"), tmp_path, **extra)
     assert result.metrics["steps"] == 1 and result.metrics["first_loss"] > 0
     after = _parts_snapshot(result.model)
     assert _same(base["vision"], after["vision"]) and _same(base["projector"], after["projector"])

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from forgetless.errors import ForgetlessError
 from forgetless.methods.options import DEFAULT_OPTIONS as _OPTIONS
@@ -21,6 +28,45 @@ Config = TypeVar("Config", bound=BaseModel)
 # Coordinates the update analytics track per tensor by default: a share's standard error is
 # at most 0.2 points, and the memory about 1 MiB per float32 tensor (forgetless.updates).
 UPDATE_STATS_SAMPLE = 65536
+
+
+class MixSource(BaseModel):
+    """One general-data source mixed into the training stream (``forgetless.mixing``).
+
+    ``ratio`` is a share of training *examples* (rows), not tokens: the Trainer's budget is
+    steps x batch size in examples, a row is the unit a user curates and counts, and an
+    example share does not change with the tokenizer; the tokens each source costs are
+    measured and reported beside it (``metrics.json`` "mix")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str  # a data file, a built-in dataset name, a Hub id (owner/name), or "self"
+    ratio: float  # share of the training examples, strictly between 0 and 1
+    split: str = "train"  # of a built-in dataset or Hub id
+    # held-out tasks (built-in names, task YAMLs, targets) no mixed row may overlap; null: every
+    # built-in held-out task and the gsm8k test split (forgetless.mixing.DEFAULT_EXCLUDE)
+    exclude: list[str] | None = None
+    # source "self" only (forgetless.rehearsal): conversations the base model writes
+    n: int | None = Field(None, ge=1)  # default rehearsal.DEFAULT_N
+    prompts: str | None = None  # a prompt pool file; null: Magpie (the chat template's user turn)
+    max_new_tokens: int = Field(128, ge=1)  # per answer
+    seed: int | None = None  # of the generation; null: the run's seed
+
+    @field_validator("ratio")
+    @classmethod
+    def _share(cls, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError("ratio is a share of the training examples: strictly between 0 "
+                             "and 1")
+        return value
+
+    @model_validator(mode="after")
+    def _readable(self) -> MixSource:
+        # here, not at the top: mixing sits above config (it reads the eval task registry)
+        from forgetless.mixing import check_source
+
+        check_source(self)  # unknown or unreadable sources fail here, before a model loads
+        return self
 
 
 class TrainConfig(BaseModel):
@@ -41,6 +87,14 @@ class TrainConfig(BaseModel):
     anchor_weight: float = Field(_OPTIONS.anchor_weight, ge=0.0)
     lwf_weight: float = Field(_OPTIONS.lwf_weight, ge=0.0)  # λ of +lwf methods (KL to the base)
     merge_lora: bool = _OPTIONS.merge_lora
+    # +kl / +asft: weight and direction of the KL to the frozen base on the response tokens
+    kl_weight: float = Field(_OPTIONS.kl_weight, ge=0.0)
+    kl_direction: Literal["forward", "reverse"] = _OPTIONS.kl_direction
+    # +ewc: λ (in units of the mean Fisher), examples for the Fisher and their source (a file,
+    # a built-in dataset, or a registered source such as self); forgetless.methods.ewc
+    ewc_lambda: float = Field(_OPTIONS.ewc_lambda, ge=0.0)
+    ewc_samples: int = Field(_OPTIONS.ewc_samples, ge=1)
+    ewc_source: str = _OPTIONS.ewc_source
     # vision-language models (LLaMA-Factory's names): which non-text parts train as well
     freeze_vision_tower: bool = _OPTIONS.freeze_vision_tower
     freeze_multi_modal_projector: bool = _OPTIONS.freeze_multi_modal_projector
@@ -59,6 +113,11 @@ class TrainConfig(BaseModel):
     limit: int | None = Field(None, ge=1)
     packing: bool = False
     seed: int = 0
+    # general data mixed in (forgetless.mixing); mix_budget "steps": max_steps stays, the mix
+    # takes its share of the examples; "task": max_steps grows by 1/(1 - total ratio) so the
+    # task examples seen stay those of an unmixed run (more tokens: reported)
+    mix: list[MixSource] = Field(default_factory=list)
+    mix_budget: Literal["steps", "task"] = "steps"
     # output
     output_dir: str = "runs/train"
     logging_steps: int = Field(5, ge=1)
@@ -106,6 +165,22 @@ class TrainConfig(BaseModel):
         from forgetless.methods import parse_method
 
         parse_method(value)  # raises ForgetlessError listing the valid names
+        return value
+
+    @field_validator("mix", mode="before")
+    @classmethod
+    def _mix_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value  # one source needs no list
+
+    @field_validator("mix")
+    @classmethod
+    def _mix_total(cls, value: list[MixSource]) -> list[MixSource]:
+        total = sum(source.ratio for source in value)
+        if total >= 1.0:
+            raise ValueError(f"the ratios add up to {total:g}: the task data needs a share too "
+                             "(keep the sum below 1)")
+        if sum(source.source == "self" for source in value) > 1:
+            raise ValueError("give source 'self' once (its n sets how many conversations)")
         return value
 
 

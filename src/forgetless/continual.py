@@ -27,7 +27,7 @@ import gc
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from forgetless.jobs.continual_report import (
 )
 from forgetless.jobs.identity import chained_key, identity, with_dtype
 from forgetless.jobs.session import JobSession, check_inputs, check_target, target_for
+from forgetless.replay import ReplaySettings, replay_files
 
 __all__ = ["ARC_LETTER", "BUILTIN_SEQUENCE", "HELDOUT_CHANGES", "ContinualConfig", "ContinualEval",
            "Stage", "TaskEntry", "change_rows", "continual",
@@ -101,6 +102,7 @@ class ContinualConfig(BaseModel):
     eval: ContinualEval = Field(default_factory=ContinualEval)
     output_dir: str = "runs/continual"
     keep_models: bool = False  # keep every stage's weights (default: only the latest)
+    replay: ReplaySettings | None = None  # earlier stages' rows mixed into later stages
     tracking_uri: str | None = None
     experiment: str | None = None
     # Opt-ins for code tasks (forgetless.eval.consent); not part of any run's identity.
@@ -114,6 +116,7 @@ class Stage:
     data: str
     target: str
     train: dict[str, Any]
+    replay: dict[str, Any] | None = None  # the mix: entry replaying earlier stages
 
 
 def register_arc_letter(out: Path) -> str:
@@ -195,6 +198,11 @@ class _Run(JobSession):
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.stages = resolve_stages(config, self.out)
+        if config.replay is not None:  # one buffer per stage, the same for every method
+            shared = {**config.train}
+            mixes = replay_files(config.replay, [(s.data, {**shared, **s.train})
+                                                 for s in self.stages], self.out / "replay")
+            self.stages = [replace(s, replay=m) for s, m in zip(self.stages, mixes, strict=True)]
         self.methods = plan_methods(config)
         # before the base model loads
         self.suite = check_inputs([stage.data for stage in self.stages], config.eval.suite,
@@ -296,8 +304,13 @@ class _Run(JobSession):
 
 
 def _stage_keys(keys: dict[str, Any], stage: Stage) -> dict[str, Any]:
-    """A method's TrainConfig keys for one stage: its own, the stage's overrides, its data."""
-    return {**keys, **stage.train, "data": stage.data}
+    """A method's TrainConfig keys for one stage: its own, the stage's overrides, its data
+    (and the replay of earlier stages as one more ``mix:`` source)."""
+    out = {**keys, **stage.train, "data": stage.data}
+    if stage.replay is not None:
+        mix = out.get("mix") or []
+        out["mix"] = [*([mix] if isinstance(mix, dict) else mix), stage.replay]
+    return out
 
 
 def _track(run: _Run, summary: dict[str, Any], files: dict[str, Path]) -> None:

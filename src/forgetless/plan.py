@@ -15,8 +15,9 @@ and every byte that follows from them are exact, not a rule of thumb:
   shaped and typed like the parameter, and a float32 scalar ``step`` per tensor): exactly what
   ``train`` reports as ``optimizer_state_bytes`` (tested);
 * ``anchor_bytes``: the frozen θ₀ copy of the trainable parameters that ``l1``/``l2-anchor``
-  keep (in the parameters' dtype once the penalty has run), plus, for ``+lwf``, the frozen
-  copy of the whole base model (weights and buffers) its KL term runs;
+  keep (in the parameters' dtype once the penalty has run), for ``+ewc`` the same θ₀ and its
+  diagonal Fisher F (two copies), plus, for ``+lwf`` / ``+kl``, the frozen copy of the whole
+  base model (weights and buffers) its KL term runs;
 * ``autocast_bytes``: under a half dtype with float32 masters, autocast's half copy of each
   trainable weight, held from the forward pass until the backward pass has used it;
 * ``analytics_bytes``: what the parameter-update analytics (on by default,
@@ -25,7 +26,10 @@ and every byte that follows from them are exact, not a rule of thumb:
   trainable parameter when ``update_stats_sample`` is null, at most ~1 MiB per tensor by
   default);
 * ``activation_bytes`` / ``activation_checkpointed_bytes``: an *estimate* (see
-  ``activation_estimate``), the only number here that is not exact.
+  ``activation_estimate``), the only number here that is not exact; both include
+  ``method_activation_bytes``, what a method's own loss term holds on top of the model's
+  activations (``method_activation_estimate``: LwF's logits-sized gradient and the base's
+  logits, the anchor penalty's transient difference), which checkpointing does not shrink.
 
 ``total_bytes`` adds them all (activations without checkpointing);
 ``total_checkpointed_bytes`` the same with ``gradient_checkpointing``. Not counted: the CUDA
@@ -105,6 +109,7 @@ class MethodPlan:
     analytics_bytes: int
     activation_bytes: int
     activation_checkpointed_bytes: int
+    method_activation_bytes: int
     total_bytes: int
     total_checkpointed_bytes: int
     fits: bool | None = None
@@ -236,8 +241,36 @@ def _dims(config) -> dict[str, int]:
                 intermediate=int(inner or 4 * hidden), vocab=int(text.vocab_size))
 
 
+# Tensors of a decoder layer that only a weight's gradient needs (per token: h, h, h, i values),
+# so a layer whose weights there are frozen does not keep them (``unsaved_inputs``).
+_WEIGHT_ONLY = ("attn_input", "attn_output", "mlp_input", "mlp_product")
+
+
+def unsaved_inputs(model, method: str) -> tuple[str, ...]:
+    """Which of ``_WEIGHT_ONLY`` a prepared model's backward pass does not need: a linear layer
+    keeps its input for its own weight's gradient (or its LoRA adapter's), and a norm its output
+    for its scale's; frozen ones need neither. Unknown layouts count as training (over-count)."""
+    from forgetless.methods.layout import find_projections
+
+    modules = dict(model.named_modules())
+
+    def trains(roles: set[str]) -> bool:
+        try:
+            names = find_projections(model, frozenset(roles), method)
+        except ForgetlessError:
+            return True
+        return any(p.requires_grad for name in names for p in modules[name].parameters())
+
+    norms = any(p.requires_grad for name, p in model.named_parameters()
+                if "norm" in name or ".ln_" in name)
+    kept = {"attn_input": norms or trains({"q", "k", "v"}), "attn_output": trains({"o"}),
+            "mlp_input": norms or trains({"gate", "up"}), "mlp_product": trains({"down"})}
+    return tuple(name for name in _WEIGHT_ONLY if not kept[name])
+
+
 def activation_estimate(config, batch_size: int, max_length: int, compute_bytes: int,
-                        attn_implementation: str = "sdpa") -> tuple[int, int]:
+                        attn_implementation: str = "sdpa",
+                        unsaved: tuple[str, ...] = ()) -> tuple[int, int]:
     """Bytes of activations kept for the backward pass, ``(without, with)`` checkpointing.
 
     Per decoder layer and token, a Llama-style layer saves for backward (in the compute dtype,
@@ -254,12 +287,16 @@ def activation_estimate(config, batch_size: int, max_length: int, compute_bytes:
     With gradient checkpointing (one checkpoint per decoder layer, as transformers does) only
     each layer's input (h per token) stays, plus one layer's full set while it is recomputed.
 
-    Not counted: tensors saved by frozen layers that need no weight gradient (so narrow presets
-    and LoRA are over-estimated a little), transient buffers inside kernels, dropout masks.
+    ``unsaved`` (``unsaved_inputs``) removes what frozen weights need not keep: the attention
+    and MLP norms' outputs and the attention output (h each), the MLP product (i).
+
+    Not counted: transient buffers inside kernels, dropout masks.
     """
     d = _dims(config)
     tokens = batch_size * max_length
     per_layer = 6 * d["hidden"] + d["q"] + 2 * d["kv"] + 4 * d["intermediate"]
+    per_layer -= sum(d["intermediate"] if name == "mlp_product" else d["hidden"]
+                     for name in unsaved)
     if attn_implementation == "eager":
         per_layer += d["heads"] * max_length
     loss = (12 + (compute_bytes if compute_bytes != 4 else 0)) * d["vocab"]
@@ -268,6 +305,30 @@ def activation_estimate(config, batch_size: int, max_length: int, compute_bytes:
     checkpointed = (tokens * d["hidden"] * compute_bytes * d["layers"]
                     + tokens * per_layer * compute_bytes + head)
     return full, checkpointed
+
+
+def method_activation_estimate(config, prepared, batch_size: int, max_length: int,
+                               compute_bytes: int) -> int:
+    """Bytes a method's own loss term holds at the peak, beyond the model's activations.
+
+    ``+lwf`` (``methods.lwf``): the gradient with respect to the logits, saved from the KL's
+    forward to the backward pass, and the base's logits during that forward, each batch ×
+    length × vocab in the compute dtype; plus one chunk's float32 temporaries (about six of
+    ``CHUNK_ELEMENTS``). Anchors (``methods.anchor``): autograd keeps only θ and θ₀ (counted in
+    ``anchor_bytes``), but computing a term makes up to two temporaries the size of that tensor,
+    counted for the largest trainable tensor.
+    """
+    from forgetless.methods.lwf import chunk_rows
+
+    held = 0
+    if prepared.distiller is not None:
+        vocab = _dims(config)["vocab"]
+        tokens = batch_size * max_length
+        held += 2 * tokens * vocab * compute_bytes
+        held += 6 * min(tokens, chunk_rows(vocab)) * vocab * 4
+    if prepared.regularizer is not None and prepared.regularizer.params:
+        held += 2 * max(_bytes([p]) for p in prepared.regularizer.params)
+    return held
 
 
 def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
@@ -287,12 +348,17 @@ def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
     grads = _bytes(trainable)
     optimizer = 2 * _bytes(trainable) + STEP_BYTES * len(trainable)
     anchor = _bytes(prepared.regularizer.params) if prepared.regularizer is not None else 0
-    if prepared.distiller is not None:  # +lwf: a frozen copy of the whole base
+    if prepared.method.ewc:  # +ewc keeps its Fisher F beside θ₀, one more copy
+        anchor *= 2
+    if prepared.distiller is not None:  # +lwf / +kl: a frozen copy of the whole base
         anchor += prepared.distiller.base_bytes
     half = torch.tensor([], dtype=dtype).element_size()
     autocast = sum(p.numel() for p in trainable if p.ndim >= 2) * half if master != dtype else 0
-    activations, checkpointed = activation_estimate(config, batch_size, max_length, half,
-                                                    attn_implementation)
+    activations, checkpointed = activation_estimate(
+        config, batch_size, max_length, half, attn_implementation,
+        unsaved_inputs(prepared.model, prepared.method.name))
+    own = method_activation_estimate(config, prepared, batch_size, max_length, half)
+    activations, checkpointed = activations + own, checkpointed + own
     analytics = analytics_bytes(trainable, update_stats_sample) if update_stats else 0
     fixed = weights + grads + optimizer + anchor + autocast + analytics
     return MethodPlan(
@@ -300,7 +366,8 @@ def plan_method(config, method: str, dtype: torch.dtype, master: torch.dtype,
         total_params=prepared.total, trainable_tensors=len(trainable), weights_bytes=weights,
         grads_bytes=grads, optimizer_bytes=optimizer, anchor_bytes=anchor,
         autocast_bytes=autocast, analytics_bytes=analytics, activation_bytes=activations,
-        activation_checkpointed_bytes=checkpointed, total_bytes=fixed + activations,
+        activation_checkpointed_bytes=checkpointed, method_activation_bytes=own,
+        total_bytes=fixed + activations,
         total_checkpointed_bytes=fixed + checkpointed,
     )
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 from transformers import (
+    DefaultFlowCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -30,8 +31,11 @@ from forgetless.data import build_dataset, data_collator, load_conversations
 from forgetless.devices import dtype_name, resolve_device, resolve_dtype
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_dir, atomic_write_json, atomic_write_text, fault_point
-from forgetless.methods import merge_lora, prepare_model
+from forgetless.methods import merge_lora, parse_method, prepare_model
+from forgetless.methods.ewc import check_fisher_source, fit_fisher
+from forgetless.methods.freeze import num_layers_of_config
 from forgetless.methods.options import method_options
+from forgetless.mixing import build_mixed, rehearsal_source, summary_line
 from forgetless.models import is_alias, load_model, resolve_model
 from forgetless.monitor import install_monitors
 from forgetless.optim.zero import ZeroLayoutCallback
@@ -55,7 +59,7 @@ class TrainResult:
 class _ForgetlessTrainer(Trainer):
     """A Trainer that adds the method's regulariser (e.g. L2 pull to θ₀) and LwF term (KL to
     the frozen base on this batch) to the loss and stops on a non-finite loss (the stock
-    Trainer only hides such losses from its logs)."""
+    Trainer only hides such losses from its logs; ``_FiniteLossCheck``)."""
 
     def __init__(self, *args: Any, regularizer: Any = None, optimizer_factory: Any = None,
                  distiller: Any = None, **kwargs: Any) -> None:  # fmt: skip
@@ -64,6 +68,10 @@ class _ForgetlessTrainer(Trainer):
         self.distiller = distiller
         self.optimizer_factory = optimizer_factory
         self.method_optimizer: torch.optim.Optimizer | None = None
+        self.finite_check = _FiniteLossCheck()  # right after the Trainer's flow callback,
+        handler = self.callback_handler.callbacks  # whose should_log/should_save it reads
+        handler.insert(1 + next((i for i, c in enumerate(handler)
+                                 if isinstance(c, DefaultFlowCallback)), -1), self.finite_check)
 
     def create_optimizer(self, model=None):
         """The method's optimizer, built when the Trainer asks: FSDP2 then shards its parameters
@@ -107,22 +115,75 @@ class _ForgetlessTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         need_outputs = return_outputs or self.distiller is not None
-        result = super().compute_loss(model, inputs, need_outputs, num_items_in_batch)
+        # A compute_loss_func (+dft) makes the Trainer pop the labels; +kl still needs them.
+        given = dict(inputs) if self.compute_loss_func is not None else inputs
+        result = super().compute_loss(model, given, need_outputs, num_items_in_batch)
         loss, outputs = result if need_outputs else (result, None)
         extra = self._extra_loss(model, inputs, outputs, num_items_in_batch)
         if extra is not None:
             loss = loss + extra
-        if not torch.isfinite(loss.detach()).all():
-            raise ForgetlessError(
-                f"training loss became {loss.item()} at step {self.state.global_step + 1}: "
-                "lower learning_rate or check the data"
-            )
+        if model.training:
+            self.finite_check.record(loss, self.state.global_step + 1)
         return (loss, outputs) if return_outputs else loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if _internal_call:
             fault_point("train.checkpoint")  # weights written, optimizer and state not yet
+
+
+class _FiniteLossCheck(TrainerCallback):
+    """Stops training on a non-finite loss without a host sync per micro-batch.
+
+    ``record`` only folds each micro-batch's loss into flags on the loss's device (the first
+    bad value and its step); the host reads them once at the end of an optimizer step that
+    logs, saves or ends training, where the Trainer syncs anyway (``loss.item()`` for its
+    log), so a non-finite loss never reaches a log line, a checkpoint or ``metrics.json``.
+    Under a multi-process launch the flag is all-reduced there, so every process stops at the
+    same step. ``torch.isfinite(loss)`` checked on the host every micro-batch made the device
+    drain its queue between each forward and backward.
+    """
+
+    def __init__(self) -> None:
+        self.seen: torch.Tensor | None = None  # bool: some loss so far was not finite
+        self.value: torch.Tensor | None = None  # the first such loss
+        self.step: torch.Tensor | None = None  # and its optimizer step
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float().sum()  # a NaN or inf anywhere stays one
+        bad = ~torch.isfinite(loss)
+        if self.seen is None:
+            self.seen, self.value = bad, loss
+            self.step = torch.full((), step, dtype=torch.int64, device=loss.device)
+            return
+        first = bad & ~self.seen
+        self.value = torch.where(first, loss, self.value)
+        self.step = torch.where(first, step, self.step)
+        self.seen = self.seen | bad
+
+    def check(self) -> None:
+        """One host read of the flags (raises ForgetlessError on a non-finite loss)."""
+        if self.seen is None:
+            return
+        seen = self.seen.to(torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX)
+        if not seen.item():
+            return
+        if not self.seen.item():
+            raise ForgetlessError("training loss became non-finite on another process: "
+                                  "lower learning_rate or check the data")
+        raise ForgetlessError(
+            f"training loss became {self.value.item()} at step {self.step.item()}: "
+            "lower learning_rate or check the data"
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_save or control.should_training_stop:
+            self.check()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.check()
 
 
 class _CheckpointMarker(TrainerCallback):
@@ -155,6 +216,27 @@ def _sharded_launch() -> bool:
     """FSDP or DeepSpeed under ``accelerate launch``: they place, shard and cast the weights."""
     return any(os.environ.get(key, "").lower() == "true"
                for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
+def check_launch(method: str) -> None:
+    """Methods with an anchor penalty or an LwF term are refused under FSDP / DeepSpeed, before
+    a model loads. ``AnchorPenalty`` holds the Parameter objects ``prepare_model`` made: FSDP2
+    swaps in new sharded ones after ``prepare`` (the penalty would read abandoned tensors and
+    be 0, with a full copy on each process) and ZeRO-3 frees their data between forward and
+    backward; anchors held as shards of the sharded parameters are not built yet. LwF's base
+    copy is a whole model on every process, not run under either yet."""
+    if not _sharded_launch():
+        return
+    from forgetless.methods import parse_method
+
+    choice = parse_method(method)
+    term = ("an anchor penalty" if choice.base.anchor is not None
+            else "an LwF term" if choice.lwf else None)
+    if term is not None:
+        raise ForgetlessError(
+            f"method '{choice.name}' has {term}, supported in one process and under DDP "
+            "(accelerate launch with configs/accelerate/ddp.yaml), not under FSDP or DeepSpeed; "
+            "use DDP or a method without it")
 
 
 def _check_device(device: torch.device, dtype: torch.dtype, config: TrainConfig) -> None:
@@ -217,6 +299,9 @@ def _training_arguments(
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
         logging_first_step=True,
+        # No host sync per micro-batch for the Trainer's NaN filter: a non-finite loss stops
+        # the run instead (_FiniteLossCheck), so there is nothing to filter.
+        logging_nan_inf_filter=False,
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,
         report_to=config.report_to,
@@ -251,7 +336,10 @@ def _check_model_name(name: str) -> None:
 def check_training_sets(tokenizer: Any, configs: list[TrainConfig]) -> None:
     """Build each distinct training set once as ``train`` will, so a ``max_length`` that cuts
     every response (or packing for a VLM) fails before a compare or continual run spends
-    minutes on the base evaluation and earlier methods, not at the method that trains it."""
+    minutes on the base evaluation and earlier methods, not at the method that trains it; a
+    method the launch cannot run (``check_launch``) fails here too."""
+    for config in configs:
+        check_launch(config.method)
     seen: set[tuple] = set()
     for config in configs:
         seed = config.seed if config.limit is not None else None  # order matters when cut
@@ -260,6 +348,36 @@ def check_training_sets(tokenizer: Any, configs: list[TrainConfig]) -> None:
             seen.add(key)
             build_dataset(tokenizer, config.data, config.max_length, config.limit,
                           config.seed, config.packing)
+        if config.mix and not any(m.source == "self" for m in config.mix):
+            mixed = (key, repr(config.mix), config.mix_budget, config.max_steps)
+            if mixed not in seen:
+                seen.add(mixed)
+                build_mixed(config, tokenizer)
+
+
+def check_method_inputs(config: TrainConfig, model: Any = None) -> None:
+    """What a method needs beyond its name, checked before a model loads: an ``+ewc`` Fisher
+    source that can be read, a layer selection that fits the model's layer count (read from
+    its config; an in-memory ``model`` is checked when prepared)."""
+    choice = parse_method(config.method)
+    if choice.ewc:
+        check_fisher_source(config.ewc_source)
+    if choice.layers is None:
+        return
+    layers = None
+    if model is not None and hasattr(model, "config"):
+        layers = num_layers_of_config(model.config)
+    elif model is None:
+        from transformers import AutoConfig
+
+        from forgetless.models import resolve_model
+
+        try:
+            layers = num_layers_of_config(AutoConfig.from_pretrained(resolve_model(config.model)))
+        except (OSError, ValueError, ForgetlessError):
+            layers = None  # not readable yet (a GGUF, a VLM built on first use): prepare checks
+    if layers is not None:
+        choice.layers.check(layers, f"method '{choice.name}' on {config.model}")
 
 
 def train(
@@ -285,6 +403,8 @@ def train(
         config = load_config(TrainConfig, config, overrides)
 
     resolve_device(config.device)  # a GPU that is not there fails before anything
+    check_launch(config.method)  # methods FSDP / DeepSpeed cannot run, before a model loads
+    check_method_inputs(config, model)
     if model is None:  # a bad name or data (a missing image too) fails before a model loads
         _check_model_name(config.model)
         load_conversations(config.data, "train")
@@ -327,6 +447,9 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
     master = torch.float32 if half and config.fp32_master_weights else dtype
     if sharded and master != dtype:
         model.to(master)  # FSDP / DeepSpeed keep float32 shards and compute in half themselves
+    mixed = None
+    if config.mix:  # before the method wraps the model: self-rehearsal asks the base
+        mixed = build_mixed(config, tokenizer, rehearsal_source(model, tokenizer, config.seed))
     prepared = prepare_model(model, config.method, method_options(config))
     if not sharded:
         cast_trainable(prepared.model, master)
@@ -334,19 +457,28 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
     print(f"[forgetless] {config.method}: {prepared.summary()}; {device}, {precision}",
           flush=True)
 
-    dataset = build_dataset(
+    dataset = mixed.dataset if mixed is not None else build_dataset(
         tokenizer, config.data, config.max_length, config.limit, config.seed, config.packing
     )
+    if prepared.method.ewc:  # the Fisher of the base, before any step (resume: the saved one)
+        fit_fisher(prepared.regularizer, prepared.model, tokenizer, source=config.ewc_source,
+                   samples=config.ewc_samples, seed=config.seed, max_length=config.max_length,
+                   model_name=config.model, folder=run_dir, resume=config.resume,
+                   autocast_dtype=dtype if master != dtype else None,
+                   write=runs.main_process())
+    trainer_dir = run_dir / "trainer"
+    args = _training_arguments(config, trainer_dir, device, dtype)
+    if mixed is not None:  # the stream is in order already (forgetless.mixing)
+        args.max_steps, args.train_sampling_strategy = mixed.max_steps, "sequential"
 
     def make_optimizer() -> torch.optim.Optimizer:
         return prepared.make_optimizer(
             lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
         )
 
-    trainer_dir = run_dir / "trainer"
     trainer = _ForgetlessTrainer(
         model=prepared.model,
-        args=_training_arguments(config, trainer_dir, device, dtype),
+        args=args,
         train_dataset=dataset,
         data_collator=data_collator(tokenizer, config.max_length),
         processing_class=tokenizer,
@@ -354,6 +486,7 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
         callbacks=[*(callbacks or []), ZeroLayoutCallback(), _CheckpointMarker()],
         regularizer=prepared.regularizer,
         distiller=prepared.distiller,
+        compute_loss_func=prepared.loss_func,
         optimizer_factory=make_optimizer,
     )
     distributed = trainer.accelerator.num_processes > 1
@@ -415,12 +548,18 @@ def _train_locked(config: TrainConfig, callbacks: list[TrainerCallback] | None, 
         "monitor": [monitor.summary() for monitor in monitors],
         "update_analytics": analytics[0].summary() if analytics else None,
     }
-    if prepared.distiller is not None:  # LwF's overhead: the base copy and its forward passes
-        metrics["lwf"] = prepared.distiller.summary(seconds)
-        lwf = metrics["lwf"]
-        print(f"[forgetless] lwf overhead: base copy {lwf['base_bytes'] / 2**20:.0f} MiB, "
+    if mixed is not None:  # what the mix cost: examples and tokens per source
+        metrics["mix"] = mixed.summary(trainer.state.global_step)
+        print(f"[forgetless] {summary_line(metrics['mix'])}", flush=True)
+    if prepared.distiller is not None:  # LwF's / KL's overhead: base copy and forward passes
+        key = getattr(prepared.distiller, "name", "lwf")
+        metrics[key] = prepared.distiller.summary(seconds)
+        lwf = metrics[key]
+        print(f"[forgetless] {key} overhead: base copy {lwf['base_bytes'] / 2**20:.0f} MiB, "
               f"base forward {lwf['base_forward_seconds']:.1f} s "
               f"({100 * lwf.get('time_share', 0.0):.0f}% of training)", flush=True)
+    if prepared.method.ewc:  # the Fisher's source, size, cost and θ₀ + F memory
+        metrics["ewc"] = prepared.regularizer.summary()
     if trainer.is_world_process_zero():
         fault_point("train.metrics")
         atomic_write_json(run_dir / "metrics.json", metrics)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import typer
 
 from forgetless.cli.options import split
-from forgetless.config import UPDATE_STATS_SAMPLE as DEFAULT_SAMPLE
-from forgetless.config import TrainConfig
 from forgetless.errors import ForgetlessError
 
 
@@ -29,20 +27,25 @@ def plan_command(
     lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank (lora methods)."),
     update_stats: bool = typer.Option(True, "--update-stats/--no-update-stats",
                                       help="Count the update analytics (train's default: on)."),
-    update_stats_sample: int = typer.Option(
-        DEFAULT_SAMPLE, "--update-stats-sample",
-        help="Coordinates the analytics track per tensor; 0 = every one (exact)."),
+    update_stats_sample: int | None = typer.Option(
+        None, "--update-stats-sample",
+        help="Coordinates the analytics track per tensor (default: train's "
+        "update_stats_sample); 0 = every one (exact)."),
     gpu_mem: str | None = typer.Option(None, "--gpu-mem",
                                        help="GPU memory to fit in, e.g. 24GiB or 80GB."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Memory per method (weights, gradients, optimizer, activations) without loading weights."""
-    # the job (torch, transformers on the meta device): only when it runs
+    # the job (torch, transformers on the meta device) and the config (it imports the methods,
+    # hence torch): only when it runs
+    from forgetless.config import UPDATE_STATS_SAMPLE, TrainConfig
     from forgetless.methods.options import method_options
     from forgetless.plan import parse_size, plan
 
     if lora_r < 1:
         raise ForgetlessError(f"--lora-r must be at least 1, got {lora_r}")
+    if update_stats_sample is None:
+        update_stats_sample = UPDATE_STATS_SAMPLE
     if update_stats_sample < 0:
         raise ForgetlessError("--update-stats-sample must be 0 (every coordinate) or more")
     names = split(method)

@@ -14,9 +14,12 @@ from typing import Any
 from forgetless import runs
 from forgetless.config import TrainConfig
 from forgetless.eval.result import METRICS_VERSION
-from forgetless.methods.options import DEFAULT_OPTIONS
+from forgetless.methods.options import DEFAULT_OPTIONS, LATER_OPTIONS
 
 FLOAT32 = "float32"  # what every run evaluated in before the dtype joined the identity
+# Train keys added after run folders existed (data mixing, the remedies' options): a run's
+# identity names them only away from these defaults, so earlier folders are still reused.
+LATER_KEYS: Mapping[str, Any] = {"mix": [], "mix_budget": "steps", **LATER_OPTIONS}
 
 # Keys that change where or how a run is logged or computed, not what it learns.
 COMPARE_UNHASHED = frozenset({"output_dir", "report_to", "logging_steps", "save_steps", "resume",
@@ -27,7 +30,8 @@ COMPARE_UNHASHED = frozenset({"output_dir", "report_to", "logging_steps", "save_
 COMPARE_HASHED_IF_NOT: Mapping[str, Any] = {
     "dtype": FLOAT32, "fp32_master_weights": True, "attn_implementation": "sdpa",
     **{name: getattr(DEFAULT_OPTIONS, name) for name in
-       ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model")}}
+       ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model")},
+    **LATER_KEYS}
 # A tune recipe also leaves out whether it saves weights and how its monitor watches it.
 TUNE_UNHASHED = frozenset({"output_dir", "report_to", "logging_steps", "save_steps", "resume",
                            "save_model", "update_stats_every", "update_stats_sample",
@@ -71,7 +75,7 @@ def compare_train_key(train: TrainConfig, dtype: str) -> str:
 
 def tune_train_key(train: TrainConfig) -> str:
     """A tune trial's or test run's identity; it also names a trial's folder."""
-    return identity(train_settings(train, TUNE_UNHASHED), metrics_version=False)
+    return identity(train_settings(train, TUNE_UNHASHED, LATER_KEYS), metrics_version=False)
 
 
 def chained_key(previous: str, settings: Mapping[str, Any]) -> str:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from forgetless.config import MethodEntry, TrainConfig, load_sectioned_config, validate
 from forgetless.errors import ForgetlessError
-from forgetless.methods.options import USED_BY  # sampled only when the method uses it
+from forgetless.methods.registry import uses_option  # sampled only when the method uses it
 
 # Fixed for the whole search (set under train:); the space may not vary them.
 FIXED = {"model", "data", "output_dir", "device", "dtype", "seed", "resume", "report_to",
@@ -175,7 +175,7 @@ def suggest(trial, space: dict[str, list[Any] | Range]) -> dict[str, Any]:
     """One recipe from the space; method-specific settings only where the method uses them."""
     recipe: dict[str, Any] = {"method": trial.suggest_categorical("method", space["method"])}
     for key, values in space.items():
-        if key == "method" or (key in USED_BY and USED_BY[key] not in recipe["method"]):
+        if key == "method" or not uses_option(recipe["method"], key):
             continue
         if isinstance(values, list):
             recipe[key] = trial.suggest_categorical(key, values)

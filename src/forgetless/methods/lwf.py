@@ -7,6 +7,13 @@ costs one more set of weights and one extra forward pass per step (no backward);
 measured (``base_bytes``, ``seconds``) and land in the run summary. The narrow-retraining
 paper (Zhu et al. 2025) reports its selective recipes against LwF, which is why it is a
 ``+lwf`` modifier of any method (``attn+lwf``) and not only of ``full``.
+
+The KL runs over the sequence in chunks of at most ``CHUNK_ELEMENTS`` float32 values
+(``kl_to_base``): the float32 log-softmaxes of model and base, ``batch × length × vocab`` each
+(~4 GB apiece at 8 × 512 × 128k), never exist whole. Autograd keeps one tensor for the backward
+pass, the gradient with respect to the logits in the logits' dtype, computed chunk by chunk in
+the forward pass; the base's logits live only during that pass. ``forgetless plan`` counts both
+(``lwf_activation_bytes``).
 """
 
 from __future__ import annotations
@@ -17,6 +24,54 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+CHUNK_ELEMENTS = 1 << 22  # float32 values per chunk of the KL (16 MiB per temporary)
+
+
+def chunk_rows(vocab: int) -> int:
+    """Positions per chunk of the KL for a ``vocab``-sized output."""
+    return max(1, CHUNK_ELEMENTS // max(1, vocab))
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Σ_positions w · KL(softmax(base) ‖ softmax(logits)) over ``(positions, vocab)`` rows, in
+    chunks of ``rows`` positions; the gradient (w · (p_model · Σp_base − p_base) per position,
+    exactly the unchunked formula's) is computed in the forward pass and is all it saves."""
+
+    @staticmethod
+    def forward(ctx, logits, base_logits, weights, rows):
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        for start in range(0, logits.shape[0], rows):
+            part = slice(start, start + rows)
+            base_logp = F.log_softmax(base_logits[part].float(), dim=-1)
+            logp = F.log_softmax(logits[part].float(), dim=-1)
+            base_p = base_logp.exp()
+            weight = weights[part]
+            total += ((base_p * (base_logp - logp)).sum(-1) * weight).sum()
+            if grad is not None:
+                mass = base_p.sum(-1, keepdim=True)
+                grad[part] = ((logp.exp_() * mass - base_p) * weight[:, None]).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        if getattr(ctx, "used", False):  # retain_graph: the saved gradient is scaled already
+            raise RuntimeError("the LwF term supports one backward pass per forward")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_output), None, None, None  # in place: no second full-size copy
+
+
+def kl_to_base(logits: torch.Tensor, base_logits: torch.Tensor, weights: torch.Tensor,
+               rows: int | None = None) -> torch.Tensor:
+    """Σ over positions of ``weights`` · KL(base ‖ model), ``(..., vocab)`` logits, computed in
+    chunks of ``rows`` positions (default: ``chunk_rows(vocab)``); float32 scalar."""
+    vocab = logits.shape[-1]
+    return _ChunkedKL.apply(logits.reshape(-1, vocab), base_logits.reshape(-1, vocab),
+                            weights.reshape(-1).float(), rows or chunk_rows(vocab))
 
 
 class LwFLoss:
@@ -62,14 +117,13 @@ class LwFLoss:
                  if k not in ("labels", "num_items_in_batch") and torch.is_tensor(v)}
         with torch.no_grad():
             base_logits = self.base(**batch).logits
-        base_logp = F.log_softmax(base_logits.float(), dim=-1)
-        logp = F.log_softmax(logits.float(), dim=-1)
-        per_position = (base_logp.exp() * (base_logp - logp)).sum(-1)  # KL(base ‖ model)
         mask = inputs.get("attention_mask")
-        if mask is not None:
-            per_position = per_position * mask.to(per_position.dtype)
+        weights = (mask.to(device, torch.float32) if mask is not None
+                   else torch.ones(logits.shape[:-1], device=device))
         count = torch.as_tensor(self.positions(inputs) if positions is None else positions)
-        kl = per_position.sum() / count.to(per_position.device, per_position.dtype).clamp(min=1)
+        weights = weights / count.to(device, torch.float32).clamp(min=1)
+        kl = kl_to_base(logits, base_logits, weights)
+        del base_logits
         self.seconds += time.perf_counter() - started
         self.calls += 1
         return self.weight * kl

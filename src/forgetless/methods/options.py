@@ -12,6 +12,8 @@ from typing import Any
 
 from forgetless.errors import ForgetlessError
 
+KL_DIRECTIONS = ("forward", "reverse")  # of ``+kl``: KL(base ‖ model) or KL(model ‖ base)
+
 
 def _for(method: str, default: Any) -> Any:
     """A default read only by ``method`` (a base method or the ``mofo`` modifier)."""
@@ -47,6 +49,17 @@ class MethodOptions:
     # Not marked for lwf: tune has always sampled it for every method, and a trial's folder
     # name hashes what it sampled.
     lwf_weight: float = 1.0
+    # ``+kl`` / ``+asft``: loss gains kl_weight · KL to the frozen base on the response tokens.
+    # 0.1 is LLaMA-Factory's asft_alpha default (provisional here: not measured by forgetless).
+    kl_weight: float = _for("kl", 0.1)
+    kl_direction: str = _for("kl", "forward")  # forward KL(base ‖ model), as ASFT; or reverse
+    # ``+ewc``: λ in units of the mean Fisher (methods/ewc.py). 0.02 = l2-anchor's 0.01 pull
+    # where the Fisher is flat (λ/2 · Σ(θ−θ₀)²), stronger where the general examples need the
+    # weights; provisional, not measured. Then the examples its Fisher is estimated on and where
+    # they come from (a file, a built-in dataset, or a registered source such as ``self``).
+    ewc_lambda: float = _for("ewc", 0.02)
+    ewc_samples: int = _for("ewc", 64)
+    ewc_source: str = _for("ewc", "self")
     # A VLM's parts (LLaMA-Factory's names): the method picks what trains in the language
     # model; the vision tower and projector train only when unfrozen (then fully).
     freeze_vision_tower: bool = True
@@ -64,14 +77,30 @@ class MethodOptions:
             raise ForgetlessError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
         if self.lwf_weight < 0:
             raise ForgetlessError(f"lwf_weight must be >= 0, got {self.lwf_weight}")
+        if self.kl_weight < 0:
+            raise ForgetlessError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if self.kl_direction not in KL_DIRECTIONS:
+            raise ForgetlessError(f"kl_direction must be one of {', '.join(KL_DIRECTIONS)}, "
+                                  f"got {self.kl_direction!r}")
+        if self.ewc_lambda < 0:
+            raise ForgetlessError(f"ewc_lambda must be >= 0, got {self.ewc_lambda}")
+        if self.ewc_samples < 1:
+            raise ForgetlessError(f"ewc_samples must be >= 1, got {self.ewc_samples}")
 
 
 DEFAULT_OPTIONS = MethodOptions()
 # The options a TrainConfig carries (``lora_targets`` is for library callers only).
 OPTION_NAMES = tuple(f.name for f in fields(MethodOptions) if f.name != "lora_targets")
-# option -> the method it means something for: "mofo" = any ``+mofo`` method, "lora", "anchor"
-# (``l1-anchor``, ``l2-anchor``) by name part.
+# option -> the part of a method that reads it: "mofo" = any ``+mofo`` method, "lora", "anchor"
+# (``l1-anchor``, ``l2-anchor``), "kl" (``+kl``, ``+asft``), "ewc" (``+ewc``);
+# ``methods.registry.uses_option`` answers it for a method name.
 USED_BY = {f.name: f.metadata["method"] for f in fields(MethodOptions) if "method" in f.metadata}
+
+
+# Options added after run folders existed: a run's identity names them only away from these
+# defaults, so the folders made before them are still reused (jobs/identity.py).
+LATER_OPTIONS = {name: getattr(DEFAULT_OPTIONS, name) for name in
+                 ("kl_weight", "kl_direction", "ewc_lambda", "ewc_samples", "ewc_source")}
 
 
 def method_options(config: Any) -> MethodOptions:

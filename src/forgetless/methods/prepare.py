@@ -7,12 +7,16 @@ anchor penalty if the method has one, and knows which optimizer the method needs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from forgetless.errors import ForgetlessError
 from forgetless.methods.anchor import AnchorPenalty
+from forgetless.methods.ewc import EWCPenalty
+from forgetless.methods.freeze import frozen_prefixes, layer_prefixes, within
+from forgetless.methods.kl import KLAnchor, dft_loss
 from forgetless.methods.layout import (
     ATTENTION_ROLES,
     MLP_ROLES,
@@ -36,8 +40,10 @@ class PreparedModel:
     trainable_names: list[str]
     trainable: int
     total: int
-    regularizer: AnchorPenalty | None = None
-    distiller: LwFLoss | None = None  # ``+lwf``: KL to a frozen copy of the base, on the batch
+    regularizer: AnchorPenalty | EWCPenalty | None = None
+    # ``+lwf``: KL to a frozen copy of the base on the batch; ``+kl``: on its response tokens
+    distiller: LwFLoss | KLAnchor | None = None
+    loss_func: Any = None  # ``+dft``: replaces the CE (a Trainer ``compute_loss_func``)
     lora_targets: list[str] = field(default_factory=list)
     parts: dict[str, int] = field(default_factory=dict)  # VLM: trainable count per part
 
@@ -54,6 +60,7 @@ class PreparedModel:
         )
         extra = f", {self.regularizer!r}" if self.regularizer is not None else ""
         extra += f", {self.distiller!r}" if self.distiller is not None else ""
+        extra += ", DFT-weighted loss" if self.loss_func is not None else ""
         if self.parts:  # a VLM: say which of its parts train
             extra += "; trains " + ", ".join(
                 f"{part} {count:,}" if count else f"{part} frozen"
@@ -81,7 +88,7 @@ class PreparedModel:
         ]
         groups = [group for group in groups if group["params"]]
         if not self.method.mofo:
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+            return adamw(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         try:
             from forgetless.optim.distributed import ShardedMoFO as MoFO  # = MoFO on whole tensors
         except ImportError as err:  # pragma: no cover - MoFO ships with forgetless
@@ -99,6 +106,19 @@ class PreparedModel:
             )
         except ValueError as err:
             raise ForgetlessError(f"method '{self.method.name}': {err}") from err
+
+
+def adamw(groups: list[dict], **hyper) -> torch.optim.AdamW:
+    """``torch.optim.AdamW``, fused when every parameter is on CUDA (one kernel per step
+    for the group instead of foreach's ~77 ops: ``bench/device_traffic.py``), foreach when
+    torch refuses fused there; elsewhere torch's own default (CPU: the single-tensor loop)."""
+    params = [p for group in groups for p in group["params"]]
+    if params and all(p.device.type == "cuda" for p in params):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **hyper)
+        except (RuntimeError, ValueError):  # a dtype or device fused has no kernel for
+            return torch.optim.AdamW(groups, foreach=True, **hyper)
+    return torch.optim.AdamW(groups, **hyper)
 
 
 def _class_name(model: nn.Module) -> str:
@@ -132,11 +152,17 @@ def _lora_targets(model: nn.Module, options: MethodOptions, method: str) -> list
     return names
 
 
-def _apply_lora(model: nn.Module, options: MethodOptions, method: str):
+def _apply_lora(model: nn.Module, options: MethodOptions, method: str,
+                layers: list[str] | None = None):
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
     targets = _lora_targets(model, options, method)
+    if layers is not None:  # ``+layers:`` / ``+freeze-bottom:``: adapters in those layers only
+        targets = [name for name in targets if within(name, layers)]
+        if not targets:
+            raise ForgetlessError(f"method '{method}': no LoRA target inside the selected "
+                                  "layers")
     modules = dict(model.named_modules())
     config = LoraConfig(
         r=options.lora_r,
@@ -151,6 +177,28 @@ def _apply_lora(model: nn.Module, options: MethodOptions, method: str):
         return get_peft_model(model, config), targets
     except ValueError as err:
         raise ForgetlessError(f"method '{method}': PEFT refused the LoRA targets: {err}") from err
+
+
+def _in_layers(model: nn.Module, selected: list[nn.Parameter], choice: MethodChoice,
+               keep: list[str]) -> list[nn.Parameter]:
+    """The base's ``selected`` parameters narrowed by the layer selection (freeze.py):
+    ``layers:a-b`` keeps only those inside the kept layers; ``freeze-bottom:N`` drops those
+    inside the frozen layers and the input embeddings (a tied head goes with them)."""
+    layers = text_layout(model).layers
+    frozen = [name for name in layers if name not in keep] + frozen_prefixes(model, choice.layers)
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)
+             if within(n, frozen)}  # every name of a tied tensor counts
+    if choice.layers.bottom is None:
+        inside = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+                  if within(n, keep)}
+        out = [p for p in selected if id(p) in inside]
+    else:
+        out = [p for p in selected if id(p) not in names]
+    if not out:
+        raise ForgetlessError(f"method '{choice.name}' on {_class_name(model)}: nothing of "
+                              f"{choice.base.name} lies in the layers {choice.layers.name} "
+                              "leaves training")
+    return out
 
 
 def _parameters_of(model: nn.Module, module_names: list[str]) -> list[nn.Parameter]:
@@ -182,7 +230,9 @@ def prepare_model(
     text_layout(model)  # fail early and clearly on a model we cannot read
     unfrozen = _unfrozen_parts(model, options, choice.name)
     # The base copy is taken before LoRA wraps or anything trains: it is the pre-trained model.
-    distiller = LwFLoss(model, options.lwf_weight) if choice.lwf else None
+    distiller = (LwFLoss(model, options.lwf_weight) if choice.lwf else
+                 KLAnchor(model, options.kl_weight, options.kl_direction) if choice.kl else None)
+    keep = layer_prefixes(model, choice.layers, choice.name) if choice.layers else None
     if base.lora:
         if options.freeze_language_model:
             raise ForgetlessError(f"method '{choice.name}' adapts the language model; "
@@ -191,7 +241,7 @@ def prepare_model(
             raise ForgetlessError(
                 f"method '{choice.name}' with an unfrozen {' and '.join(unfrozen)}: not "
                 "supported (the saved adapter would not hold them); use a non-LoRA method")
-        model, lora_targets = _apply_lora(model, options, choice.name)
+        model, lora_targets = _apply_lora(model, options, choice.name, keep)
     else:
         modules = (
             language_model_modules(model)
@@ -199,6 +249,8 @@ def prepare_model(
             else find_projections(model, base.roles, choice.name)
         )
         selected = [] if options.freeze_language_model else _parameters_of(model, modules)
+        if choice.layers is not None and selected:
+            selected = _in_layers(model, selected, choice, keep)
         model.requires_grad_(False)
         for param in selected + [p for params in unfrozen.values() for p in params]:
             param.requires_grad_(True)
@@ -209,6 +261,9 @@ def prepare_model(
     regularizer = None
     if base.anchor is not None:
         regularizer = AnchorPenalty([p for _, p in trainable], options.anchor_weight, base.anchor)
+    elif choice.ewc:  # its Fisher is estimated by the trainer, on data (train.py)
+        regularizer = EWCPenalty([p for _, p in trainable], [n for n, _ in trainable],
+                                 options.ewc_lambda)
     return PreparedModel(
         model=model,
         method=choice,
@@ -218,6 +273,7 @@ def prepare_model(
         total=sum(p.numel() for _, p in named),
         regularizer=regularizer,
         distiller=distiller,
+        loss_func=dft_loss if choice.dft else None,
         lora_targets=lora_targets,
         parts=_part_counts(model),
     )

@@ -184,3 +184,37 @@ class HostTraffic(TorchDispatchMode):
             return OnDevice(x) if stays else x
 
         return tree_map(wrap, out)
+
+
+# ops that launch no kernel: allocation and metadata (views are recognised by their schema)
+NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+             "lift_fresh", "resize_", "set_", "_local_scalar_dense", "is_same_size", "sym_size",
+             "sym_numel", "sym_stride", "sym_storage_offset", "_record_function_enter_new",
+             "_record_function_exit"}  # fmt: skip
+
+
+class OpTraffic(TorchDispatchMode):
+    """Count the kernels an eager step launches and the bytes they touch, on any device.
+
+    ``kernels``: dispatched ops that do work (views and allocations excluded); ``bytes``: the
+    sizes of their tensor inputs plus outputs (an in-place op counts its tensor read and
+    written), the usual first-order model of a bandwidth-bound step. ``ops`` names them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = 0
+        self.bytes = 0
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if func.is_view or name in NO_KERNEL:
+            return out
+        self.kernels += 1
+        self.ops[name] += 1
+        for x in tree_flatten((args, kwargs, out))[0]:
+            if isinstance(x, Tensor):
+                self.bytes += x.numel() * x.element_size()
+        return out

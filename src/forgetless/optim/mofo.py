@@ -7,13 +7,15 @@ values each step is what limits forgetting, at no extra state compared with Adam
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from forgetless.optim import kernel, select
+from forgetless.optim import device, kernel, select
+from forgetless.optim.device import FusedBatch
 from forgetless.optim.portable import TorchBatch
 from forgetless.optim.select import CountReduce
 
@@ -49,9 +51,12 @@ class MoFO(torch.optim.Optimizer):
             Here ties at the threshold are broken by index within each shard;
             ``forgetless.optim.distributed.ShardedMoFO`` ranks them across shards.
         backend: ``"auto"`` (the compiled kernel, ``forgetless.optim.kernel``, for groups of
-            contiguous float32 CPU tensors; torch ops for anything else, e.g. CUDA or bf16),
-            ``"kernel"`` (error if unavailable) or ``"torch"``. Both compute the same selection
-            and follow AdamW's arithmetic op by op.
+            contiguous float32 CPU tensors; on an accelerator the fused device passes of
+            ``forgetless.optim.device``, compiled with ``torch.compile``, where they compile;
+            chunked torch ops otherwise, e.g. bf16 on a CPU), ``"kernel"`` (error if
+            unavailable), ``"fused"`` (the fused passes, compiled unless
+            ``FORGETLESS_MOFO_COMPILE=0``) or ``"torch"`` (chunked torch ops). All compute the
+            same selection and follow AdamW's arithmetic op by op.
 
     How the top-k set is found: from counts only (``forgetless.optim.select``): a sampled
     bracket, then exact histograms of the keys inside it, fused into the pass that updates the
@@ -108,8 +113,9 @@ class MoFO(torch.optim.Optimizer):
         for group in self.param_groups:
             _check_fraction(group["fraction"])
             _check_filter(group["filter"])
-        if backend not in ("auto", "kernel", "torch"):
-            raise ValueError(f"MoFO: backend must be auto, kernel or torch, got {backend!r}")
+        if backend not in ("auto", "kernel", "torch", "fused"):
+            raise ValueError(
+                f"MoFO: backend must be auto, kernel, torch or fused, got {backend!r}")
         self.track_masks = track_masks
         self.count_reduce = count_reduce or select.identity
         self.backend = backend
@@ -133,10 +139,7 @@ class MoFO(torch.optim.Optimizer):
         if any(g.is_sparse for g in grads):
             raise RuntimeError("MoFO does not support sparse gradients")
         states = [self._state(p) for p in params]
-        steps = []
-        for state in states:
-            state["step"] += 1
-            steps.append(state["step"].item())
+        steps = _host_steps(states)
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         mode = FILTERS.index(group["filter"])
@@ -144,12 +147,12 @@ class MoFO(torch.optim.Optimizer):
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         tensors = [*params, *grads, *exp_avgs, *exp_avg_sqs]
-        use_kernel = self.backend != "torch" and kernel.supports(tensors)
+        use_kernel = self.backend in ("auto", "kernel") and kernel.supports(tensors)
         if use_kernel and kernel.library() is None:
             if self.backend == "kernel":
                 raise RuntimeError(f"MoFO kernel unavailable: {kernel.why_unavailable()}")
             use_kernel = False
-        batch_type = kernel.Batch if use_kernel else TorchBatch
+        batch_type = kernel.Batch if use_kernel else self._device_batch(tensors)
 
         numel = self.count_reduce(torch.tensor([p.numel() for p in params], dtype=torch.int64))
         k = torch.round(group["fraction"] * numel.double()).long().clamp(min=1)
@@ -167,6 +170,16 @@ class MoFO(torch.optim.Optimizer):
         small = [one_by_one and p.numel() <= kernel.CACHE_ELEMENTS for p in params]
         each = [i for i, is_small in enumerate(small) if is_small]
         rest = [i for i, is_small in enumerate(small) if not is_small]
+        if getattr(batch_type, "func", batch_type) is FusedBatch:
+            batch = batch_type(params, grads, exp_avgs, exp_avg_sqs, mode, seeds)
+            batch.adamw = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                               steps=steps)  # fmt: skip
+            moved_on_device = self._device_passes(batch, numel, k, filtered, tolerance, decays,
+                                                  neg_steps, bias2_sqrts, *hyper)  # fmt: skip
+            if self.track_masks:  # stays on the device: no host copy for a statistic
+                for state, count in zip(states, moved_on_device.unbind(), strict=True):
+                    state["moved"] = count
+            return
         moved = torch.zeros(len(params), dtype=torch.int64)
         for part, whole_step in ((each, True), (rest, False)):
             if not part:
@@ -212,6 +225,51 @@ class MoFO(torch.optim.Optimizer):
         self._move_ties(batch, ties, moved, decays, neg_steps, bias2_sqrts, eps, decay_all)
         return moved
 
+    def _device_batch(self, tensors: list[Tensor]) -> type:
+        """The batch for tensors the C kernel does not take: the fused device passes where they
+        compile (or when asked for), else the chunked torch path."""
+        if self.backend == "torch" or not FusedBatch.supports(tensors):
+            return TorchBatch
+        where = tensors[0].device
+        reason = device.compile_off_reason(where)
+        if self.backend == "fused":
+            if reason is not None:
+                device.say_once(f"MoFO: fused device passes run eagerly: {reason}")
+            return functools.partial(FusedBatch, compiled=reason is None)
+        if where.type == "cpu":  # auto on the host: the kernel's fallback, no compile wait
+            return TorchBatch
+        if reason is not None:
+            device.say_once(f"MoFO: device passes not compiled ({reason}); using the chunked "
+                            f"torch path")  # fmt: skip
+            return TorchBatch
+        return FusedBatch
+
+    def _device_passes(self, batch, numel, k, filtered, tolerance, decays, neg_steps,
+                       bias2_sqrts, beta1, beta2, eps, decay_all) -> Tensor | None:  # fmt: skip
+        """``_in_passes`` for ``FusedBatch``: brackets found on the device, so the first host
+        copy is the histograms; moved counts come back on the device."""
+        rows = torch.nonzero(filtered).squeeze(1).tolist()  # host tensors: no device sync
+        thresholds = torch.zeros(len(k), dtype=torch.int64)
+        ties = []
+        if rows:
+            index = torch.tensor(rows, dtype=torch.int64)
+            shares = (k[index].double() / numel[index].double()).tolist()
+            lo, shift = batch.device_bracket(rows, beta1, shares, self.count_reduce)
+            counts, lo, shift = batch.moments_device(beta1, beta2, rows, lo, shift)
+            chosen = select.search(
+                counts, lo, shift, k[index],
+                lambda sub, lo, shift: batch.counter(index[sub], lo, shift, select.BINS),
+                tolerance[index], self.count_reduce,
+            )  # fmt: skip
+            thresholds[index] = chosen.threshold
+            ties = [(rows[sub], int(chosen.tie_value[sub]), int(chosen.tie_take[sub]))
+                    for sub in torch.nonzero(chosen.tie_value >= 0).squeeze(1).tolist()]
+        else:
+            batch.moments_device(beta1, beta2, [], None, None)
+        ties = self._tie_quotas(batch, ties)
+        return batch.update(thresholds, decays, neg_steps, bias2_sqrts, eps, decay_all, ties,
+                            count=self.track_masks)  # fmt: skip
+
     def _one_by_one(self, batch, _numel, k, filtered, tolerance, decays, neg_steps, bias2_sqrts,
                     beta1, beta2, eps, decay_all) -> Tensor:  # fmt: skip
         """The same step and selection, tensor by tensor in C (one process only)."""
@@ -250,6 +308,22 @@ class MoFO(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state
+
+
+def _host_steps(states: list[dict[str, Any]]) -> list[float]:
+    """Increment every ``step`` and read them all. A step tensor found on a device (e.g. loaded
+    by a distributed checkpoint) moves to the host in one copy for the group, where AdamW keeps
+    it, so no step reads it back tensor by tensor."""
+    on_device = [state for state in states if state["step"].device.type != "cpu"]
+    if on_device:
+        host = torch.stack([state["step"] for state in on_device]).cpu()
+        for state, value in zip(on_device, host.unbind(), strict=True):
+            state["step"] = value.clone()
+    steps = []
+    for state in states:
+        state["step"] += 1
+        steps.append(float(state["step"]))
+    return steps
 
 
 def _seed(seed: int, position: int, step: float) -> int:
