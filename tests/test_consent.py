@@ -117,8 +117,9 @@ def test_unisolated_execution_is_refused_without_its_own_opt_in(
 
 def test_the_environment_variable_and_config_key_opt_in(code_task, no_model, tmp_path,
                                                         monkeypatch, capsys):
-    from forgetless.compare import _check_inputs, load_compare_config
     from forgetless.eval.consent import require_code_consent
+    from forgetless.jobs.compare_plan import load_compare_config
+    from forgetless.jobs.session import check_inputs
 
     with pytest.raises(ForgetlessError, match="--confirm-run-unsafe-code"):
         require_code_consent([code_task])
@@ -128,7 +129,11 @@ def test_the_environment_variable_and_config_key_opt_in(code_task, no_model, tmp
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "")
     config = load_compare_config(_compare_yaml(tmp_path, code_task),
                                  ["confirm_run_unsafe_code=true"])
-    _check_inputs(config, "largest_number")  # the config key is consent too
+    assert config.confirm_run_unsafe_code
+    with pytest.raises(ForgetlessError, match="--confirm-run-unsafe-code"):
+        check_inputs(["largest_number"], config.eval.suite)
+    check_inputs(["largest_number"], config.eval.suite,  # the config key is consent too
+                 confirm_run_unsafe_code=config.confirm_run_unsafe_code)
 
 
 def test_python_api_refuses_too(code_task, monkeypatch):
