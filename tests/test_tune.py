@@ -204,3 +204,15 @@ def test_base_loads_with_attn_implementation(tmp_path, monkeypatch):
     with pytest.raises(_Loaded) as loaded:
         session.load_base()
     assert loaded.value.args[0]["attn_implementation"] == "eager"
+
+
+def test_default_baselines_are_method_entries():
+    """The default test.baselines' mofo entry was a raw dict (defaults were not validated), so
+    a search with the default baselines failed with an AttributeError in its early check."""
+    from forgetless.config import MethodEntry
+    from forgetless.jobs.tune_space import TestSettings
+
+    entries = TestSettings().baselines
+    assert [e if isinstance(e, str) else (e.name, e.method) for e in entries] == [
+        "full", "attn", ("mofo", "mofo")]
+    assert isinstance(entries[2], MethodEntry) and entries[2].model_extra == {"fraction": 0.1}

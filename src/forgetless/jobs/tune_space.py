@@ -107,7 +107,8 @@ class TestSettings(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     baselines: list[str | MethodEntry] = Field(
         default_factory=lambda: ["full", "attn", {"name": "mofo", "method": "mofo",
-                                                  "fraction": 0.1}])
+                                                  "fraction": 0.1}],
+        validate_default=True)  # the default's dict becomes a MethodEntry like a given one
 
 
 class TuneConfig(BaseModel):
