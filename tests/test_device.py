@@ -235,14 +235,14 @@ def test_eval_cli_device_error_is_one_line():
 def test_compare_shares_device_and_dtype_and_keeps_old_hashes(monkeypatch):
     from forgetless import compare, runs
     from forgetless.errors import ForgetlessError
-    from forgetless.jobs.identity import COMPARE_UNHASHED
+    from forgetless.jobs.identity import COMPARE_UNHASHED, LATER_KEYS
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto = float32 on the CPU
 
     plan = compare.plan_methods(compare.load_compare_config(None, ["methods=[attn]"]))[0]
     new = {"device", "dtype", "fp32_master_weights", "gradient_checkpointing",
            "attn_implementation", "freeze_vision_tower", "freeze_multi_modal_projector",
-           "freeze_language_model"}
+           "freeze_language_model", *LATER_KEYS}  # (the golden literals: test_run_identity)
     before = {k: v for k, v in plan.train.model_dump().items()
               if k not in COMPARE_UNHASHED and k not in new}
     assert compare.train_hash(plan) == runs.config_hash(before)  # earlier runs stay reusable
