@@ -482,3 +482,21 @@ def test_fisher_of_a_vlm_from_text_and_image_rows():
     ewc = prepared.regularizer
     assert ewc.info["examples_used"] == 2 and ewc.fisher_mean > 0
     assert all(n.startswith("model.language_model.layers.") for n in ewc.names)
+
+
+def test_compare_checks_a_layer_range_before_the_base_is_evaluated(tmp_path, monkeypatch):
+    """A compare entry whose layer range is beyond the base's layers fails right after the
+    base loads, before the (minutes-long) base evaluation."""
+    from forgetless import compare as compare_job
+    from forgetless.jobs import session
+    from test_train import tiny_llama
+
+    tokenizer = _tokenizer()
+    monkeypatch.setattr(session.models, "load_model", lambda *a, **k: (tiny_llama(), tokenizer))
+    monkeypatch.setattr(compare_job._Session, "evaluate",
+                        lambda *a, **k: pytest.fail("evaluated before the method check"))
+    config = {"train": {"model": "tiny", "data": "count_letters", "max_steps": 1},
+              "methods": [{"name": "fb", "method": "full+freeze-bottom:9"}],
+              "eval": {"suite": ["piqa"], "limit": 2}, "output_dir": str(tmp_path / "c")}
+    with pytest.raises(ForgetlessError, match="freeze-bottom:9"):
+        compare_job.compare(config)

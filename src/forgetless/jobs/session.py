@@ -123,14 +123,18 @@ class JobSession:
         return self.tracker
 
     def load_base(self, train_configs: Sequence[TrainConfig]) -> None:
-        """The base model with every model option, then the training sets checked against its
-        tokenizer (an over-long or empty set fails before anything trains)."""
+        """The base model with every model option, then each method's inputs (an ``+ewc``
+        source, a layer range against the base's layer count) and the training sets against its
+        tokenizer: an over-long or empty set or a bad method input fails before anything
+        trains or the base is evaluated."""
         self.say(f"loading base model {self.model_name}")
         self.base, self.tokenizer = models.load_model(
             self.model_name, dtype=self.dtype, device=self.device,
             attn_implementation=self.attn_implementation,
         )
         self.base.eval()
+        for config in {c.method + "|" + c.ewc_source: c for c in train_configs}.values():
+            training.check_method_inputs(config, self.base)
         training.check_training_sets(self.tokenizer, list(train_configs))
 
     def load_saved(self, folder: str | Path):
