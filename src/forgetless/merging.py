@@ -32,10 +32,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from forgetless.config import validate
 from forgetless.errors import ForgetlessError
+from forgetless.interpolate import merged_copy
+from forgetless.io import atomic_dir
+from forgetless.models import is_model_folder, load_model
 
 
 class MergeSpec(BaseModel):
@@ -128,8 +133,6 @@ def merge_delta(delta: torch.Tensor, spec: MergeSpec, name: str = "") -> torch.T
 def merge(base: nn.Module, tuned: nn.Module, spec: MergeSpec) -> nn.Module:
     """A new model θ₀ + s·m(θ − θ₀) (τ in float32, the result in θ₀'s dtype); both inputs
     stay unchanged."""
-    from forgetless.interpolate import merged_copy
-
     tuned_params = dict(merged_copy(tuned).named_parameters())
     out = copy.deepcopy(base)
     for name, param in out.named_parameters():
@@ -152,12 +155,6 @@ def merge_run(run_dir: str | Path, spec: MergeSpec | dict, out_dir: str | Path,
     """Merge the model a finished run saved (``run_dir/model``, whole or a LoRA adapter) onto
     ``base`` (default: the run's ``config.yaml`` model) and save it with the run's tokenizer
     to ``out_dir`` (written to a temporary folder, renamed into place when complete)."""
-    import yaml
-
-    from forgetless.config import validate
-    from forgetless.io import atomic_dir
-    from forgetless.models import is_model_folder, load_model
-
     spec = spec if isinstance(spec, MergeSpec) else validate(MergeSpec, spec, where="merge")
     saved = Path(run_dir) / "model"
     if not is_model_folder(saved):

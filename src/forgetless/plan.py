@@ -55,6 +55,8 @@ from forgetless.config import TrainConfig
 from forgetless.devices import DTYPES, check_attn_implementation, dtype_name
 from forgetless.errors import ForgetlessError
 from forgetless.methods import parse_method, prepare_model
+from forgetless.methods.layout import find_projections
+from forgetless.methods.lwf import chunk_rows
 from forgetless.methods.options import method_options
 from forgetless.models import resolve_model
 from forgetless.train import cast_trainable
@@ -252,7 +254,6 @@ def unsaved_inputs(model, method: str) -> tuple[str, ...]:
     """Which of ``_WEIGHT_ONLY`` a prepared model's backward pass does not need: a linear layer
     keeps its input for its own weight's gradient (or its LoRA adapter's), and a norm its output
     for its scale's; frozen ones need neither. Unknown layouts count as training (over-count)."""
-    from forgetless.methods.layout import find_projections
 
     modules = dict(model.named_modules())
 
@@ -320,8 +321,6 @@ def method_activation_estimate(config, prepared, batch_size: int, max_length: in
     ``anchor_bytes``), but computing a term makes up to two temporaries the size of that tensor,
     counted for the largest trainable tensor.
     """
-    from forgetless.methods.lwf import chunk_rows
-
     held = 0
     if prepared.distiller is not None:
         vocab = _dims(config)["vocab"]

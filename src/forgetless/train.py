@@ -227,8 +227,6 @@ def check_launch(method: str) -> None:
     copy is a whole model on every process, not run under either yet."""
     if not _sharded_launch():
         return
-    from forgetless.methods import parse_method
-
     choice = parse_method(method)
     term = ("an anchor penalty" if choice.base.anchor is not None
             else "an LwF term" if choice.lwf else None)
@@ -368,9 +366,7 @@ def check_method_inputs(config: TrainConfig, model: Any = None) -> None:
     if model is not None and hasattr(model, "config"):
         layers = num_layers_of_config(model.config)
     elif model is None:
-        from transformers import AutoConfig
-
-        from forgetless.models import resolve_model
+        from transformers import AutoConfig  # only here: a config read before any model loads
 
         try:
             layers = num_layers_of_config(AutoConfig.from_pretrained(resolve_model(config.model)))

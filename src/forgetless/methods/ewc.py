@@ -34,8 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from forgetless.data import (
+    IGNORE_INDEX,
+    Example,
+    data_collator,
+    load_examples,
+    tokenize_conversation,
+)
 from forgetless.errors import ForgetlessError
 from forgetless.mixing import default_exclude, heldout_texts
+from forgetless.models import is_processor
 from forgetless.paths import cache_dir
 from forgetless.rehearsal import rehearse
 
@@ -74,8 +82,6 @@ def check_fisher_source(source: str) -> None:
     """A source that cannot be read fails here, before any model loads."""
     if source in _SOURCES:
         return
-    from forgetless.data import load_examples
-
     load_examples(source, "train")
 
 
@@ -252,13 +258,6 @@ def estimate_fisher(model: nn.Module, params: list[nn.Parameter], batches: list[
 def fisher_batches(tokenizer: Any, examples: list[Any], max_length: int) -> list[dict]:
     """One collated batch per example (conversations or ``data.Example``), through the same
     tokenisation and collator as training; examples with no response token are dropped."""
-    from forgetless.data import (
-        IGNORE_INDEX,
-        Example,
-        data_collator,
-        tokenize_conversation,
-    )
-    from forgetless.models import is_processor
 
     examples = [e if isinstance(e, Example) else Example(e) for e in examples]
     collate = data_collator(tokenizer, max_length)
@@ -283,7 +282,6 @@ def fisher_examples(model: nn.Module, tokenizer: Any, source: str, n: int,
     if source in _SOURCES:
         return list(_SOURCES[source](model, tokenizer, n, seed))[:n]
     check_fisher_source(source)
-    from forgetless.data import load_examples
 
     examples = load_examples(source, "train")
     order = list(range(len(examples)))
