@@ -6,7 +6,12 @@ import json
 
 import typer
 
-from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP
+from forgetless.cli.options import (
+    confirm_code_option,
+    device_option,
+    dtype_option,
+    unisolated_code_option,
+)
 
 
 def check_command(
@@ -23,14 +28,10 @@ def check_command(
     seed: int = typer.Option(0, "--seed", help="Item sampling seed."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when available, else CPU), "
-                               "cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), "
-                              "bfloat16, float16 or float32."),
-    confirm_run_unsafe_code: bool = typer.Option(False, "--confirm-run-unsafe-code",
-                                                 help=CONFIRM_HELP),
-    allow_unisolated_code: bool = typer.Option(False, "--allow-unisolated-code",
-                                               help=UNISOLATED_HELP),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    confirm_run_unsafe_code: bool = confirm_code_option(),
+    allow_unisolated_code: bool = unisolated_code_option(),
 ) -> None:
     """Retention gate for CI: exit 1 when a held-out benchmark dropped by more than --max-drop.
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP, consent_overrides
+from forgetless.cli.options import confirm_code_option, unisolated_code_option
+from forgetless.eval.consent import consent_overrides
 
 
 def compare_command(
@@ -18,10 +19,8 @@ def compare_command(
     report_only: bool = typer.Option(
         False, "--report-only", help="Only redraw the report from the output's results.json."
     ),
-    confirm_run_unsafe_code: bool = typer.Option(False, "--confirm-run-unsafe-code",
-                                                 help=CONFIRM_HELP),
-    allow_unisolated_code: bool = typer.Option(False, "--allow-unisolated-code",
-                                               help=UNISOLATED_HELP),
+    confirm_run_unsafe_code: bool = confirm_code_option(),
+    allow_unisolated_code: bool = unisolated_code_option(),
 ) -> None:
     """Fine-tune several methods under one budget and report learning vs forgetting."""
     # the job (torch, transformers, mlflow): only when it runs

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from forgetless.cli.options import config_first
-from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP, consent_overrides
+from forgetless.cli.options import config_first, confirm_code_option, unisolated_code_option
+from forgetless.eval.consent import consent_overrides
 
 
 def continual_command(
@@ -13,10 +13,8 @@ def continual_command(
     overrides: list[str] = typer.Argument(
         None, help="key=value overrides, dotted into sections: train.max_steps=20 eval.limit=50"
     ),
-    confirm_run_unsafe_code: bool = typer.Option(False, "--confirm-run-unsafe-code",
-                                                 help=CONFIRM_HELP),
-    allow_unisolated_code: bool = typer.Option(False, "--allow-unisolated-code",
-                                               help=UNISOLATED_HELP),
+    confirm_run_unsafe_code: bool = confirm_code_option(),
+    allow_unisolated_code: bool = unisolated_code_option(),
 ) -> None:
     """Tune through a task sequence (each stage from the last); report R, ACC, BWT, FWT."""
     from forgetless.continual import continual  # the job (torch, transformers): when it runs

@@ -6,9 +6,14 @@ from pathlib import Path
 
 import typer
 
-from forgetless.cli.options import split
+from forgetless.cli.options import (
+    confirm_code_option,
+    device_option,
+    dtype_option,
+    split,
+    unisolated_code_option,
+)
 from forgetless.errors import ForgetlessError
-from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP
 
 
 def eval_command(
@@ -29,14 +34,10 @@ def eval_command(
     num_fewshot: int | None = typer.Option(None, "--num-fewshot", help="Few-shot examples."),
     batch_size: int = typer.Option(16, "--batch-size", help="Contexts per forward pass."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the result JSON."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when available, else CPU), "
-                               "cpu, cuda or cuda:N: where both models run."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), "
-                              "bfloat16, float16 or float32: the precision both models load in."),
-    confirm_run_unsafe_code: bool = typer.Option(False, "--confirm-run-unsafe-code",
-                                                 help=CONFIRM_HELP),
-    allow_unisolated_code: bool = typer.Option(False, "--allow-unisolated-code",
-                                               help=UNISOLATED_HELP),
+    device: str = device_option(": where both models run"),
+    dtype: str = dtype_option(": the precision both models load in"),
+    confirm_run_unsafe_code: bool = confirm_code_option(),
+    allow_unisolated_code: bool = unisolated_code_option(),
 ) -> None:
     """Measure held-out accuracy, target skill and drift from the base model."""
     # the job's modules (torch, transformers): only when it runs

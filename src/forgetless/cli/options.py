@@ -1,6 +1,33 @@
-"""Small pieces every verb's module shares: list options and ``key=value`` overrides."""
+"""Small pieces every verb's module shares: options several verbs take, list options and
+``key=value`` overrides."""
 
 from __future__ import annotations
+
+import typer
+
+from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP
+
+
+def confirm_code_option() -> bool:
+    """``--confirm-run-unsafe-code``: the opt-in before a code task runs model-written code."""
+    return typer.Option(False, "--confirm-run-unsafe-code", help=CONFIRM_HELP)
+
+
+def unisolated_code_option() -> bool:
+    """``--allow-unisolated-code``: also where the sandbox cannot isolate the programs."""
+    return typer.Option(False, "--allow-unisolated-code", help=UNISOLATED_HELP)
+
+
+def device_option(where: str = "") -> str:
+    """``--device`` of a verb that loads models (``where``: what runs there, for the help)."""
+    return typer.Option("auto", "--device", help="auto (CUDA when available, else CPU), cpu, "
+                        f"cuda or cuda:N{where}.")
+
+
+def dtype_option(where: str = "") -> str:
+    """``--dtype`` of a verb that loads models (``where``: what it applies to, for the help)."""
+    return typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), "
+                        f"bfloat16, float16 or float32{where}.")
 
 
 def split(values: list[str] | None) -> list[str]:

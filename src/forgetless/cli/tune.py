@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from forgetless.eval.consent import CONFIRM_HELP, UNISOLATED_HELP, consent_overrides
+from forgetless.cli.options import confirm_code_option, unisolated_code_option
+from forgetless.eval.consent import consent_overrides
 
 
 def _say(message: str) -> None:
@@ -18,10 +19,8 @@ def tune_command(
     tracking_uri: str | None = typer.Option(
         None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in the output folder)."
     ),
-    confirm_run_unsafe_code: bool = typer.Option(False, "--confirm-run-unsafe-code",
-                                                 help=CONFIRM_HELP),
-    allow_unisolated_code: bool = typer.Option(False, "--allow-unisolated-code",
-                                               help=UNISOLATED_HELP),
+    confirm_run_unsafe_code: bool = confirm_code_option(),
+    allow_unisolated_code: bool = unisolated_code_option(),
 ) -> None:
     """Search methods and settings for the best target score within a forgetting budget."""
     # the job (torch, optuna, mlflow): only when it runs
