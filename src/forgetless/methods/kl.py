@@ -21,7 +21,6 @@ puts little). ``+dft`` alone swaps the cross-entropy for L_DFT. ``+lwf`` (lwf.py
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forgetless.data import IGNORE_INDEX
+from forgetless.methods.lwf import FrozenBase
 from forgetless.methods.options import KL_DIRECTIONS
 
 
@@ -64,7 +64,7 @@ def kl_per_token(logits: torch.Tensor, base_logits: torch.Tensor,
     return (logp.exp() * (logp - base_logp)).sum(-1)
 
 
-class KLAnchor:
+class KLAnchor(FrozenBase):
     """Callable ``kl(logits, inputs, positions) -> weight · KL`` on the training tokens, with
     the same interface as ``LwFLoss`` so the trainer treats both alike.
 
@@ -77,23 +77,10 @@ class KLAnchor:
     name = "kl"
 
     def __init__(self, model: nn.Module, weight: float, direction: str = "forward") -> None:
-        if weight < 0:
-            raise ValueError(f"kl weight must be >= 0, not {weight}")
         if direction not in KL_DIRECTIONS:
             raise ValueError(f"kl direction must be one of {KL_DIRECTIONS}, not {direction!r}")
-        self.base = copy.deepcopy(model)
-        self.base.requires_grad_(False)
-        self.base.eval()
-        self.weight = weight
+        super().__init__(model, weight)
         self.direction = direction
-        self.seconds = 0.0
-        self.calls = 0
-
-    @property
-    def base_bytes(self) -> int:
-        """Memory held by the frozen copy."""
-        seen = {id(t): t for t in [*self.base.parameters(), *self.base.buffers()]}
-        return sum(t.numel() * t.element_size() for t in seen.values())
 
     @staticmethod
     def positions(inputs: dict) -> torch.Tensor:
@@ -121,12 +108,8 @@ class KLAnchor:
         return self.weight * kl
 
     def summary(self, train_seconds: float | None = None) -> dict:
-        """Overhead figures for metrics.json: copy size, base-forward time and its share."""
-        out = {"weight": self.weight, "direction": self.direction, "base_bytes": self.base_bytes,
-               "base_forward_seconds": round(self.seconds, 3), "steps": self.calls}
-        if train_seconds:
-            out["time_share"] = round(self.seconds / train_seconds, 4)
-        return out
+        """The copy's overhead figures (``FrozenBase.summary``) and the KL's direction."""
+        return {"direction": self.direction, **super().summary(train_seconds)}
 
     def __repr__(self) -> str:
         return (f"KL({self.direction}, weight={self.weight}, base copy "

@@ -74,16 +74,19 @@ def kl_to_base(logits: torch.Tensor, base_logits: torch.Tensor, weights: torch.T
                             weights.reshape(-1).float(), rows or chunk_rows(vocab))
 
 
-class LwFLoss:
-    """Callable distillation term: ``lwf(logits, inputs) -> scalar`` to add to the loss.
+class FrozenBase:
+    """A loss term against a frozen copy of the base (``+lwf``, ``+kl``): the copy, its weight
+    and what it costs (memory, forward time) for metrics.json.
 
     ``base`` is a deep copy (its own tensors: a shared tensor would move with training and the
     term would stay zero); it is frozen, kept in eval mode and follows the live logits' device.
     """
 
+    name = "lwf"
+
     def __init__(self, model: nn.Module, weight: float) -> None:
         if weight < 0:
-            raise ValueError(f"lwf weight must be >= 0, not {weight}")
+            raise ValueError(f"{self.name} weight must be >= 0, not {weight}")
         self.base = copy.deepcopy(model)
         self.base.requires_grad_(False)
         self.base.eval()
@@ -96,6 +99,18 @@ class LwFLoss:
         """Memory held by the frozen copy (the memory overhead)."""
         seen = {id(t): t for t in [*self.base.parameters(), *self.base.buffers()]}
         return sum(t.numel() * t.element_size() for t in seen.values())
+
+    def summary(self, train_seconds: float | None = None) -> dict:
+        """Overhead figures for metrics.json: copy size, base-forward time and its share."""
+        out = {"weight": self.weight, "base_bytes": self.base_bytes,
+               "base_forward_seconds": round(self.seconds, 3), "steps": self.calls}
+        if train_seconds:
+            out["time_share"] = round(self.seconds / train_seconds, 4)
+        return out
+
+
+class LwFLoss(FrozenBase):
+    """Callable distillation term: ``lwf(logits, inputs) -> scalar`` to add to the loss."""
 
     @staticmethod
     def positions(inputs: dict) -> torch.Tensor | int:
@@ -127,14 +142,6 @@ class LwFLoss:
         self.seconds += time.perf_counter() - started
         self.calls += 1
         return self.weight * kl
-
-    def summary(self, train_seconds: float | None = None) -> dict:
-        """Overhead figures for metrics.json: copy size, base-forward time and its share."""
-        out = {"weight": self.weight, "base_bytes": self.base_bytes,
-               "base_forward_seconds": round(self.seconds, 3), "steps": self.calls}
-        if train_seconds:
-            out["time_share"] = round(self.seconds / train_seconds, 4)
-        return out
 
     def __repr__(self) -> str:
         return f"LwF(weight={self.weight}, base copy {self.base_bytes / 2**20:.0f} MiB)"
