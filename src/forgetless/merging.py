@@ -26,7 +26,6 @@ weight change. ``merge_run`` applies a merge to a finished run folder outside ``
 
 from __future__ import annotations
 
-import copy
 import zlib
 from pathlib import Path
 from typing import Literal
@@ -38,7 +37,7 @@ from torch import nn
 
 from forgetless.config import validate
 from forgetless.errors import ForgetlessError
-from forgetless.interpolate import merged_copy
+from forgetless.interpolate import paired_parameters
 from forgetless.io import atomic_dir
 from forgetless.models import is_model_folder, load_model
 
@@ -133,16 +132,8 @@ def merge_delta(delta: torch.Tensor, spec: MergeSpec, name: str = "") -> torch.T
 def merge(base: nn.Module, tuned: nn.Module, spec: MergeSpec) -> nn.Module:
     """A new model θ₀ + s·m(θ − θ₀) (τ in float32, the result in θ₀'s dtype); both inputs
     stay unchanged."""
-    tuned_params = dict(merged_copy(tuned).named_parameters())
-    out = copy.deepcopy(base)
-    for name, param in out.named_parameters():
-        if name not in tuned_params:
-            raise ForgetlessError(f"cannot merge: tuned model has no parameter {name}")
-        other = tuned_params[name]
-        if other.shape != param.shape:
-            raise ForgetlessError(
-                f"cannot merge {name}: shape {tuple(other.shape)} vs {tuple(param.shape)}"
-            )
+    out, pairs = paired_parameters(base, tuned, "merge")
+    for name, param, other in pairs:
         theta0 = param.float()
         delta = other.to(param.device, torch.float32) - theta0
         if delta.any():  # a frozen tensor (a preset's, LoRA's) stays θ₀ without the work

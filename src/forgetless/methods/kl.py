@@ -93,13 +93,8 @@ class KLAnchor(FrozenBase):
         batch's count; the trainer passes the accumulated step's)."""
         started = time.perf_counter()
         device = logits.device
-        if next(self.base.parameters()).device != device:
-            self.base.to(device)
-        batch = {k: v for k, v in inputs.items()
-                 if k not in ("labels", "num_items_in_batch") and torch.is_tensor(v)}
         mask = shifted_labels(inputs["labels"].to(device)) != IGNORE_INDEX
-        with torch.no_grad():
-            base_logits = self.base(**batch).logits[mask]
+        base_logits = self.base_logits(inputs, device)[mask]
         total = kl_per_token(logits[mask], base_logits, self.direction).sum()
         count = torch.as_tensor(mask.sum() if positions is None else positions)
         kl = total / count.to(total.device, total.dtype).clamp(min=1)

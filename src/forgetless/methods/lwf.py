@@ -100,6 +100,15 @@ class FrozenBase:
         seen = {id(t): t for t in [*self.base.parameters(), *self.base.buffers()]}
         return sum(t.numel() * t.element_size() for t in seen.values())
 
+    @torch.no_grad()
+    def base_logits(self, inputs: dict, device: torch.device) -> torch.Tensor:
+        """The frozen copy's logits on the batch (the copy follows the live logits' device)."""
+        if next(self.base.parameters()).device != device:
+            self.base.to(device)
+        batch = {k: v for k, v in inputs.items()
+                 if k not in ("labels", "num_items_in_batch") and torch.is_tensor(v)}
+        return self.base(**batch).logits
+
     def summary(self, train_seconds: float | None = None) -> dict:
         """Overhead figures for metrics.json: copy size, base-forward time and its share."""
         out = {"weight": self.weight, "base_bytes": self.base_bytes,
@@ -126,12 +135,7 @@ class LwFLoss(FrozenBase):
         the micro-batches' terms add up to the mean over the step, as the CE loss does)."""
         started = time.perf_counter()
         device = logits.device
-        if next(self.base.parameters()).device != device:
-            self.base.to(device)
-        batch = {k: v for k, v in inputs.items()
-                 if k not in ("labels", "num_items_in_batch") and torch.is_tensor(v)}
-        with torch.no_grad():
-            base_logits = self.base(**batch).logits
+        base_logits = self.base_logits(inputs, device)
         mask = inputs.get("attention_mask")
         weights = (mask.to(device, torch.float32) if mask is not None
                    else torch.ones(logits.shape[:-1], device=device))
