@@ -425,8 +425,11 @@ def _record(job: str, points: list[str], timed: list[dict]) -> None:
 
 @pytest.mark.faults
 def test_ctrl_c_is_one_line_and_exit_130(model_dir, tmp_path):
-    done = run(_train_args(model_dir, tmp_path / "run"), tmp_path / "logs",
-               interrupt_at="train.step:2")
+    # 400 steps, so the Ctrl-C sent at step 2 lands long before training could end (with 6
+    # steps the tiny run sometimes finished first; a swallowed Ctrl-C would still fail here)
+    args = [a if a != "max_steps=6" else "max_steps=400" for a in
+            _train_args(model_dir, tmp_path / "run")]
+    done = run(args, tmp_path / "logs", interrupt_at="train.step:2")
     assert done.code == 130, done.output
     assert done.output.strip().splitlines()[-1] == "forgetless: interrupted"
     assert not (tmp_path / "run" / "metrics.json").exists()
