@@ -289,3 +289,22 @@ def test_compiled_bytes_per_element_within_budget():
     assert 20 <= moments <= 28, moments  # g, m, v read; m, v written (+ histogram)
     assert 16 <= step <= 20, step  # p, m, v read; p written
     assert moments + step <= 45 and count <= 8, (moments, step, count)
+
+
+@pytest.mark.compile
+def test_histogram_passes_on_a_cpu_scatter_without_atomics():
+    """On a CPU the histogram passes compile to one thread's plain adds (parallel, Inductor
+    makes every element an atomic add the cores contend for); the masked step, which has no
+    scatter, stays parallel. The same counts either way."""
+    from torch._inductor.utils import run_and_get_code
+
+    g, m, v = (torch.randn(1 << 12) for _ in range(3))
+    lo, shift = torch.tensor(0x3A000000), torch.tensor(12)
+    counts, code = run_and_get_code(device._compiled(device.count_keys), g, m, lo, shift, 7, 0,
+                                    1024)  # fmt: skip
+    assert "atomic_add" not in "".join(code) and "omp parallel" not in "".join(code)
+    assert torch.equal(counts, device.count_keys(g, m, lo, shift, 7, 0, 1024))
+    p = torch.randn(1 << 12)
+    _, code = run_and_get_code(device._compiled(device.masked_step), p, g, m, v, 0x3A800000, -1,
+                               0, 0.99, -1e-3, 0.9, 1e-8, 7, 0, False, False, False)  # fmt: skip
+    assert torch.get_num_threads() == 1 or "omp parallel" in "".join(code)

@@ -181,14 +181,22 @@ _compile_seconds: dict[str, float] = {}  # function -> seconds spent compiling i
 _broken: list[str] = []  # why compilation failed in this process (then: eager from then on)
 
 
+# Passes holding a histogram scatter. On a CPU, Inductor parallelises a scatter with atomic adds
+# that the cores contend for: a 16 Mi-element moments + histogram pass took 50 ms on 2 threads and
+# 26 ms on 1, where the loop is plain adds (docs/performance.md). One thread for these passes on
+# a CPU only; Triton kernels (GPU) ignore the C++ options.
+SCATTER_PASSES = ("moments_histogram", "count_keys")
+
+
 @functools.cache
 def _compiled(fn: Callable) -> Callable:
     # dynamic: one graph for every tensor size; emulate_precision_casts: bf16/fp16 ops round
     # between ops as eager AdamW does (else Inductor keeps fp32 intermediates); C++ kernels
     # named in the profiler (as GPU kernels are), so a CPU test can count launches
-    return torch.compile(fn, dynamic=True, fullgraph=True,
-                         options={"emulate_precision_casts": True,
-                                  "cpp.enable_kernel_profile": True})  # fmt: skip
+    options = {"emulate_precision_casts": True, "cpp.enable_kernel_profile": True}
+    if fn.__name__ in SCATTER_PASSES:
+        options["cpp.threads"] = 1
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
 
 METER: list[tuple[str, int, int]] | None = None  # set to a list: (function, elements, itemsize)
