@@ -159,6 +159,7 @@ def test_merge_run_writes_a_loadable_merged_folder(tmp_path):
         ([{"kind": "ties", "density": 0.5, "seed": 1}], "a seed applies to dare only"),
         ([{"kind": "ties", "density": 0.5}, {"kind": "ties", "density": 0.5, "scale": 1}],
          "two entries are the same merge: ties-d0.5"),
+        ([{"kind": "ties", "density": 0.5, "methods": ["ful"]}], "ful are not compare entries"),
     ],
 )
 def test_bad_merge_specs_fail_before_any_model_loads(tmp_path, monkeypatch, merges, message):
@@ -241,3 +242,26 @@ def test_compare_evaluates_each_merge_as_a_row_and_reuses_it(tmp_path, model_dir
     fewer = compare(config).results
     assert evaluated == [] and [p["merge"] for p in fewer["methods"][0]["merges"]] == [
         "dare-d0.5-seed1"]
+
+
+def test_a_merge_for_some_methods_merges_only_their_runs(tmp_path, model_dir, monkeypatch):
+    evaluated = []
+    real = forgetless.compare._Session.evaluate
+
+    def counting(self, model, label, with_base=True):
+        evaluated.append(label)
+        return real(self, model, label, with_base)
+
+    monkeypatch.setattr(forgetless.compare._Session, "evaluate", counting)
+    results = compare({
+        "train": dict(model=str(model_dir), data="count_letters", limit=8, batch_size=4,
+                      max_steps=1, max_length=64, learning_rate=1e-2, report_to=[]),
+        "methods": ["full", "attn"],
+        "eval": dict(suite=["arc_easy"], limit=2, target=None, batch_size=4, drift_prompts=2),
+        "merge": [{"kind": "ties", "density": 0.2, "methods": ["full"]}],
+        "output_dir": str(tmp_path / "cmp"),
+    }).results
+    rows = {row["name"]: row for row in results["methods"]}
+    assert [p["merge"] for p in rows["full"]["merges"]] == ["ties-d0.2"]
+    assert not rows["attn"].get("merges")
+    assert "full ties-d0.2" in evaluated and "attn ties-d0.2" not in evaluated

@@ -54,7 +54,7 @@ from forgetless.jobs.session import (
     say,
     target_for,
 )
-from forgetless.merging import merge
+from forgetless.merging import MergeSpec, merge
 from forgetless.models import is_model_folder
 from forgetless.report import build_results, write_report
 
@@ -180,12 +180,12 @@ class _Session(JobSession):
             return None
         params = {"train": planned.train.model_dump(), "eval": self.config.eval.model_dump(),
                   "target": self.target, "interpolate": self.config.interpolate,
-                  "merge": [spec.key for spec in self.config.merge]}
+                  "merge": [spec.key for spec in self.merges_for(planned.name)]}
         train = runs.read_json(folder / "metrics.json")
         record = self._tracked(folder, record, params=params, train=train, label=planned.label)
         if "merges" in record:  # the report shows the merges asked for now, not every one made
             record = {**record, "merges": {spec.key: record["merges"][spec.key]
-                                           for spec in self.config.merge}}
+                                           for spec in self.merges_for(planned.name)}}
         return record
 
     def _complete(self, folder: Path, record: dict, thash: str) -> bool:
@@ -193,7 +193,7 @@ class _Session(JobSession):
         merges = record.get("merges", {})  # a merge added later: re-evaluate from the weights
         return (
             record.get("train_hash") == thash and record.get("eval_hash") == self.eval_hash
-            and all(spec.key in merges for spec in self.config.merge)
+            and all(spec.key in merges for spec in self.merges_for(record.get("name")))
             and runs.has_files(folder, ["metrics.json", *files, *merges.values()])
         )
 
@@ -241,11 +241,15 @@ class _Session(JobSession):
         atomic_write_json(folder / "compare.json", record)  # last: marks the method complete
         return record
 
+    def merges_for(self, method: str | None) -> list[MergeSpec]:
+        """The ``merge:`` entries that apply to a method entry's runs."""
+        return [spec for spec in self.config.merge if spec.applies_to(method or "")]
+
     def evaluate_merges(self, tuned, planned: PlannedMethod, folder: Path) -> dict[str, str]:
         """Each ``merge:`` of the run's task vector, evaluated like an interpolation point;
         returns {merge key: eval file}."""
         files = {}
-        for spec in self.config.merge:
+        for spec in self.merges_for(planned.name):
             merged = merge(self.base, tuned, spec)
             file = f"eval_merge_{spec.key}.json"
             self.evaluate(merged, f"{planned.label} {spec.key}").save(folder / file)

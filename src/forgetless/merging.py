@@ -52,6 +52,10 @@ class MergeSpec(BaseModel):
     density: float = Field(gt=0.0, le=1.0)
     scale: float = Field(1.0, gt=0.0)
     seed: int | None = Field(None, ge=0)
+    # the compare methods (entry names) whose runs are merged; null: every method. Merging is
+    # a remedy for the methods that forget (full fine-tuning), and each merge is one more
+    # evaluation per run.
+    methods: tuple[str, ...] | None = None
 
     @model_validator(mode="after")
     def _seed_is_dare_only(self) -> MergeSpec:
@@ -59,6 +63,9 @@ class MergeSpec(BaseModel):
             raise ValueError("seed: TIES keeps the largest coordinates, nothing is drawn; "
                              "a seed applies to dare only")
         return self
+
+    def applies_to(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
 
     @property
     def drop_seed(self) -> int:

@@ -170,4 +170,9 @@ def plan_methods(config: CompareConfig) -> list[PlannedMethod]:
                 data["seed"], folder = seed, folder / f"seed{seed}"
             data["output_dir"] = str(folder)
             planned.append(PlannedMethod(name, validate(TrainConfig, data, where=where), seed))
+    for spec in config.merge:
+        unknown = sorted(set(spec.methods or ()) - seen)
+        if unknown:
+            raise ForgetlessError(f"merge {spec.key}: methods {', '.join(unknown)} are not "
+                                  f"compare entries (entries: {', '.join(sorted(seen))})")
     return planned
