@@ -216,3 +216,25 @@ def test_default_baselines_are_method_entries():
     assert [e if isinstance(e, str) else (e.name, e.method) for e in entries] == [
         "full", "attn", ("mofo", "mofo")]
     assert isinstance(entries[2], MethodEntry) and entries[2].model_extra == {"fraction": 0.1}
+
+
+def test_remedy_settings_are_searchable_mix_by_position():
+    """A mix: list is a structured choice (drawn by its position), kl_weight / ewc_lambda ranges
+    are sampled only for the methods that read them; a bad choice fails the config check."""
+    import optuna
+
+    from forgetless.jobs.tune_space import Range, check_config, load_tune_config, suggest
+
+    mixes = [[], [{"source": "gsm8k", "ratio": 0.1}], [{"source": "gsm8k", "ratio": 0.3}]]
+    space = {"method": ["full+kl", "full+ewc", "full"], "mix": mixes,
+             "kl_weight": Range(low=0.01, high=1.0, log=True),
+             "ewc_lambda": Range(low=0.001, high=0.1, log=True)}
+    kl = suggest(optuna.trial.FixedTrial({"method": "full+kl", "mix": 2, "kl_weight": 0.2}),
+                 space)
+    assert kl == {"method": "full+kl", "mix": mixes[2], "kl_weight": 0.2}
+    plain = suggest(optuna.trial.FixedTrial({"method": "full", "mix": 0}), space)
+    assert plain == {"method": "full", "mix": []}
+    check_config(load_tune_config({"train": {"data": "largest_number"}, "space": space}))
+    bad = {**space, "mix": [[{"source": "gsm8k", "ratio": 1.5}]]}
+    with pytest.raises(ForgetlessError, match="space.mix"):
+        check_config(load_tune_config({"train": {"data": "largest_number"}, "space": bad}))

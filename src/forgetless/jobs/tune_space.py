@@ -173,14 +173,21 @@ def check_config(config: TuneConfig) -> None:
 # --- recipes ---------------------------------------------------------------------------------
 
 
+def _plain(value: Any) -> bool:
+    """A value Optuna stores as a categorical choice itself."""
+    return value is None or isinstance(value, bool | int | float | str)
+
+
 def suggest(trial, space: dict[str, list[Any] | Range]) -> dict[str, Any]:
     """One recipe from the space; method-specific settings only where the method uses them."""
     recipe: dict[str, Any] = {"method": trial.suggest_categorical("method", space["method"])}
     for key, values in space.items():
         if key == "method" or not uses_option(recipe["method"], key):
             continue
-        if isinstance(values, list):
+        if isinstance(values, list) and all(_plain(v) for v in values):
             recipe[key] = trial.suggest_categorical(key, values)
+        elif isinstance(values, list):  # structured choices (a mix: list): drawn by position
+            recipe[key] = values[trial.suggest_categorical(key, list(range(len(values))))]
         elif key in INT_KEYS:
             recipe[key] = trial.suggest_int(key, int(values.low), int(values.high),
                                             step=int(values.step or 1), log=values.log)
