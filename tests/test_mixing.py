@@ -291,3 +291,17 @@ def test_training_set_check_covers_mix_sources(tokenizer, tmp_path):
     config = _config(mix=[{"source": str(long), "ratio": 0.2, "exclude": []}])
     with pytest.raises(ForgetlessError, match="keeps a response token within max_length"):
         check_training_sets(tokenizer, [config])  # a compare fails here, before its base eval
+
+
+def test_report_states_the_token_budget_of_mixed_runs():
+    from forgetless.report import token_budget_lines
+
+    mixed = {"sources": [("largest_number", 0.7), ("gsm8k", 0.3)], "tokens_seen": 2000,
+             "task_tokens_seen": 900, "token_multiplier": 2000 / 900}
+    lines = token_budget_lines({"methods": [
+        {"name": "full", "train": {"tokens": None}},
+        {"name": "full+mix", "train": {"tokens": mixed}}]})
+    assert lines[0] == ("`full+mix`: examples largest_number 70%, gsm8k 30%; 2,000 tokens seen, "
+                        "2.22x the 900 task tokens (the mix at least doubles the token budget)")
+    assert len(lines) == 2 and not token_budget_lines({"methods": [
+        {"name": "full", "train": {"tokens": None}}]})

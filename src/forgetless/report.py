@@ -178,6 +178,10 @@ def _entry(record: dict, train_config: dict, folder: Path, tuned, base_eval, sui
              **summarize(tuned, base_eval, suite, target)}
     # moved / ever-moved share per measured step (forgetless.updates), if recorded
     entry["train"]["updates"] = (metrics.get("update_analytics") or {}).get("history")
+    mix = metrics.get("mix")  # what a mixed run read: examples and tokens per source
+    entry["train"]["tokens"] = None if not mix else {
+        "sources": [(one["name"], one["example_share"]) for one in mix["sources"]],
+        **{k: mix[k] for k in ("tokens_seen", "task_tokens_seen", "token_multiplier")}}
     entry["interpolation"] = [
         {"lambda": float(lam),
          **summarize(EvalResult.load(folder / file), base_eval, suite, target)}
@@ -223,6 +227,12 @@ def _pooled(per_seed: list[dict], runs: list, tuned: list, base_eval, reference,
     entry = pool_summary(copy.deepcopy(per_seed[0]), bases, tuned, suite, target)
     entry["train"]["train_seconds"] = sum(
         e["train"]["train_seconds"] or 0 for e in per_seed) / len(per_seed)
+    tokens = [e["train"].get("tokens") for e in per_seed]
+    if all(tokens):
+        seen = sum(t["tokens_seen"] for t in tokens) / len(tokens)
+        task = sum(t["task_tokens_seen"] for t in tokens) / len(tokens)
+        entry["train"]["tokens"] = {**tokens[0], "tokens_seen": seen, "task_tokens_seen": task,
+                                    "token_multiplier": seen / task if task else None}
 
     for k, point in enumerate(entry["interpolation"]):
         lam = f"{point['lambda']:g}"
@@ -476,6 +486,25 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
                      for row in [header, *rows])
+
+
+def token_budget_lines(results: dict) -> list[str]:
+    """What each mixed run read (seeds averaged): the example shares of its sources and the
+    tokens, against the task's own, so that a mix doubling the tokens says so."""
+    lines = []
+    for entry in results["methods"]:
+        tokens = entry.get("train", {}).get("tokens")
+        if not tokens:
+            continue
+        shares = ", ".join(f"{name} {100 * share:.0f}%" for name, share in tokens["sources"])
+        times = tokens["token_multiplier"]
+        lines.append(f"`{entry['name']}`: examples {shares}; {tokens['tokens_seen']:,.0f} tokens "
+                     f"seen, {times:.2f}x the {tokens['task_tokens_seen']:,.0f} task tokens"
+                     + (" (the mix at least doubles the token budget)" if times >= 2 else ""))
+    if lines:
+        lines.append("Runs without a mix read only task tokens; `mix_budget: steps` keeps the "
+                     "optimizer steps, so a mixed run sees fewer task examples.")
+    return lines
 
 
 def verdict_lines(results: dict) -> list[str]:
@@ -793,6 +822,9 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     if per_seed:
         md += ["Per training seed (item-only paired CIs; the rows above pool them):", "",
                md_table(*per_seed), ""]
+    budget = token_budget_lines(results)
+    if budget:
+        md += ["## Token budget of the mixed runs", "", *[f"- {line}" for line in budget], ""]
     md += [f"## {captions[k]}\n\n![{captions[k]}]({p.name})\n" for k, p in images.items()]
     md.append(_footer(results))
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
@@ -802,6 +834,9 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
         tables += html_table(*versus)
     if per_seed:
         tables += "<p>Per training seed (item-only paired CIs):</p>" + html_table(*per_seed)
+    if budget:
+        tables += "<h2>Token budget of the mixed runs</h2><ul>" + "".join(
+            f"<li>{_inline_code(line)}</li>" for line in budget) + "</ul>"
     atomic_write_text(out / "report.html",
                       html_page(title, settings, tables, images, captions, _footer(results),
                                 verdict=verdict))
