@@ -14,6 +14,7 @@ self-check's held-back accuracies, test accuracies, the build's folder hash) and
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -56,6 +57,7 @@ def main() -> None:
                    stdout=subprocess.DEVNULL)
     eval_wall = time.perf_counter() - eval_started
     metrics = json.loads(result_file.read_text())["metrics"]
+    weights = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:12]
     line = {
         "seed": args.seed, "threads": args.threads, "build_seconds": round(wall, 1),
         "llava_steps": stats["llava_steps"], "extra_rounds": len(stats["checks"]) - 1,
@@ -63,7 +65,7 @@ def main() -> None:
         "name_color": metrics["name_color/acc"]["value"],
         "name_shape": metrics["name_shape/acc"]["value"],
         "items": args.limit, "eval_seconds": round(eval_wall, 1),
-        "folder": folder.name, "torch": torch.__version__,
+        "folder": folder.name, "weights_sha256": weights, "torch": torch.__version__,
         "load_before": os.getloadavg()[0],
     }
     print(json.dumps(line), flush=True)
