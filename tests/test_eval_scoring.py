@@ -34,6 +34,7 @@ REQUESTS = [
 ]
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the KV cache under its current name
 @pytest.mark.parametrize("share_context", [True, False])
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 def test_batched_scores_equal_unbatched_reference(lm, share_context, batch_size):

@@ -10,6 +10,7 @@ all choices start with (PIQA's solutions often share a long opening) count as co
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -99,6 +100,15 @@ def _shared_prefix(continuations: list[list[int]]) -> int:
     return n if len(continuations) > 1 else 0
 
 
+@functools.cache
+def _cache_name() -> str:
+    """The KV cache's keyword and output field: ``cache`` from transformers 5.2x, where
+    ``past_key_values`` warns that it is deprecated; ``past_key_values`` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def _forward(model, keep: int | None = None, **inputs):
     """Forward pass computing vocab logits only for the last ``keep`` positions if supported."""
     if keep is None:
@@ -107,7 +117,7 @@ def _forward(model, keep: int | None = None, **inputs):
         out = model(**inputs, logits_to_keep=keep)
     except TypeError:  # architectures without logits_to_keep
         out = model(**inputs)
-    return out.logits[:, -keep:], out.past_key_values
+    return out.logits[:, -keep:], getattr(out, _cache_name())
 
 
 def _score_window_shared(
@@ -173,7 +183,7 @@ def _score_window_shared(
         lengths = torch.tensor([len(prefixes[g]) for g in owners], device=device)
         positions = torch.arange(width_p, device=device).unsqueeze(0)
         pre_mask = (positions >= width_p - lengths.unsqueeze(-1)).long()
-        cache = DynamicCache()
+        kv_cache = DynamicCache()
         for layer in range(len(kv[owners[0]])):
             k0, v0 = kv[owners[0]][layer]
             keys = k0.new_zeros((len(owners), k0.shape[0], width_p, k0.shape[-1]))
@@ -181,14 +191,14 @@ def _score_window_shared(
             for r, g in enumerate(owners):
                 k, v = kv[g][layer]
                 keys[r, :, width_p - k.shape[1] :], values[r, :, width_p - v.shape[1] :] = k, v
-            cache.update(keys, values, layer)
+            kv_cache.update(keys, values, layer)
         logits, _ = _forward(
             model,
             input_ids=cont_ids,
             attention_mask=torch.cat([pre_mask, cont_mask], dim=-1),
             position_ids=lengths.unsqueeze(-1)
             + torch.arange(cont_ids.shape[1], device=device).unsqueeze(0),
-            past_key_values=cache,
+            **{_cache_name(): kv_cache},
             use_cache=True,
         )
         totals = (_token_logprobs(logits, target_ids) * cont_mask).sum(-1).tolist()
