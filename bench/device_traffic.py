@@ -21,6 +21,9 @@ Part 1, counts that do not depend on the hardware, on Llama-3.2-shaped tensors s
 Part 2, step time on this CPU: Llama-3.2-1B shapes, a quarter of the embedding (32064 x 2048)
 and 2 decoder layers (187 M parameters), all optimizers on the same tensors, interleaved rounds;
 per-round ratio to fused AdamW, median [min, max].
+
+Part 3 (``--passes MI``): each compiled pass alone on one tensor of MI Mi elements, beside the
+same moment update without its histogram and fused AdamW's step: where the time goes.
 """
 
 from __future__ import annotations
@@ -283,6 +286,51 @@ def part2(repeats: int, layers: int, embedding_share: int) -> None:
               f"[{min(ratios):.2f}, {max(ratios):.2f}]")  # fmt: skip
 
 
+def _moments_only(g, m, v, w1: float, beta2: float, w2: float) -> None:
+    """AdamW's moment update alone: ``moments_histogram`` without its histogram."""
+    m.lerp_(g, w1)
+    v.mul_(beta2).addcmul_(g, g, value=w2)
+
+
+def part3(repeats: int, numel: int) -> None:
+    """Where the compiled step's time goes, on one tensor: each compiled pass as MoFO runs it,
+    the moment update without the histogram (the same pass at pure bandwidth), and fused
+    AdamW's whole step, interleaved; medians in ms and ns per element."""
+    print(f"\n## Part 3: the compiled passes on one {numel / 2**20:.0f} Mi-element fp32 tensor, "
+          f"{torch.get_num_threads()} threads, {repeats} interleaved rounds")  # fmt: skip
+    g, m, v, p = (torch.randn(numel) for _ in range(4))
+    m.mul_(1e-3)
+    v.abs_().mul_(1e-6)
+    lo = torch.tensor(device._bits(m[: 1 << 16]).kthvalue(int(0.88 * (1 << 16))).values.item())
+    shift = torch.tensor(12)
+    threshold = int(device._bits(m[: 1 << 16]).kthvalue(int(0.9 * (1 << 16))).values)
+    param = torch.nn.Parameter(p.clone())
+    param.grad = g.clone()
+    fused = torch.optim.AdamW([param], lr=1e-5, fused=True)
+    passes = {
+        "moments + histogram (compiled as MoFO runs it)": lambda: device.run(
+            device.moments_histogram, True, g, m, v, 0.1, 0.999, 0.001, lo, shift, 0, 0, 1024),
+        "moments only (compiled, all threads)": lambda: device.run(
+            _moments_only, True, g, m, v, 0.1, 0.999, 0.001),
+        "masked step (compiled)": lambda: device.run(
+            device.masked_step, True, p, g, m, v, threshold, -1, 0, 1.0, -1e-5, 1.0, 1e-8, 0,
+            0, False, False, False),
+        "AdamW fused, whole step": fused.step,
+    }
+    for step in passes.values():
+        step()  # compile
+    times = {name: [] for name in passes}
+    for _ in range(repeats):
+        for name, step in passes.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:48s} {1e3 * median:7.1f} ms [{1e3 * min(values):.1f}, "
+              f"{1e3 * max(values):.1f}]  {1e9 * median / numel:5.2f} ns/elem")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -292,6 +340,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="decoder layers timed (part 2)")
     parser.add_argument("--embedding-share", type=int, default=4,
                         help="time 1/N of the embedding's rows (part 2)")  # fmt: skip
+    parser.add_argument("--passes", type=int, default=0, metavar="MI",
+                        help="also time each compiled pass on one tensor of MI Mi elements")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="  log: %(message)s")
@@ -300,6 +350,8 @@ def main() -> None:
     if args.skip_counts:
         with torch.no_grad():
             part2(args.repeats, args.layers, args.embedding_share)
+            if args.passes:
+                part3(args.repeats, args.passes << 20)
         return
     per_element = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -320,6 +372,8 @@ def main() -> None:
     if not args.skip_time:
         with torch.no_grad():
             part2(args.repeats, args.layers, args.embedding_share)
+            if args.passes:
+                part3(args.repeats, args.passes << 20)
 
 
 if __name__ == "__main__":
