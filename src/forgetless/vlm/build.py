@@ -101,8 +101,8 @@ def ensure_built(lm_folder: str | Path, cache: Path, spec: BuildSpec | None = No
     if (target / "config.json").is_file():
         return target
     print(f"[forgetless] building the embedded VLM once into {target} ({spec.warmup_steps} "
-          f"word-alignment steps, then {spec.steps} LLaVA stage-1 steps with the LM frozen; "
-          "about 7.5 min measured on one CPU core)", flush=True)
+          f"word-alignment steps, then {spec.steps} LLaVA stage-1 steps with the LM frozen and "
+          "a self-check; 4.5-6 min measured on 2 CPU cores, 8-9.5 on one)", flush=True)
     tmp = runs.cache_temporary(cache, ".build-llava-")
     try:
         started = time.perf_counter()
