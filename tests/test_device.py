@@ -11,6 +11,8 @@ tested. Transfers (``.to(device)``, ``copy_``) are the legitimate way across and
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -165,7 +167,9 @@ def test_device_and_dtype_resolve_or_fail_in_one_line(monkeypatch):
     from forgetless.errors import ForgetlessError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+    assert os.environ["DS_ACCELERATOR"] == "cpu"  # DeepSpeed's "unable to detect" warning
     assert resolve_dtype("auto", "cpu") == torch.float32  # bf16 only on a CUDA device
     assert resolve_dtype("bfloat16") == torch.bfloat16
     for bad, message in [("cuda", "no CUDA device"), ("cuda:1", "no CUDA device"),

@@ -44,6 +44,9 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         return name
     name = check_device_name(name or "auto")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        # DeepSpeed, when installed, is imported by the Trainer and otherwise warns on every
+        # run that it "was unable to detect" a GPU; on a CPU run that is no news
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ForgetlessError(f"device '{name}': no CUDA device is available "
