@@ -56,6 +56,9 @@ def _child(argv: list[str], env: dict[str, str], out: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     torch.set_num_threads(1)
+    # Ctrl-C as in a terminal, also when pytest itself runs in the background (`cmd &` in a
+    # script starts it with SIGINT ignored, and the child would inherit that)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.argv = ["forgetless", *argv]
     from forgetless.cli import main
 
