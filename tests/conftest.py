@@ -1,6 +1,23 @@
-"""Make helper modules in tests/ (e.g. ``tiny_models``) importable from every test file."""
+"""Make helper modules in tests/ (e.g. ``tiny_models``) importable from every test file, and
+the tiny-Llama folder fixture several job tests share."""
 
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A folder with ``tiny_models.tiny_llama()`` and the embedded tokenizer (once per module)."""
+    from transformers import AutoTokenizer
+
+    from forgetless.models import resolve_model
+    from tiny_models import tiny_llama
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(folder)
+    return folder

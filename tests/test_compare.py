@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import TrainerCallback
 
 import forgetless.compare
 import forgetless.jobs.identity
@@ -19,24 +19,7 @@ from forgetless.compare import (
 from forgetless.errors import ForgetlessError
 from forgetless.interpolate import interpolate
 from forgetless.methods import MethodOptions, prepare_model
-from forgetless.models import resolve_model
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    """A tiny Llama that speaks the embedded tokenizer's vocabulary."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         tie_word_embeddings=True, pad_token_id=2, eos_token_id=2)
-    return LlamaForCausalLM(config)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(folder)
-    return folder
+from tiny_models import tiny_llama
 
 
 def _config(tmp_path, model_dir, methods, target="auto", **extra):

@@ -9,7 +9,6 @@ from mlflow.tracking import MlflowClient
 
 from forgetless.compare import compare
 from forgetless.errors import ForgetlessError
-from test_compare import model_dir  # noqa: F401  (the tiny-Llama folder fixture)
 
 QUIZ = """
 name: quiz
@@ -20,7 +19,7 @@ gold: "answer"
 """
 
 
-def test_task_yaml_and_target_file_paths(tmp_path, model_dir):  # noqa: F811
+def test_task_yaml_and_target_file_paths(tmp_path, model_dir):
     rows = [{"q": f"q{i}", "options": ["x", "y", "z"], "answer": i % 3} for i in range(4)]
     (tmp_path / "quiz.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "quiz.yaml").write_text(QUIZ)
@@ -52,7 +51,7 @@ def test_task_yaml_and_target_file_paths(tmp_path, model_dir):  # noqa: F811
     assert any(k.endswith("sums.jsonl/exact_match") and not k.startswith("/") for k in metrics)
 
 
-def test_two_suite_tasks_with_one_name_fail_early(tmp_path, model_dir):  # noqa: F811
+def test_two_suite_tasks_with_one_name_fail_early(tmp_path, model_dir):
     (tmp_path / "quiz.jsonl").write_text('{"q": "q", "options": ["x", "y"], "answer": 1}\n')
     for copy in ("a", "b"):
         (tmp_path / copy).mkdir()

@@ -25,11 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
 
 from forgetless import runs
-from forgetless.models import resolve_model
-from test_train import tiny_llama
 
 _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload([
@@ -118,14 +115,6 @@ def _wait_for_point(process, log: Path, point: str, timeout: float) -> bool:
             return True
         time.sleep(0.01)
     return False
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(folder)
-    return folder
 
 
 # --- train ------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 import forgetless.compare
 import forgetless.models
@@ -17,16 +17,7 @@ from forgetless.interpolate import interpolate
 from forgetless.merging import MergeSpec, drop, merge, merge_delta, merge_run, trim
 from forgetless.methods import MethodOptions, prepare_model
 from forgetless.models import resolve_model
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A tiny Llama that speaks the embedded tokenizer's vocabulary (as in test_compare)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         tie_word_embeddings=True, pad_token_id=2, eos_token_id=2)
-    return LlamaForCausalLM(config)
-
+from tiny_models import tiny_llama
 
 # --- the tensor math, by hand ---------------------------------------------------------------
 
@@ -175,14 +166,6 @@ def test_merge_keys_name_the_rows():
                                             {"kind": "dare", "density": 0.1, "scale": 0.5,
                                              "seed": 3}]})
     assert [spec.key for spec in config.merge] == ["ties-d0.2", "dare-d0.1-s0.5-seed3"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(folder)
-    return folder
 
 
 def test_compare_evaluates_each_merge_as_a_row_and_reuses_it(tmp_path, model_dir, monkeypatch):

@@ -12,12 +12,11 @@ import yaml
 
 from forgetless.errors import ForgetlessError
 from forgetless.tune import load_tune_config, tune
-from test_compare import model_dir, tiny_llama  # noqa: F401 (module fixture)
 
 ENV = {**os.environ, "PYTHONPATH": "src", "FORGETLESS_FAULT_AT": "", "FORGETLESS_DEBUG": ""}
 
 
-def _config(tmp_path, model_dir, **extra):  # noqa: F811
+def _config(tmp_path, model_dir, **extra):
     return {
         "train": dict(model=str(model_dir), data="count_letters", limit=8, batch_size=4,
                       max_length=64, logging_steps=1),
@@ -35,7 +34,7 @@ def _config(tmp_path, model_dir, **extra):  # noqa: F811
     }
 
 
-def test_tiny_search_report_and_best_yaml(tmp_path, model_dir):  # noqa: F811
+def test_tiny_search_report_and_best_yaml(tmp_path, model_dir):
     results = tune(_config(tmp_path, model_dir))
     out = tmp_path / "tune"
     for name in ("tune.md", "tune.html", "pareto.png", "optuna.db", "mlflow.db", "tune.json"):
@@ -65,7 +64,7 @@ def test_tiny_search_report_and_best_yaml(tmp_path, model_dir):  # noqa: F811
     assert again["counts"]["total"] == 3
 
 
-def test_resume_after_kill(tmp_path, model_dir):  # noqa: F811
+def test_resume_after_kill(tmp_path, model_dir):
     config = _config(tmp_path, model_dir)
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -100,7 +99,7 @@ def test_resume_after_kill(tmp_path, model_dir):  # noqa: F811
     ({"search": {"n_trials": None}}, "n_trials"),
     ({"budget": {"max_kll": 1}}, "max_kll"),
 ])
-def test_bad_config_fails_before_a_model_loads(tmp_path, model_dir, change, message):  # noqa: F811
+def test_bad_config_fails_before_a_model_loads(tmp_path, model_dir, change, message):
     config = {**_config(tmp_path, model_dir), **change}
     with pytest.raises(ForgetlessError, match=message):
         tune(config)
@@ -156,7 +155,7 @@ def test_prune_warmup_reaches_the_pruner(tmp_path):
 
 
 def test_a_searched_max_length_that_cuts_every_response_fails_before_the_search(
-        tmp_path, model_dir, monkeypatch):  # noqa: F811
+        tmp_path, model_dir, monkeypatch):
     import forgetless.tune
 
     monkeypatch.setattr(forgetless.tune._Session, "evaluate",

@@ -141,3 +141,15 @@ def tiny_model(arch: str, seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
     model = _BUILDERS[arch]()
     return model.float().eval()
+
+
+def tiny_llama(seed: int = 0):
+    """A tiny Llama that speaks the embedded tokenizer's vocabulary (SmolLM2's 49,152 tokens),
+    for jobs that tokenize real text; weights seeded by ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         tie_word_embeddings=True, pad_token_id=2, eos_token_id=2)
+    return LlamaForCausalLM(config)
