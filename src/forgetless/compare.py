@@ -169,7 +169,7 @@ class _Session(JobSession):
         folder = Path(planned.train.output_dir)
         record = runs.read_json(folder / "compare.json")
         thash = train_hash(planned)
-        complete = bool(record) and self._complete(folder, record, thash)
+        complete = bool(record) and self._complete(folder, record, thash, planned.name)
         self.procs.barrier()  # every process decides on the same files before main changes them
         if complete:
             _say(f"{planned.label}: reusing the finished run in {folder}")
@@ -188,12 +188,12 @@ class _Session(JobSession):
                                            for spec in self.merges_for(planned.name)}}
         return record
 
-    def _complete(self, folder: Path, record: dict, thash: str) -> bool:
+    def _complete(self, folder: Path, record: dict, thash: str, name: str) -> bool:
         files = [record.get("eval_file"), *record.get("interpolation", {}).values()]
         merges = record.get("merges", {})  # a merge added later: re-evaluate from the weights
         return (
             record.get("train_hash") == thash and record.get("eval_hash") == self.eval_hash
-            and all(spec.key in merges for spec in self.merges_for(record.get("name")))
+            and all(spec.key in merges for spec in self.merges_for(name))
             and runs.has_files(folder, ["metrics.json", *files, *merges.values()])
         )
 
@@ -241,9 +241,9 @@ class _Session(JobSession):
         atomic_write_json(folder / "compare.json", record)  # last: marks the method complete
         return record
 
-    def merges_for(self, method: str | None) -> list[MergeSpec]:
+    def merges_for(self, method: str) -> list[MergeSpec]:
         """The ``merge:`` entries that apply to a method entry's runs."""
-        return [spec for spec in self.config.merge if spec.applies_to(method or "")]
+        return [spec for spec in self.config.merge if spec.applies_to(method)]
 
     def evaluate_merges(self, tuned, planned: PlannedMethod, folder: Path) -> dict[str, str]:
         """Each ``merge:`` of the run's task vector, evaluated like an interpolation point;

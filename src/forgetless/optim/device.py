@@ -182,10 +182,10 @@ _broken: list[str] = []  # why compilation failed in this process (then: eager f
 
 
 # Passes holding a histogram scatter. On a CPU, Inductor parallelises a scatter with atomic adds
-# that the cores contend for: a 16 Mi-element moments + histogram pass took 50 ms on 2 threads and
-# 26 ms on 1, where the loop is plain adds (docs/performance.md). One thread for these passes on
+# that the cores contend for: a 16 Mi-element moments + histogram pass took 46 ms on 2 threads and
+# 22 ms on 1, where the loop is plain adds (docs/performance.md). One thread for these passes on
 # a CPU only; Triton kernels (GPU) ignore the C++ options.
-SCATTER_PASSES = ("moments_histogram", "count_keys")
+SCATTER_PASSES = (moments_histogram, count_keys)
 
 
 @functools.cache
@@ -194,7 +194,7 @@ def _compiled(fn: Callable) -> Callable:
     # between ops as eager AdamW does (else Inductor keeps fp32 intermediates); C++ kernels
     # named in the profiler (as GPU kernels are), so a CPU test can count launches
     options = {"emulate_precision_casts": True, "cpp.enable_kernel_profile": True}
-    if fn.__name__ in SCATTER_PASSES:
+    if fn in SCATTER_PASSES:
         options["cpp.threads"] = 1
     return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
