@@ -1,5 +1,5 @@
-"""Make helper modules in tests/ (e.g. ``tiny_models``) importable from every test file, and
-the tiny-Llama folder fixture several job tests share."""
+"""Make helper modules in tests/ (e.g. ``tiny_models``) importable from every test file; the
+tiny-Llama folder fixture several job tests share, and the in-process CLI runner."""
 
 import sys
 from pathlib import Path
@@ -21,3 +21,22 @@ def model_dir(tmp_path_factory):
     tiny_llama().save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """``forgetless *argv`` run in this process: ``cli(*argv) -> (exit code, stdout, stderr)``
+    (0 when ``main`` returns, the code of its ``SystemExit`` otherwise)."""
+    from forgetless.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["forgetless", *argv])
+        code = 0
+        try:
+            main()
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

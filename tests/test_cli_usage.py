@@ -5,24 +5,9 @@ costs seconds of imports)."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 SUBCOMMANDS = ["train", "eval", "continual", "check", "compare", "plan", "tune"]
-
-
-def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
-    from forgetless.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["forgetless", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _one_error_line(err: str) -> str:
@@ -33,8 +18,8 @@ def _one_error_line(err: str) -> str:
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
-def test_unknown_option_is_one_line(monkeypatch, capsys, command):
-    code, out, err = _main(monkeypatch, capsys, command, "x.yaml", "--bogus", "1")
+def test_unknown_option_is_one_line(command, cli):
+    code, out, err = cli(command, "x.yaml", "--bogus", "1")
     line = _one_error_line(err)
     assert code == 2 and "--bogus" in line and f"forgetless {command} --help" in line
     assert out == ""
@@ -47,14 +32,14 @@ def test_unknown_option_is_one_line(monkeypatch, capsys, command):
     (["plan", "--model", "m", "--batch-size", "many"], "--batch-size"),  # not an integer
     (["--bogus", "train"], "--bogus"),
 ])
-def test_other_usage_errors_are_one_line(monkeypatch, capsys, argv, words):
-    code, _, err = _main(monkeypatch, capsys, *argv)
+def test_other_usage_errors_are_one_line(argv, words, cli):
+    code, _, err = cli(*argv)
     line = _one_error_line(err)
     assert code == 2 and words in line and line.endswith("--help)")
 
 
-def test_help_still_prints(monkeypatch, capsys):
-    code, out, err = _main(monkeypatch, capsys, "train", "--help")
+def test_help_still_prints(cli):
+    code, out, err = cli("train", "--help")
     assert code == 0 and "Usage" in out and err == ""
-    code, out, _ = _main(monkeypatch, capsys)  # no command: the overview
+    code, out, _ = cli()  # no command: the overview
     assert "train" in out and "compare" in out

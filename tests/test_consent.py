@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 
 import pytest
 
@@ -48,19 +47,6 @@ def no_namespaces(monkeypatch):
     monkeypatch.setattr(forgetless.eval.evaluator, "run_python", unisolated)
 
 
-def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
-    from forgetless.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["forgetless", *argv])
-    try:
-        main()
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _error_line(err: str) -> str:
     lines = [line for line in err.strip().splitlines() if not line.startswith("[forgetless")]
     assert len(lines) == 1, err
@@ -97,8 +83,8 @@ def _argv(command: str, task: str, tmp_path) -> list[str]:
 
 @pytest.mark.parametrize("command", ["eval", "check", "compare", "continual", "tune"])
 def test_a_code_task_without_consent_is_refused_before_any_model_loads(
-        command, code_task, no_model, tmp_path, monkeypatch, capsys):
-    code, _, err = _main(monkeypatch, capsys, *_argv(command, code_task, tmp_path))
+        command, code_task, no_model, tmp_path, cli):
+    code, _, err = cli(*_argv(command, code_task, tmp_path))
     line = _error_line(err)
     assert code == 2 and "runs model-written code" in line
     assert "--confirm-run-unsafe-code" in line and "HF_ALLOW_CODE_EVAL=1" in line
@@ -107,9 +93,9 @@ def test_a_code_task_without_consent_is_refused_before_any_model_loads(
 
 @pytest.mark.parametrize("command", ["eval", "check", "compare", "continual", "tune"])
 def test_unisolated_execution_is_refused_without_its_own_opt_in(
-        command, code_task, no_model, no_namespaces, tmp_path, monkeypatch, capsys):
+        command, code_task, no_model, no_namespaces, tmp_path, cli):
     argv = [*_argv(command, code_task, tmp_path), "--confirm-run-unsafe-code"]
-    code, _, err = _main(monkeypatch, capsys, *argv)
+    code, _, err = cli(*argv)
     line = _error_line(err)
     assert code == 2 and "cannot isolate" in line and "--allow-unisolated-code" in line
     assert "read-only filesystem" in line and "FORGETLESS_ALLOW_UNISOLATED=1" in line

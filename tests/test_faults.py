@@ -430,16 +430,7 @@ def test_ctrl_c_is_one_line_and_exit_130(model_dir, tmp_path):
 # --- CLI error lines (in process) ---------------------------------------------------------------
 
 
-def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
-    from forgetless.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["forgetless", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return exit_info.value.code, capsys.readouterr().err
-
-
-def test_a_bug_is_one_line_with_its_traceback_saved(monkeypatch, capsys, tmp_path):
+def test_a_bug_is_one_line_with_its_traceback_saved(monkeypatch, tmp_path, cli):
     import forgetless.train
 
     def broken(*args, **kwargs):
@@ -448,7 +439,7 @@ def test_a_bug_is_one_line_with_its_traceback_saved(monkeypatch, capsys, tmp_pat
     monkeypatch.setattr(forgetless.train, "train", broken)
     monkeypatch.setenv("FORGETLESS_DEBUG", "0")  # recorded, so --debug cannot leak out
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    code, err = _main(monkeypatch, capsys, "train", "method=attn")
+    code, _, err = cli("train", "method=attn")
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1, err
     assert "internal error, this is a bug (ValueError: something inside broke)" in lines[0]
@@ -463,11 +454,11 @@ def test_a_bug_is_one_line_with_its_traceback_saved(monkeypatch, capsys, tmp_pat
         main()
 
 
-def test_debug_flag_shows_the_traceback_of_an_input_error(monkeypatch, capsys):
+def test_debug_flag_shows_the_traceback_of_an_input_error(monkeypatch, cli):
     monkeypatch.setenv("FORGETLESS_DEBUG", "0")  # recorded, so --debug cannot leak out
-    code, err = _main(monkeypatch, capsys, "train", "method=sgd")
+    code, _, err = cli("train", "method=sgd")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    code, err = _main(monkeypatch, capsys, "--debug", "train", "method=sgd")
+    code, _, err = cli("--debug", "train", "method=sgd")
     assert code == 2 and "Traceback" in err
     assert err.strip().splitlines()[-1].startswith("forgetless: error: ")
 

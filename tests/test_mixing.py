@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections import Counter
 
 import pytest
@@ -129,23 +128,17 @@ def test_train_reports_token_budget(tokenizer, tmp_path, capfd):
 # --- bad input: one line, before any model loads ---------------------------------------------
 
 
-def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model load fails the test: bad mixes must be refused before one."""
     import forgetless.models
     import forgetless.train
-    from forgetless.cli import main
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(forgetless.models, "load_model", refuse)
     monkeypatch.setattr(forgetless.train, "load_model", refuse)
-    monkeypatch.setattr(sys, "argv", ["forgetless", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    return code, capsys.readouterr().err
 
 
 BAD_MIXES = [
@@ -158,28 +151,28 @@ BAD_MIXES = [
 
 
 @pytest.mark.parametrize(("mix", "message"), BAD_MIXES)
-def test_bad_mix_is_one_line_before_a_model_loads(monkeypatch, capsys, tmp_path, mix, message):
-    code, err = _main(monkeypatch, capsys, "train", f"mix={mix}", "report_to=[]",
-                      f"output_dir={tmp_path / 'run'}")
+def test_bad_mix_is_one_line_before_a_model_loads(no_model, cli, tmp_path, mix, message):
+    code, _, err = cli("train", f"mix={mix}", "report_to=[]",
+                       f"output_dir={tmp_path / 'run'}")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("forgetless: error: ")
     assert message in lines[0], err
 
 
-def test_unreadable_mix_file_is_one_line(monkeypatch, capsys, tmp_path):
+def test_unreadable_mix_file_is_one_line(no_model, cli, tmp_path):
     bad = tmp_path / "general.jsonl"
     bad.write_text('{"prompt": "hi", "response": "there"}\n{not json\n')
-    code, err = _main(monkeypatch, capsys, "train", f"mix=[{{source: {bad}, ratio: 0.2}}]")
+    code, _, err = cli("train", f"mix=[{{source: {bad}, ratio: 0.2}}]")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and f"{bad}:2: invalid JSON" in lines[0], err
 
 
 @pytest.mark.parametrize("command", ["compare", "continual"])
-def test_bad_mix_in_sectioned_configs(monkeypatch, capsys, tmp_path, command):
+def test_bad_mix_in_sectioned_configs(no_model, cli, tmp_path, command):
     config = tmp_path / f"{command}.yaml"
     config.write_text(f"output_dir: {tmp_path / 'out'}\nmethods: [full]\n"
                       "train: {mix: [{source: nowhere_data, ratio: 0.3}]}\n")
-    code, err = _main(monkeypatch, capsys, command, str(config))
+    code, _, err = cli(command, str(config))
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "mix source 'nowhere_data'" in lines[0], err
 
