@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from forgetless.check import judge
 from forgetless.models import resolve_model
-from test_train import tiny_llama
+from tiny_models import tiny_llama
 
 
 @pytest.mark.parametrize(

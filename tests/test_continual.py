@@ -15,7 +15,7 @@ from forgetless.continual import (
 )
 from forgetless.errors import ForgetlessError
 from forgetless.models import resolve_model
-from test_train import tiny_llama
+from tiny_models import tiny_llama
 
 
 def test_metrics_from_a_hand_made_matrix():

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer, TrainerCallback
 
 from forgetless.models import resolve_model
 from forgetless.train import train
-from test_train import tiny_llama
+from tiny_models import tiny_llama
 
 
 @pytest.fixture(scope="module")

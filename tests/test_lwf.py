@@ -95,7 +95,7 @@ def test_train_reports_lwf_overhead(tmp_path):
 
     from forgetless.models import resolve_model
     from forgetless.train import train
-    from test_train import tiny_llama
+    from tiny_models import tiny_llama
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     train(model=tiny_llama(), tokenizer=tokenizer, method="attn+lwf", data="count_letters",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from forgetless.methods import prepare_model
-from tiny_models import tiny_model
+from tiny_models import tiny_llama, tiny_model
 
 
 def _saved_storages(fn):
@@ -129,16 +129,6 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-        pad_token_id=2, eos_token_id=2))
-
-
 @pytest.mark.parametrize("method", ["full", "l2-anchor+lwf"])
 def test_no_host_sync_per_micro_batch(tmp_path, tokenizer, method):
     """Host syncs per training run do not grow with the micro-batches: two optimizer steps of 1
@@ -149,7 +139,7 @@ def test_no_host_sync_per_micro_batch(tmp_path, tokenizer, method):
     counts = {}
     for accum in (1, 4):
         with _HostSyncs() as syncs:
-            train(model=_tiny_llama(), tokenizer=tokenizer, method=method, data="count_letters",
+            train(model=tiny_llama(), tokenizer=tokenizer, method=method, data="count_letters",
                   limit=16, batch_size=1, grad_accum=accum, max_steps=2, max_length=64,
                   logging_steps=1, learning_rate=1e-3, report_to=[], save_model=False,
                   output_dir=str(tmp_path / f"run{accum}"), device="cpu")
@@ -166,7 +156,7 @@ def test_non_finite_loss_stops_before_a_checkpoint_between_log_lines(tmp_path, t
     from forgetless.train import train
 
     with pytest.raises(ForgetlessError, match=r"training loss became (nan|inf) at step [12]:"):
-        train(model=_tiny_llama(), tokenizer=tokenizer, method="full", data="count_letters",
+        train(model=tiny_llama(), tokenizer=tokenizer, method="full", data="count_letters",
               limit=16, batch_size=4, max_steps=20, max_length=64, logging_steps=100,
               save_steps=3, learning_rate=1e12, max_grad_norm=0.0, report_to=[],
               output_dir=str(tmp_path / "run"), device="cpu")

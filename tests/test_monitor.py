@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from forgetless.models import resolve_model
 from forgetless.monitor import ForgettingMonitor
 from forgetless.train import train
-from test_train import tiny_llama
+from tiny_models import tiny_llama
 
 PROBES = ["The capital of France is", "Water boils at", "A cat has four", "She counted the"]
 

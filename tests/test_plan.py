@@ -11,7 +11,7 @@ from forgetless.errors import ForgetlessError
 from forgetless.models import resolve_model
 from forgetless.plan import activation_estimate, load_config, parse_size, plan
 from forgetless.train import train
-from test_train import tiny_llama
+from tiny_models import tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -283,7 +283,7 @@ def _tokenizer():
 
 def test_train_estimates_the_fisher_once_and_resume_keeps_it(tmp_path, monkeypatch):
     from forgetless.train import train
-    from test_train import tiny_llama
+    from tiny_models import tiny_llama
 
     tokenizer = _tokenizer()
     settings = dict(tokenizer=tokenizer, method="attn+ewc", data="count_letters", limit=4,
@@ -489,7 +489,7 @@ def test_compare_checks_a_layer_range_before_the_base_is_evaluated(tmp_path, mon
     base loads, before the (minutes-long) base evaluation."""
     from forgetless import compare as compare_job
     from forgetless.jobs import session
-    from test_train import tiny_llama
+    from tiny_models import tiny_llama
 
     tokenizer = _tokenizer()
     monkeypatch.setattr(session.models, "load_model", lambda *a, **k: (tiny_llama(), tokenizer))

@@ -6,25 +6,17 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from forgetless.errors import ForgetlessError
 from forgetless.models import load_model, resolve_model
 from forgetless.train import train
+from tiny_models import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-
-
-def tiny_llama(vocab: int = 49152) -> LlamaForCausalLM:
-    """A tiny Llama that speaks the embedded tokenizer's vocabulary."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         tie_word_embeddings=True, pad_token_id=2, eos_token_id=2)
-    return LlamaForCausalLM(config)
 
 
 def _train(tmp_path, tokenizer, **overrides):

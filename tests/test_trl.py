@@ -10,7 +10,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from forgetless import ForgettingMonitor, MoFO  # noqa: E402
 from forgetless.models import resolve_model  # noqa: E402
 from forgetless.optim.mofo import TOLERANCE  # noqa: E402
-from test_train import tiny_llama  # noqa: E402
+from tiny_models import tiny_llama  # noqa: E402
 
 FRACTION = 0.1
 
