@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from forgetless.models import resolve_model
 from forgetless.vlm.build import BuildSpec, make_processor
-from forgetless.vlm.collator import ImageTextCollator
+from forgetless.vlm.collator import ImageTextCollator, ProcessedSpansCollator
 from forgetless.vlm.examples import Example, image_messages
 from forgetless.vlm.tasks import image_task_rows
 
@@ -39,13 +39,6 @@ class Counting:
         return getattr(self.inner, name)
 
 
-class ByProcessing(ImageTextCollator):
-    """The collator before: every span from processing the turn's prefix with its images."""
-
-    def _spans(self, messages, images, text, ids):
-        return self.spans_by_processing(messages, images)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -60,7 +53,7 @@ def main() -> None:
                 for row in image_task_rows("count_shapes", "train", n=n, seed=0)]
     batches = [examples[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
     collators = {"now (one call per batch)": ImageTextCollator(Counting(processor)),
-                 "before (prefix per turn)": ByProcessing(Counting(processor))}
+                 "before (prefix per turn)": ProcessedSpansCollator(Counting(processor))}
     times: dict[str, list[float]] = {name: [] for name in collators}
     for index in range(args.rounds):
         order = list(collators) if index % 2 == 0 else list(collators)[::-1]

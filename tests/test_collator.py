@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from forgetless.vlm.collator import ImageTextCollator
+from forgetless.vlm.collator import ImageTextCollator, ProcessedSpansCollator
 from forgetless.vlm.examples import Example, image_messages
 from forgetless.vlm.tasks import image_task_rows
 from tiny_vlm import tiny_processor
@@ -29,13 +29,6 @@ class Counting:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
-
-
-class ByProcessing(ImageTextCollator):
-    """The collator as it was: every span from processing the turn's prefix."""
-
-    def _spans(self, messages, images, text, ids):
-        return self.spans_by_processing(messages, images)
 
 
 def _turn(role: str, text: str, images: int = 0) -> dict:
@@ -70,7 +63,7 @@ def test_labels_match_processing_each_prefix_with_fewer_processor_calls(arch):
     examples = _examples()
     new, old = Counting(tiny_processor(arch)), Counting(tiny_processor(arch))
     batch = ImageTextCollator(new, max_length=512)(examples)
-    _same(batch, ByProcessing(old, max_length=512)(examples))
+    _same(batch, ProcessedSpansCollator(old, max_length=512)(examples))
     assert (batch["labels"] != -100).sum() > 0
     # before: 1 batch call + 2 per assistant turn = 1 + 2+2+2+4+4 = 15; now: 1 + the last
     # example's 4 (its second image comes after an answer)
@@ -92,7 +85,7 @@ def test_a_failed_check_falls_back_to_processing(monkeypatch):
         self, m, i, text, [*ids[:-2], -1, -1]))  # the row's answer tokens no longer match
     batch = collator([example])
     assert processor.calls == 1 + 2
-    _same(batch, ByProcessing(tiny_processor("llava"))([example]))
+    _same(batch, ProcessedSpansCollator(tiny_processor("llava"))([example]))
 
 
 @pytest.mark.integration
@@ -110,5 +103,5 @@ def test_count_shapes_labels_match_through_the_embedded_vlm_processor():
     new, old = Counting(processor), Counting(processor)
     for start in range(0, 16, 8):
         _same(ImageTextCollator(new)(examples[start:start + 8]),
-              ByProcessing(old)(examples[start:start + 8]))
+              ProcessedSpansCollator(old)(examples[start:start + 8]))
     assert (new.calls, old.calls) == (2, 2 + 2 * 16)  # per batch; 2 per example more before

@@ -98,3 +98,13 @@ class ImageTextCollator:
                 if torch.is_tensor(value) and value.ndim == 2 and value.shape[1] == width:
                     batch[key] = value[:, : self.max_length]
         return batch
+
+
+class ProcessedSpansCollator(ImageTextCollator):
+    """Every assistant span measured the slow way (``spans_by_processing``, 2 processor calls
+    per turn): the reference that ``ImageTextCollator``'s shortcut is tested and benchmarked
+    against, and a fallback for a processor whose tokenization the shortcut gets wrong."""
+
+    def _spans(self, messages: Messages, images: list[Any], text: str,
+               ids: list[int]) -> list[tuple[int, int]]:  # fmt: skip
+        return self.spans_by_processing(messages, images)
