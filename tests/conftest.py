@@ -1,5 +1,6 @@
 """Make helper modules in tests/ (e.g. ``tiny_models``) importable from every test file; the
-tiny-Llama folder fixture several job tests share, and the in-process CLI runner."""
+tiny-Llama folder fixture several job tests share, the in-process CLI runner, and the guard
+that no model loads."""
 
 import sys
 from pathlib import Path
@@ -40,3 +41,16 @@ def cli(monkeypatch, capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: refusals of bad input must come before any load."""
+    import forgetless.models
+    import forgetless.train
+
+    def refuse(*args, **kwargs):
+        pytest.fail("a model was loaded before the input was refused")
+
+    monkeypatch.setattr(forgetless.models, "load_model", refuse)
+    monkeypatch.setattr(forgetless.train, "load_model", refuse)

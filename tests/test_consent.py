@@ -28,15 +28,6 @@ def code_task(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def no_model(monkeypatch):
-    """Loading a model is a failure: every refusal must come before it."""
-    def fail(*args, **kwargs):
-        pytest.fail("a model was loaded before the consent check")
-
-    monkeypatch.setattr("forgetless.models.load_model", fail)
-
-
-@pytest.fixture
 def no_namespaces(monkeypatch):
     """The OS refuses the sandbox's namespaces: the real launcher runs without that step
     (for the isolation probe and for the evaluator's runs alike)."""

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
 from forgetless.continual import (
     continual,
@@ -14,8 +13,6 @@ from forgetless.continual import (
     register_arc_letter,
 )
 from forgetless.errors import ForgetlessError
-from forgetless.models import resolve_model
-from tiny_models import tiny_llama
 
 
 def test_metrics_from_a_hand_made_matrix():
@@ -55,15 +52,7 @@ def _write_task(folder, name, pairs):
     return str(folder / f"{name}.jsonl")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_llama().save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(folder)
-    return folder
-
-
-def test_three_stages_two_methods_resume(tmp_path, tiny_dir, capsys, monkeypatch):
+def test_three_stages_two_methods_resume(tmp_path, model_dir, capsys, monkeypatch):
     sums = [(f"What is {a} plus {b}?", str(a + b)) for a in range(6) for b in range(6)]
     doubles = [(f"Double {a}.", str(2 * a)) for a in range(30)]
     tasks = ["count_letters",
@@ -71,7 +60,7 @@ def test_three_stages_two_methods_resume(tmp_path, tiny_dir, capsys, monkeypatch
               "target": _write_task(tmp_path, "sums_test", sums[30:])},
              {"name": "doubles", "data": _write_task(tmp_path, "doubles", doubles[:24]),
               "target": _write_task(tmp_path, "doubles_test", doubles[24:])}]
-    config = {"model": str(tiny_dir), "tasks": tasks, "methods": ["full", "attn"],
+    config = {"model": str(model_dir), "tasks": tasks, "methods": ["full", "attn"],
               "train": {"max_steps": 2, "batch_size": 2, "max_length": 64, "limit": 4,
                         "learning_rate": 1e-2, "report_to": [], "logging_steps": 1},
               "eval": {"suite": ["arc_easy"], "limit": 3, "target_limit": 3, "batch_size": 4},
@@ -151,7 +140,7 @@ def test_paired_heldout_change_per_stage():
     assert rows[1][2].startswith("-0.225*") and rows[2] == ["full", "margin (nats)", "–"]
 
 
-def test_a_code_task_in_the_held_out_suite(tmp_path, tiny_dir, monkeypatch):
+def test_a_code_task_in_the_held_out_suite(tmp_path, model_dir, monkeypatch):
     """humaneval-style tasks (generation run in the sandbox, per-token solution log-prob) work as
     continual's held-out suite: pass@1 per stage and the paired log-prob change."""
     import forgetless.eval.evaluator as evaluator
@@ -165,7 +154,7 @@ def test_a_code_task_in_the_held_out_suite(tmp_path, tiny_dir, monkeypatch):
         return ["    return 1\n"] * len(prompts if prompts is not None else rows)
 
     monkeypatch.setattr(evaluator, "generate_greedy", fake_greedy)
-    config = {"model": str(tiny_dir), "tasks": ["count_letters", "largest_number"],
+    config = {"model": str(model_dir), "tasks": ["count_letters", "largest_number"],
               "methods": ["full"],
               "train": {"max_steps": 1, "batch_size": 2, "max_length": 64, "limit": 2,
                         "report_to": [], "logging_steps": 1},
@@ -180,8 +169,8 @@ def test_a_code_task_in_the_held_out_suite(tmp_path, tiny_dir, monkeypatch):
     assert "gold_logprob (nats)" in (tmp_path / "out" / "continual.md").read_text()
 
 
-def test_a_later_stage_whose_max_length_cuts_every_response_fails_first(tmp_path, tiny_dir,
-                                                                      monkeypatch):
+def test_a_later_stage_whose_max_length_cuts_every_response_fails_first(tmp_path, model_dir,
+                                                                        monkeypatch):
     import forgetless.continual
 
     monkeypatch.setattr(forgetless.continual._Run, "evaluate",
@@ -191,7 +180,7 @@ def test_a_later_stage_whose_max_length_cuts_every_response_fails_first(tmp_path
              {"name": "doubles", "data": _write_task(tmp_path, "doubles", doubles[:24]),
               "target": _write_task(tmp_path, "doubles_test", doubles[24:]),
               "train": {"max_length": 8}}]
-    config = {"model": str(tiny_dir), "tasks": tasks, "methods": ["attn"],
+    config = {"model": str(model_dir), "tasks": tasks, "methods": ["attn"],
               "train": {"max_steps": 1, "batch_size": 2, "max_length": 64, "limit": 4,
                         "report_to": []},
               "eval": {"suite": ["arc_easy"], "limit": 3, "target_limit": 3},
@@ -200,14 +189,14 @@ def test_a_later_stage_whose_max_length_cuts_every_response_fails_first(tmp_path
         continual(config)
 
 
-def test_replay_mixes_earlier_stages_into_later_ones(tmp_path, tiny_dir, monkeypatch):
+def test_replay_mixes_earlier_stages_into_later_ones(tmp_path, model_dir, monkeypatch):
     import forgetless.train
 
     doubles = [(f"Double {a}.", str(2 * a)) for a in range(30)]
     tasks = ["count_letters",
              {"name": "doubles", "data": _write_task(tmp_path, "doubles", doubles[:24]),
               "target": _write_task(tmp_path, "doubles_test", doubles[24:])}]
-    config = {"model": str(tiny_dir), "tasks": tasks, "methods": ["full"],
+    config = {"model": str(model_dir), "tasks": tasks, "methods": ["full"],
               "train": {"max_steps": 2, "batch_size": 2, "max_length": 64, "limit": 4,
                         "report_to": []},
               "replay": {"size": 3, "share": 0.5},

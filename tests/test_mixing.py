@@ -128,19 +128,6 @@ def test_train_reports_token_budget(tokenizer, tmp_path, capfd):
 # --- bad input: one line, before any model loads ---------------------------------------------
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Any model load fails the test: bad mixes must be refused before one."""
-    import forgetless.models
-    import forgetless.train
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(forgetless.models, "load_model", refuse)
-    monkeypatch.setattr(forgetless.train, "load_model", refuse)
-
-
 BAD_MIXES = [
     ("[{source: no_such_data, ratio: 0.2}]", "mix source 'no_such_data': unknown data"),
     ("[{source: gsm8k, ratio: 1.5}]", "strictly between 0 and 1"),

@@ -103,7 +103,7 @@ class ImageTextCollator:
 class ProcessedSpansCollator(ImageTextCollator):
     """Every assistant span measured the slow way (``spans_by_processing``, 2 processor calls
     per turn): the reference that ``ImageTextCollator``'s shortcut is tested and benchmarked
-    against, and a fallback for a processor whose tokenization the shortcut gets wrong."""
+    against."""
 
     def _spans(self, messages: Messages, images: list[Any], text: str,
                ids: list[int]) -> list[tuple[int, int]]:  # fmt: skip
